@@ -1,0 +1,1 @@
+"""Reader, writer, sample data and layer builders: imports napari, never Qt."""

@@ -1,0 +1,83 @@
+"""Layer builders: turn slides and results into napari layer data tuples, and reuse layers.
+
+Everything here is placed in micrometres when the slide's µm/px is known (pixel units
+otherwise), so slides, masks and heatmaps overlay exactly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..io.omezarr import SlideFrame, layer_transform
+
+if TYPE_CHECKING:
+    import napari
+
+    from ..io.slide import Slide
+
+#: metadata key under which every lnmeta layer keeps its provenance
+META = "lnmeta"
+
+
+def slide_layer_data(slide: Slide, *, name: str | None = None) -> tuple[Any, dict, str]:
+    """A multiscale RGB image layer tuple for a slide (lazy: nothing is read)."""
+    mpp = slide.mpp
+    scale = (mpp, mpp) if mpp is not None else (1.0, 1.0)
+    meta = {META: {"path": str(slide.path), "mpp": mpp, "mpp_source": slide.mpp_source,
+                   "shape": list(slide.shape), "format": slide.format}}
+    kwargs = {"name": name or slide.name, "rgb": True, "multiscale": True,
+              "contrast_limits": (0, 255), "scale": scale, "metadata": meta}
+    if mpp is not None:
+        kwargs["units"] = ("µm", "µm")
+    return slide.pyramid(), kwargs, "image"
+
+
+def frame_kwargs(frame: SlideFrame) -> dict[str, Any]:
+    """``scale``/``translate``/``units``/metadata for a result grid on its slide."""
+    kw: dict[str, Any] = dict(layer_transform(frame))
+    if frame.slide_mpp is not None:
+        kw["units"] = ("µm", "µm")
+    kw["metadata"] = {META: {"frame": frame.to_json()}}
+    return kw
+
+
+def frame_from_layer(layer: napari.layers.Layer) -> SlideFrame:
+    """The slide frame of a layer made by lnmeta, or one derived from its scale."""
+    meta = layer.metadata.get(META, {})
+    if "frame" in meta:
+        return SlideFrame.from_json(meta["frame"])
+    mpp = meta.get("mpp")
+    shape = tuple(meta["shape"]) if "shape" in meta else None
+    name = meta.get("path")
+    return SlideFrame(downsample=1.0, slide_mpp=mpp, slide=name, slide_shape=shape)
+
+
+def slide_from_layer(layer: napari.layers.Layer, *, mpp: float | None = None) -> Slide:
+    """Re-open the slide behind an image layer opened by our reader."""
+    from ..errors import InputError
+    from ..io.slide import open_slide
+
+    meta = layer.metadata.get(META, {})
+    path = meta.get("path")
+    if not path:
+        raise InputError(f"layer {layer.name!r} was not opened from a slide file by napari-lnmeta")
+    return open_slide(path, mpp=mpp if mpp is not None else meta.get("mpp"))
+
+
+def add_or_update(viewer: napari.Viewer, data: Any, kwargs: dict[str, Any],
+                  layer_type: str) -> napari.layers.Layer:
+    """Add a layer, or replace the data of an existing layer with the same name and type."""
+    name = kwargs.get("name")
+    if name is not None and name in viewer.layers:
+        layer = viewer.layers[name]
+        if layer._type_string == layer_type:
+            layer.data = data
+            for key in ("scale", "translate"):
+                if key in kwargs:
+                    setattr(layer, key, kwargs[key])
+            if "metadata" in kwargs:
+                layer.metadata.update(kwargs["metadata"])
+            layer.refresh()
+            return layer
+        viewer.layers.remove(name)
+    return getattr(viewer, f"add_{layer_type}")(data, **kwargs)

@@ -1,0 +1,1 @@
+"""Widgets and workers: the only place that imports qtpy and magicgui widgets."""

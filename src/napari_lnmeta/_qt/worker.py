@@ -1,0 +1,110 @@
+"""One thin adapter between progress generators and the napari GUI.
+
+A widget builds a generator (``core``'s protocol: yields :class:`Progress`, returns a
+result), hands it to :class:`JobPanel.start`, and gets ``on_yielded`` /
+``on_returned`` callbacks in the GUI thread. The panel owns the Run / Cancel buttons,
+a progress bar and a status line; Cancel calls ``worker.quit()``, which stops the
+generator at its next ``yield``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any
+
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+
+from ..progress import Progress
+
+
+class JobPanel(QWidget):
+    """Run / Cancel buttons, a progress bar and a status line for one long job at a time."""
+
+    def __init__(self, run_text: str = "Run", parent: QWidget | None = None):
+        super().__init__(parent)
+        self.run_button = QPushButton(run_text)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1000)
+        self.bar.setValue(0)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(buttons)
+        lay.addWidget(self.bar)
+        lay.addWidget(self.status)
+        self.worker: GeneratorWorker | None = None
+        self.cancel_button.clicked.connect(self.cancel)
+        self.last_error: BaseException | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def start(self, make_job: Callable[[], Generator[Progress, None, Any]], *,
+              on_returned: Callable[[Any], None] | None = None,
+              on_yielded: Callable[[Progress], None] | None = None,
+              on_finished: Callable[[], None] | None = None) -> GeneratorWorker:
+        """Run ``make_job()`` in a thread worker and wire it to the panel."""
+        if self.worker is not None:
+            raise RuntimeError("a job is already running")
+
+        def job():
+            return (yield from make_job())
+
+        worker = create_worker(job, _start_thread=False)
+        self.worker = worker
+        self.last_error = None
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.bar.setValue(0)
+        self.status.setText("starting…")
+
+        def yielded(p):
+            if isinstance(p, Progress):
+                self.bar.setValue(int(1000 * p.fraction))
+                self.status.setText(f"{p.message} {p.done}/{p.total}".strip())
+            if on_yielded is not None:
+                on_yielded(p)
+
+        def returned(value):
+            self.bar.setValue(1000)
+            self.status.setText("done")
+            if on_returned is not None:
+                on_returned(value)
+
+        def errored(exc):
+            self.last_error = exc
+            self.status.setText(f"error: {exc}")
+            show_error(str(exc))
+
+        def aborted():
+            self.status.setText("cancelled")
+            show_info("cancelled")
+
+        def finished():
+            self.worker = None
+            self.run_button.setEnabled(True)
+            self.cancel_button.setEnabled(False)
+            if on_finished is not None:
+                on_finished()
+
+        worker.yielded.connect(yielded)
+        worker.returned.connect(returned)
+        worker.errored.connect(errored)
+        worker.aborted.connect(aborted)
+        worker.finished.connect(finished)
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.status.setText("cancelling…")
+            self.worker.quit()

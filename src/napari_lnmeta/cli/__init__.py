@@ -1,0 +1,86 @@
+"""The ``lnmeta`` command: a thin layer over ``core`` and ``train``.
+
+Each subcommand lives in its own module of this package and registers itself with
+:func:`command`; ``main`` imports every module here, so adding a subcommand is adding a
+file::
+
+    from . import command
+
+    @command("tissue", help="Detect tissue and write a mask")
+    def tissue(p):                       # p: argparse parser of the subcommand
+        p.add_argument("slide")
+        def run(args):
+            ...                          # return an exit code or None
+        return run
+
+Errors derived from :class:`napari_lnmeta.errors.LnmetaError` print one line
+(``lnmeta: error: FILE: problem``) and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Callable, Sequence
+
+from ..errors import LnmetaError
+
+_COMMANDS: dict[str, tuple[str, Callable]] = {}
+
+
+def command(name: str, *, help: str):
+    """Register a subcommand: ``setup(parser) -> run(args)``."""
+
+    def deco(setup: Callable[[argparse.ArgumentParser], Callable]) -> Callable:
+        _COMMANDS[name] = (help, setup)
+        return setup
+
+    return deco
+
+
+def add_mpp(p: argparse.ArgumentParser) -> None:
+    """The shared ``--mpp`` option: level-0 µm/px when the file does not say."""
+    p.add_argument("--mpp", type=float, default=None,
+                   help="level-0 pixel size in µm/px, overriding (or supplying) the file's")
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+    parser = argparse.ArgumentParser(
+        prog="lnmeta",
+        description="Lymph-node metastasis detection in whole-slide images (napari-lnmeta).")
+    parser.add_argument("--version", action="version", version=f"lnmeta {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in sorted(_COMMANDS):
+        help_, setup = _COMMANDS[name]
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_run=setup(p))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args._run(args)
+    except LnmetaError as e:
+        print(f"lnmeta: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lnmeta: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tissue, tiling, stain, registration, masks, inference, heatmaps, lesions: pure functions."""

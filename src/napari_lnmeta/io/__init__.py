@@ -1,0 +1,1 @@
+"""Slides, pyramids, OME-Zarr results and annotations. No Qt, no napari."""

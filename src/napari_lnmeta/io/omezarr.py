@@ -1,0 +1,216 @@
+"""Results store: multiscale OME-Zarr (NGFF 0.4, zarr format 2) for masks and heatmaps.
+
+Every result remembers the slide frame it belongs to, in ``.zattrs["lnmeta"]``:
+
+``downsample``
+    level-0 slide pixels per result pixel (a heatmap at stride 256 has 256);
+``origin``
+    ``(row, col)`` in level-0 slide pixels of the top-left corner of result pixel (0, 0);
+``slide_mpp``
+    µm per level-0 slide pixel (``None`` when unknown);
+``slide``, ``slide_shape``
+    name and ``(height, width)`` of the slide it was computed on.
+
+From these, :func:`layer_transform` gives napari's ``scale`` and ``translate`` so the
+result lies exactly over the slide. Writes are atomic (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import SlideError
+from .atomic import atomic_path
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+NGFF_VERSION = "0.4"
+
+
+@dataclass
+class SlideFrame:
+    """Where a result grid sits on its slide (see module docstring)."""
+
+    downsample: float = 1.0
+    origin: tuple[float, float] = (0.0, 0.0)
+    slide_mpp: float | None = None
+    slide: str | None = None
+    slide_shape: tuple[int, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"downsample": float(self.downsample), "origin": [float(v) for v in self.origin],
+                "slide_mpp": self.slide_mpp, "slide": self.slide,
+                "slide_shape": list(self.slide_shape) if self.slide_shape else None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SlideFrame:
+        return cls(downsample=float(d.get("downsample", 1.0)),
+                   origin=tuple(d.get("origin", (0.0, 0.0))),
+                   slide_mpp=d.get("slide_mpp"), slide=d.get("slide"),
+                   slide_shape=tuple(d["slide_shape"]) if d.get("slide_shape") else None)
+
+    @property
+    def mpp(self) -> float | None:
+        """µm per result pixel."""
+        return None if self.slide_mpp is None else self.slide_mpp * self.downsample
+
+
+def layer_transform(frame: SlideFrame) -> dict[str, tuple[float, float]]:
+    """napari ``scale`` and ``translate`` that put a result grid exactly on its slide.
+
+    The slide layer has ``scale = mpp`` and no translate, so slide pixel *k* is centred
+    at ``k * mpp``. Result pixel *i* covers slide pixels ``[o + i*d, o + (i+1)*d)``,
+    whose centre is at ``o + i*d + (d - 1)/2``.
+    """
+    unit = frame.slide_mpp if frame.slide_mpp is not None else 1.0
+    d = frame.downsample
+    return {"scale": (d * unit, d * unit),
+            "translate": tuple((o + (d - 1) / 2) * unit for o in frame.origin)}
+
+
+@dataclass
+class Result:
+    """A multiscale result read back from disk."""
+
+    path: Path
+    pyramid: list[da.Array]
+    frame: SlideFrame
+    kind: str  # "image" or "labels"
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data(self) -> da.Array:
+        return self.pyramid[0]
+
+
+def _n_levels(shape: tuple[int, ...], min_size: int) -> int:
+    longest = max(shape[:2])
+    return max(1, int(math.ceil(math.log2(max(longest / min_size, 1)))) + 1)
+
+
+def _downsample(arr: da.Array, labels: bool) -> da.Array:
+    import dask.array as da
+
+    h, w = arr.shape[:2]
+    if labels:  # nearest: labels must keep their values
+        return arr[::2, ::2]
+    pad = ((0, h % 2), (0, w % 2)) + ((0, 0),) * (arr.ndim - 2)
+    if h % 2 or w % 2:
+        arr = da.pad(arr, pad, mode="edge")
+    out = da.coarsen(np.mean, arr.astype(np.float32), {0: 2, 1: 2}, trim_excess=True)
+    if np.issubdtype(arr.dtype, np.integer):
+        out = (out + 0.5)
+    return out.astype(arr.dtype)
+
+
+def write_ome_zarr(path: str | Path, data: np.ndarray | da.Array, *,
+                   frame: SlideFrame | None = None, kind: str = "image",
+                   name: str | None = None, chunks: int = 512, min_size: int = 256,
+                   overwrite: bool = False, attrs: dict[str, Any] | None = None,
+                   colors: dict[int, tuple[int, int, int, int]] | None = None,
+                   inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Write a 2-D (or ``(y, x, c)``) array as a multiscale OME-Zarr, atomically.
+
+    Parameters
+    ----------
+    path
+        Target ``.ome.zarr`` directory.
+    data
+        numpy or dask array; never loaded whole (dask writes chunk by chunk).
+    frame
+        Where the grid sits on its slide; sets the NGFF scale in micrometres.
+    kind
+        ``"labels"`` (integer, nearest-neighbour pyramid, NGFF ``image-label``) or
+        ``"image"`` (mean pyramid).
+    colors
+        Optional label -> RGBA colours stored in the ``image-label`` metadata.
+    inputs
+        Paths that must never be written into (the input slides).
+    """
+    import dask.array as da
+    import zarr
+
+    frame = frame or SlideFrame()
+    arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data))
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"expected a 2-D or (y, x, c) array, got shape {arr.shape}")
+    labels = kind == "labels"
+    if labels and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError("labels must be an integer array")
+    chunk = (chunks, chunks) + ((arr.shape[2],) if arr.ndim == 3 else ())
+    levels = [arr]
+    for _ in range(_n_levels(arr.shape, min_size) - 1):
+        levels.append(_downsample(levels[-1], labels))
+    unit_scale = frame.mpp if frame.mpp is not None else float(frame.downsample)
+    unit = "micrometer" if frame.mpp is not None else None
+    axes = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    if unit:
+        for a in axes:
+            a["unit"] = unit
+    if arr.ndim == 3:
+        axes.append({"name": "c", "type": "channel"})
+    tr = layer_transform(frame)
+    datasets = []
+    for i in range(len(levels)):
+        s = unit_scale * 2 ** i
+        sc = [s, s] + ([1.0] if arr.ndim == 3 else [])
+        # NGFF: pixel centres; level i's pixel 0 is centred half a (coarser) pixel in.
+        t0 = [tr["translate"][k] + (2 ** i - 1) / 2 * unit_scale for k in range(2)]
+        tt = t0 + ([0.0] if arr.ndim == 3 else [])
+        datasets.append({"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": sc}, {"type": "translation", "translation": tt}]})
+    meta = {"multiscales": [{"version": NGFF_VERSION, "name": name or Path(path).name,
+                             "axes": axes, "datasets": datasets}],
+            "lnmeta": {"kind": kind, **frame.to_json(), **(attrs or {})}}
+    if labels:
+        il: dict[str, Any] = {"version": NGFF_VERSION}
+        if colors:
+            il["colors"] = [{"label-value": int(k), "rgba": list(v)} for k, v in colors.items()]
+        meta["image-label"] = il
+    with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        root.attrs.update(meta)
+        for i, lv in enumerate(levels):
+            c = tuple(min(c, s) for c, s in zip(chunk, lv.shape, strict=True))
+            lv = lv.rechunk(c)
+            z = root.create_array(str(i), shape=lv.shape, dtype=lv.dtype, chunks=c,
+                                  chunk_key_encoding={"name": "v2", "separator": "/"},
+                                  fill_value=0)
+            da.store(lv, z, lock=False, compute=True)
+    return Path(path)
+
+
+def read_ome_zarr(path: str | Path) -> Result:
+    """Read a result written by :func:`write_ome_zarr` (or any 2-D NGFF multiscale)."""
+    import dask.array as da
+    import zarr
+
+    p = Path(path)
+    if not p.exists():
+        raise SlideError(p, "no such file or directory")
+    try:
+        root = zarr.open_group(str(p), mode="r")
+    except Exception as e:
+        raise SlideError(p, f"not a zarr store ({e})") from e
+    attrs = dict(root.attrs)
+    ms = attrs.get("multiscales")
+    if not ms:
+        raise SlideError(p, "zarr group without OME-NGFF 'multiscales' metadata")
+    pyramid = [da.from_zarr(root[d["path"]]) for d in ms[0]["datasets"]]
+    ln = attrs.get("lnmeta", {})
+    if ln:
+        frame = SlideFrame.from_json(ln)
+    else:
+        frame = SlideFrame()
+        axes = [a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])]
+        for t in ms[0]["datasets"][0].get("coordinateTransformations", []):
+            if t.get("type") == "scale" and "x" in axes:
+                frame = SlideFrame(downsample=1.0, slide_mpp=float(t["scale"][axes.index("x")]))
+    kind = ln.get("kind") or ("labels" if "image-label" in attrs else "image")
+    return Result(path=p, pyramid=pyramid, frame=frame, kind=kind, attrs=attrs)

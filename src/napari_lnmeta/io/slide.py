@@ -1,0 +1,781 @@
+"""One lazy, thread-safe slide abstraction over OpenSlide, tifffile, zarr and plain images.
+
+Conventions (see ``docs/formats.md``):
+
+* coordinates are ``(row, col) = (y, x)`` in **level-0 pixels**; sizes are
+  ``(height, width)`` in pixels of the level that is read;
+* pixels are RGB ``uint8``; anything outside the slide reads as white (255);
+* ``mpp`` is the physical pixel size of level 0 in micrometres per pixel, or ``None``
+  when the file does not say and the user did not give one.
+
+Opening a slide reads metadata only. :meth:`Slide.pyramid` returns lazy dask arrays
+chunked in square tiles whatever the file's own tiling; pixels are decoded when a
+chunk is computed, with one file handle per thread so chunks decode in parallel.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import SlideError
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+#: Suffixes OpenSlide is asked about first (vendor formats).
+OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
+                      ".bif", ".svslide", ".dcm")
+TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8", ".qptiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+ZARR_SUFFIXES = (".zarr", ".ome.zarr")
+
+DEFAULT_TILE = 1024
+#: Synthetic levels are added until the coarsest is at most this many pixels wide/high.
+MIN_PYRAMID_SIZE = 1024
+
+
+class MppWarning(UserWarning):
+    """The slide has no physical pixel size; it is shown in pixel units."""
+
+
+# --------------------------------------------------------------------------------------
+# Level readers: the only thing a backend has to provide.
+# --------------------------------------------------------------------------------------
+class _LevelArray:
+    """A numpy-sliceable view of one level that dask can chunk.
+
+    ``__getitem__`` takes a ``(slice, slice, slice)`` and decodes just that window.
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, slide: Slide, level: int):
+        self.slide = slide
+        self.level = level
+        h, w = slide.level_shapes[level]
+        self.shape = (h, w, 3)
+
+    def __getitem__(self, key):
+        ys, xs = key[0], key[1]
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        out = self.slide._read_level(self.level, y0, x0, y1 - y0, x1 - x0)
+        if len(key) > 2:
+            out = out[:, :, key[2]]
+        return out
+
+
+class Slide:
+    """Base class: metadata, region reads and the lazy pyramid.
+
+    Subclasses fill the metadata attributes in ``__init__`` and implement
+    :meth:`_read_level`, which reads an in-bounds window of one level.
+    """
+
+    #: e.g. ``"openslide:aperio"``, ``"ome-tiff"``, ``"tiff"``, ``"ome-zarr"``, ``"image"``
+    format: str = "unknown"
+
+    def __init__(self, path: str | Path, *, mpp: float | None = None):
+        self.path = Path(path)
+        self._mpp_override = float(mpp) if mpp is not None else None
+        if self._mpp_override is not None and not (self._mpp_override > 0):
+            raise SlideError(self.path, f"--mpp must be a positive number, got {mpp}")
+        self.level_shapes: list[tuple[int, int]] = []  # (height, width) per level
+        self.properties: dict[str, Any] = {}
+        self.vendor: str | None = None
+        self.objective_power: float | None = None
+        self._file_mpp: float | None = None
+        self._file_mpp_source: str | None = None
+
+    # -- metadata ----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_shapes)
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        """``(width, height)`` per level, as OpenSlide reports them."""
+        return [(w, h) for h, w in self.level_shapes]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` of level 0."""
+        return self.level_shapes[0]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        h0, w0 = self.level_shapes[0]
+        return [(h0 / h + w0 / w) / 2 for h, w in self.level_shapes]
+
+    @property
+    def mpp(self) -> float | None:
+        """µm per level-0 pixel: the user's override, else the file's, else ``None``."""
+        return self._mpp_override if self._mpp_override is not None else self._file_mpp
+
+    @property
+    def mpp_source(self) -> str | None:
+        if self._mpp_override is not None:
+            return "user"
+        return self._file_mpp_source
+
+    def level_mpp(self, level: int) -> float | None:
+        return None if self.mpp is None else self.mpp * self.level_downsamples[level]
+
+    def require_mpp(self) -> float:
+        """The level-0 µm/px, or a clear error telling the user to pass ``--mpp``."""
+        if self.mpp is None:
+            raise SlideError(self.path, "the physical pixel size (µm/px) is unknown; "
+                             "pass --mpp (or mpp=...) to set it")
+        return self.mpp
+
+    @cached_property
+    def associated_images(self) -> dict[str, np.ndarray]:
+        """Label, macro, thumbnail... as RGB arrays, where the file has them."""
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        """Everything ``lnmeta info`` prints, as plain JSON-able values."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "vendor": self.vendor,
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": [round(d, 4) for d in self.level_downsamples],
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
+            "objective_power": self.objective_power,
+            "associated_images": sorted(self.associated_images),
+        }
+
+    # -- reading -----------------------------------------------------------------------
+    def _read_level(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Read an in-bounds ``(h, w, 3)`` window at ``(y, x)`` in *level* pixels."""
+        raise NotImplementedError
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample is at most ``downsample`` (never upsample)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    def read_region(self, location: tuple[int, int], size: tuple[int, int], *,
+                    level: int | None = None, mpp: float | None = None) -> np.ndarray:
+        """Read an RGB region.
+
+        Parameters
+        ----------
+        location
+            ``(row, col)`` of the top-left corner in level-0 pixels.
+        size
+            ``(height, width)`` of the output in pixels of the requested resolution.
+        level
+            Pyramid level to read (default 0).
+        mpp
+            Read at this µm/px instead: the nearest finer level is read and resized.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(height, width, 3)`` uint8; outside the slide is white.
+        """
+        if level is not None and mpp is not None:
+            raise ValueError("give level or mpp, not both")
+        h, w = int(size[0]), int(size[1])
+        if h <= 0 or w <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        y0, x0 = int(location[0]), int(location[1])
+        if mpp is not None:
+            target_ds = mpp / self.require_mpp()
+            lvl = self.best_level_for_downsample(target_ds)
+            lds = self.level_downsamples[lvl]
+            if abs(lds - target_ds) / target_ds < 1e-3:
+                return self.read_region((y0, x0), (h, w), level=lvl)
+            src_h = max(1, round(h * target_ds / lds))
+            src_w = max(1, round(w * target_ds / lds))
+            src = self.read_region((y0, x0), (src_h, src_w), level=lvl)
+            return _resize(src, (h, w))
+        level = 0 if level is None else int(level)
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"level {level} out of range 0..{self.level_count - 1}")
+        ds = self.level_downsamples[level]
+        ly, lx = math.floor(y0 / ds), math.floor(x0 / ds)
+        return self._read_padded(level, ly, lx, h, w)
+
+    def _read_padded(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        lh, lw = self.level_shapes[level]
+        cy0, cx0 = max(y, 0), max(x, 0)
+        cy1, cx1 = min(y + h, lh), min(x + w, lw)
+        if cy0 == y and cx0 == x and cy1 == y + h and cx1 == x + w:
+            return self._read_level(level, y, x, h, w)
+        out = np.full((h, w, 3), 255, np.uint8)
+        if cy1 > cy0 and cx1 > cx0:
+            out[cy0 - y:cy1 - y, cx0 - x:cx1 - x] = self._read_level(
+                level, cy0, cx0, cy1 - cy0, cx1 - cx0)
+        return out
+
+    def read_level(self, level: int) -> np.ndarray:
+        """A whole level in memory: only for small (low-resolution) levels."""
+        h, w = self.level_shapes[level]
+        if h * w > 64_000_000:
+            raise SlideError(self.path, f"level {level} ({w}x{h}) is too large to load whole")
+        return self._read_level(level, 0, 0, h, w)
+
+    # -- lazy pyramid ------------------------------------------------------------------
+    def pyramid(self, tile: int = DEFAULT_TILE, *,
+                min_size: int = MIN_PYRAMID_SIZE) -> list[da.Array]:
+        """Lazy RGB levels, level 0 first, chunked ``tile`` x ``tile``.
+
+        When the file's coarsest level is still larger than ``min_size``, coarser levels
+        are added by lazy 2x2 averaging so a viewer never has to touch level 0 to show
+        the whole slide.
+        """
+        import dask.array as da
+
+        levels = [da.from_array(_LevelArray(self, i), chunks=(tile, tile, 3),
+                                asarray=False, fancy=False, lock=False,
+                                name=f"lnmeta-{self.path.name}-{id(self):x}-L{i}-{tile}")
+                  for i in range(self.level_count)]
+        while max(levels[-1].shape[:2]) > min_size:
+            levels.append(downsample2x(levels[-1], tile))
+        return levels
+
+    def pyramid_downsamples(self, tile: int = DEFAULT_TILE) -> list[float]:
+        """Downsample of every :meth:`pyramid` level relative to level 0."""
+        h0, w0 = self.shape
+        return [(h0 / p.shape[0] + w0 / p.shape[1]) / 2 for p in self.pyramid(tile)]
+
+    def low_res(self, target_mpp: float | None = 8.0, *,
+                max_size: int = 4096) -> tuple[np.ndarray, float]:
+        """A whole-slide image near ``target_mpp`` (coarser is preferred).
+
+        Returns the RGB array and its downsample relative to level 0 (so its µm/px is
+        ``downsample * slide.mpp``). Without a known µm/px the level whose longest side
+        is closest to ``max_size`` is used. Memory is bounded by that level.
+        """
+        pyr = self.pyramid()
+        dss = [(self.shape[0] / p.shape[0] + self.shape[1] / p.shape[1]) / 2 for p in pyr]
+        if target_mpp is not None and self.mpp is not None:
+            want = target_mpp / self.mpp
+            idx = min(range(len(pyr)), key=lambda i: abs(math.log(dss[i] / want)))
+        else:
+            idx = next((i for i, p in enumerate(pyr) if max(p.shape[:2]) <= max_size),
+                       len(pyr) - 1)
+        while max(pyr[idx].shape[:2]) > max_size * 2 and idx + 1 < len(pyr):
+            idx += 1
+        arr = pyr[idx].compute(scheduler="threads")
+        return np.ascontiguousarray(arr), dss[idx]
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles (they are re-opened on demand)."""
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        h, w = self.shape
+        return f"<{type(self).__name__} {self.path.name!r} {w}x{h} levels={self.level_count} mpp={self.mpp}>"
+
+
+def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def downsample2x(level: da.Array, tile: int = DEFAULT_TILE) -> da.Array:
+    """Lazy 2x2 mean of an RGB dask array (odd edges are averaged with themselves)."""
+    import dask.array as da
+
+    h, w = level.shape[:2]
+    if h % 2 or w % 2:
+        level = da.pad(level, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    level = level.rechunk((2 * tile, 2 * tile, 3))
+    out = da.coarsen(np.mean, level.astype(np.float32), {0: 2, 1: 2}, trim_excess=True)
+    return (out + 0.5).astype(np.uint8).rechunk((tile, tile, 3))
+
+
+# --------------------------------------------------------------------------------------
+# OpenSlide
+# --------------------------------------------------------------------------------------
+class OpenSlideSlide(Slide):
+    """Vendor formats through OpenSlide (thread-safe C library; one handle is enough)."""
+
+    def __init__(self, path, *, mpp=None):
+        super().__init__(path, mpp=mpp)
+        import openslide
+
+        try:
+            self._osr = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError as e:
+            raise SlideError(self.path, "not a format OpenSlide supports") from e
+        except openslide.OpenSlideError as e:
+            raise SlideError(self.path, f"OpenSlide cannot read it ({e})") from e
+        props = dict(self._osr.properties)
+        self.properties = props
+        self.vendor = props.get("openslide.vendor")
+        self.format = f"openslide:{self.vendor or 'unknown'}"
+        self.level_shapes = [(h, w) for w, h in self._osr.level_dimensions]
+        self._downsamples = list(self._osr.level_downsamples)
+        mx, my = props.get("openslide.mpp-x"), props.get("openslide.mpp-y")
+        try:
+            if mx and my and float(mx) > 0 and float(my) > 0:
+                self._file_mpp = (float(mx) + float(my)) / 2
+                self._file_mpp_source = "openslide.mpp"
+        except ValueError:
+            pass
+        if self._file_mpp is None:
+            self._file_mpp, self._file_mpp_source = _tiff_resolution_mpp(self.path)
+        try:
+            obj = props.get("openslide.objective-power")
+            self.objective_power = float(obj) if obj else None
+        except ValueError:
+            self.objective_power = None
+        # bounds of the scanned area (MRXS, SCN): reported so tissue detection can ignore padding
+        try:
+            self.bounds = tuple(int(props[f"openslide.bounds-{k}"]) for k in ("y", "x", "height", "width"))
+        except KeyError:
+            self.bounds = None
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return self._downsamples
+
+    @cached_property
+    def associated_images(self) -> dict[str, np.ndarray]:
+        out = {}
+        for k, img in self._osr.associated_images.items():
+            out[k] = np.asarray(img.convert("RGB"))
+        return out
+
+    def _read_level(self, level, y, x, h, w):
+        ds = self._downsamples[level]
+        try:
+            img = self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h))
+        except Exception as e:  # openslide raises OpenSlideError with the C message
+            raise SlideError(self.path, f"cannot read region at level {level} ({e})") from e
+        return _rgba_to_rgb(np.asarray(img))
+
+    def read_region(self, location, size, *, level=None, mpp=None):
+        if mpp is None and level is not None and 0 <= level < self.level_count:
+            # Exact OpenSlide semantics: location is level-0, the read is at `level`.
+            y0, x0 = int(location[0]), int(location[1])
+            h, w = int(size[0]), int(size[1])
+            try:
+                img = self._osr.read_region((x0, y0), level, (w, h))
+            except Exception as e:
+                raise SlideError(self.path, f"cannot read region ({e})") from e
+            return _rgba_to_rgb(np.asarray(img))
+        return super().read_region(location, size, level=level, mpp=mpp)
+
+    def close(self):
+        self._osr.close()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_osr", None)
+        state.pop("associated_images", None)
+        return state
+
+    def __setstate__(self, state):
+        import openslide
+
+        self.__dict__.update(state)
+        self._osr = openslide.OpenSlide(str(self.path))
+
+
+def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """OpenSlide's premultiplied RGBA to RGB on white (transparent = outside the scan)."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.uint16)
+    out = rgb.astype(np.uint16) + (255 - a)
+    return np.minimum(out, 255).astype(np.uint8)
+
+
+def _tiff_resolution_mpp(path: Path) -> tuple[float | None, str | None]:
+    """µm/px from TIFF XResolution/ResolutionUnit, when it is plausible for a slide."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            unit = page.tags.get("ResolutionUnit")
+            xres = page.tags.get("XResolution")
+            if unit is None or xres is None:
+                return None, None
+            num, den = xres.value
+            if not num or not den:
+                return None, None
+            ppu = num / den
+            factor = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+            if factor is None or ppu <= 0:
+                return None, None
+            mpp = factor / ppu
+            if 0.05 <= mpp <= 100:
+                return mpp, "tiff.resolution"
+    except Exception:
+        pass
+    return None, None
+
+
+# --------------------------------------------------------------------------------------
+# tifffile: OME-TIFF and generic pyramidal TIFF (SubIFDs or pages)
+# --------------------------------------------------------------------------------------
+class TiffSlide(Slide):
+    """OME-TIFF and pyramidal TIFF through tifffile's zarr store (decodes only needed tiles)."""
+
+    def __init__(self, path, *, mpp=None):
+        super().__init__(path, mpp=mpp)
+        import tifffile
+
+        try:
+            tf = tifffile.TiffFile(self.path)
+        except Exception as e:
+            raise SlideError(self.path, f"not a readable TIFF ({e})") from e
+        try:
+            if not tf.series:
+                raise SlideError(self.path, "the TIFF holds no image series")
+            series = max(tf.series, key=lambda s: np.prod(s.shape))
+            self._series_index = tf.series.index(series)
+            self.format = "ome-tiff" if tf.is_ome else "tiff"
+            self._axes = series.axes
+            levels = series.levels
+            shapes = []
+            for lv in levels:
+                shp = dict(zip(lv.axes, lv.shape, strict=True))
+                shapes.append((shp["Y"], shp["X"]))
+                if lv.dtype != np.uint8:
+                    raise SlideError(self.path, f"pixel type {lv.dtype} is not 8-bit RGB")
+            if "S" not in series.axes and "C" not in series.axes:
+                self._gray = True
+            else:
+                ch = dict(zip(series.axes, series.shape, strict=True)).get("S") or \
+                    dict(zip(series.axes, series.shape, strict=True)).get("C")
+                if ch not in (3, 4):
+                    raise SlideError(self.path, f"{ch} channels; an RGB slide has 3")
+                self._gray = False
+            self.level_shapes = shapes
+            desc = tf.pages[0].description or ""
+            self.properties = {"tiff.ImageDescription": desc[:2000]}
+            self._read_ome_metadata(tf)
+            if self._file_mpp is None:
+                self._file_mpp, self._file_mpp_source = _aperio_desc_mpp(desc)
+            if self._file_mpp is None:
+                self._file_mpp, self._file_mpp_source = _tiff_resolution_mpp(self.path)
+        except SlideError:
+            tf.close()
+            raise
+        except Exception as e:
+            tf.close()
+            raise SlideError(self.path, f"unsupported TIFF layout ({e})") from e
+        tf.close()
+        self._local = threading.local()
+
+    def _read_ome_metadata(self, tf) -> None:
+        if not tf.is_ome:
+            return
+        import xml.etree.ElementTree as ET
+
+        try:
+            root = ET.fromstring(tf.ome_metadata)
+        except ET.ParseError:
+            return
+        for el in root.iter():
+            if el.tag.endswith("}Pixels") or el.tag == "Pixels":
+                px, py = el.get("PhysicalSizeX"), el.get("PhysicalSizeY")
+                unit = el.get("PhysicalSizeXUnit", "µm")
+                scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(unit)
+                if px and py and scale:
+                    self._file_mpp = (float(px) + float(py)) / 2 * scale
+                    self._file_mpp_source = "ome.PhysicalSize"
+                break
+        for el in root.iter():
+            if el.tag.endswith("}Objective"):
+                mag = el.get("NominalMagnification")
+                if mag:
+                    self.objective_power = float(mag)
+            if el.tag.endswith("}Instrument"):
+                pass
+
+    def _zarr_levels(self):
+        loc = self._local
+        if getattr(loc, "levels", None) is None:
+            import tifffile
+            import zarr
+
+            loc.tf = tifffile.TiffFile(self.path)
+            store = loc.tf.series[self._series_index].aszarr()
+            z = zarr.open(store, mode="r")
+            loc.levels = [z] if isinstance(z, zarr.Array) else [z[str(i)] for i in range(self.level_count)]
+        return loc.levels
+
+    def _read_level(self, level, y, x, h, w):
+        arr = self._zarr_levels()[level]
+        ax = self._axes
+        idx = []
+        for a in ax:
+            if a == "Y":
+                idx.append(slice(y, y + h))
+            elif a == "X":
+                idx.append(slice(x, x + w))
+            elif a in "SC":
+                idx.append(slice(None))
+            else:
+                idx.append(0)
+        try:
+            out = np.asarray(arr[tuple(idx)])
+        except Exception as e:
+            raise SlideError(self.path, f"cannot decode level {level} at ({y}, {x}): {e}") from e
+        kept = [a for a in ax if a in "YXSC"]
+        if self._gray:
+            out = np.repeat(out[..., None], 3, axis=-1)
+        else:
+            if kept.index("Y") > kept.index("S" if "S" in kept else "C"):
+                out = np.moveaxis(out, 0, -1)
+            out = out[..., :3]
+        return np.ascontiguousarray(out)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
+def _aperio_desc_mpp(desc: str) -> tuple[float | None, str | None]:
+    for part in desc.split("|"):
+        k, _, v = part.partition("=")
+        if k.strip() == "MPP":
+            try:
+                return float(v), "aperio.MPP"
+            except ValueError:
+                return None, None
+    return None, None
+
+
+# --------------------------------------------------------------------------------------
+# zarr / OME-Zarr (NGFF multiscales)
+# --------------------------------------------------------------------------------------
+class ZarrSlide(Slide):
+    """An RGB OME-Zarr (NGFF 0.4/0.5 multiscales, axes y,x,c or c,y,x) or a plain zarr array."""
+
+    format = "ome-zarr"
+
+    def __init__(self, path, *, mpp=None):
+        super().__init__(path, mpp=mpp)
+        import zarr
+
+        try:
+            node = zarr.open(str(self.path), mode="r")
+        except Exception as e:
+            raise SlideError(self.path, f"not a zarr store ({e})") from e
+        if isinstance(node, zarr.Array):
+            arrays, axes, scale0 = [node], None, None
+            self.format = "zarr"
+        else:
+            attrs = dict(node.attrs)
+            ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+            if not ms:
+                raise SlideError(self.path, "zarr group without OME-NGFF 'multiscales' metadata")
+            ms0 = ms[0]
+            axes = [a["name"] if isinstance(a, dict) else a for a in ms0.get("axes", [])] or None
+            arrays = [node[d["path"]] for d in ms0["datasets"]]
+            scale0 = None
+            for t in ms0["datasets"][0].get("coordinateTransformations", []):
+                if t.get("type") == "scale":
+                    scale0 = t["scale"]
+            unit = None
+            for a in ms0.get("axes", []):
+                if isinstance(a, dict) and a.get("name") == "x":
+                    unit = a.get("unit")
+            if scale0 is not None and axes is not None and unit in ("micrometer", "µm", "um"):
+                sx = scale0[axes.index("x")]
+                sy = scale0[axes.index("y")]
+                self._file_mpp, self._file_mpp_source = (sx + sy) / 2, "ngff.scale"
+            self.properties = {"zarr.attrs": {k: v for k, v in attrs.items() if k != "multiscales"}}
+        if axes is None:
+            axes = ["y", "x", "c"] if arrays[0].ndim == 3 and arrays[0].shape[-1] in (3, 4) else \
+                ["c", "y", "x"] if arrays[0].ndim == 3 else ["y", "x"]
+        self._axes = axes
+        if "y" not in axes or "x" not in axes:
+            raise SlideError(self.path, f"axes {axes} have no y and x")
+        if arrays[0].dtype != np.uint8:
+            raise SlideError(self.path, f"pixel type {arrays[0].dtype} is not 8-bit RGB")
+        self._arrays = arrays
+        self.level_shapes = [(a.shape[axes.index("y")], a.shape[axes.index("x")]) for a in arrays]
+
+    def _read_level(self, level, y, x, h, w):
+        arr = self._arrays[level]
+        idx = []
+        for a in self._axes:
+            idx.append(slice(y, y + h) if a == "y" else slice(x, x + w) if a == "x"
+                       else slice(None) if a == "c" else 0)
+        out = np.asarray(arr[tuple(idx)])
+        kept = [a for a in self._axes if a in ("y", "x", "c")]
+        if "c" not in kept:
+            out = np.repeat(out[..., None], 3, axis=-1)
+        elif kept.index("c") == 0:
+            out = np.moveaxis(out, 0, -1)
+        if out.shape[-1] == 1:
+            out = np.repeat(out, 3, axis=-1)
+        return np.ascontiguousarray(out[..., :3])
+
+
+# --------------------------------------------------------------------------------------
+# Plain images (png, jpg): one level in memory, coarser levels built lazily.
+# --------------------------------------------------------------------------------------
+class ImageSlide(Slide):
+    format = "image"
+
+    def __init__(self, path, *, mpp=None):
+        super().__init__(path, mpp=mpp)
+        from PIL import Image
+
+        try:
+            with Image.open(self.path) as im:
+                im.load()
+                self.properties = {f"image.{k}": str(v) for k, v in im.info.items()
+                                   if isinstance(v, (str, int, float, tuple))}
+                dpi = im.info.get("dpi")
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise SlideError(self.path, f"not a readable image ({type(e).__name__}: {e})") from e
+        self._img = arr
+        self.level_shapes = [arr.shape[:2]]
+        if dpi and dpi[0] and dpi[0] > 1000:  # only a microscope-like density is a pixel size
+            self._file_mpp, self._file_mpp_source = 25400.0 / float(dpi[0]), "image.dpi"
+
+    def _read_level(self, level, y, x, h, w):
+        return np.ascontiguousarray(self._img[y:y + h, x:x + w])
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------
+def _is_zarr_dir(p: Path) -> bool:
+    return p.is_dir() and any((p / n).exists() for n in (".zgroup", ".zarray", "zarr.json"))
+
+
+def sniff(path: str | Path) -> str | None:
+    """Which backend would open ``path`` ('openslide', 'tiff', 'zarr', 'image'), or None.
+
+    Looks only at the name, the directory layout and the first bytes: no pixels.
+    """
+    p = Path(path)
+    name = p.name.lower()
+    if p.is_dir():
+        if _is_zarr_dir(p):
+            return "zarr"
+        if name.endswith(ZARR_SUFFIXES):
+            return None
+        return None
+    if not p.is_file():
+        return None
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None
+    is_tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    if name.endswith(IMAGE_SUFFIXES):
+        if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8") or head.startswith(b"BM"):
+            return "image"
+        return None
+    if name.endswith((".mrxs", ".vms", ".vmu", ".ndpi", ".svs", ".scn", ".bif", ".svslide")):
+        return "openslide"
+    if name.endswith(TIFF_SUFFIXES):
+        return "tiff" if is_tiff else None
+    return None
+
+
+def open_slide(path: str | Path, *, mpp: float | None = None,
+               backend: str | None = None) -> Slide:
+    """Open a slide, choosing the backend from its name and first bytes.
+
+    OME-TIFF goes to tifffile (OpenSlide sees only its first level); other TIFFs go to
+    OpenSlide when it recognises a vendor format or pyramid, else to tifffile.
+
+    Raises
+    ------
+    SlideError
+        One line naming the file and the problem (missing, empty, truncated,
+        unsupported, not a zarr store...).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SlideError(p, "no such file or directory")
+    if p.is_file() and p.stat().st_size == 0:
+        raise SlideError(p, "the file is empty")
+    if p.is_dir() and not _is_zarr_dir(p):
+        raise SlideError(p, "a directory that is not a zarr store (no .zgroup/.zarray/zarr.json)")
+    kind = backend or sniff(p)
+    if kind is None:
+        if p.is_file():
+            with open(p, "rb") as fh:
+                head = fh.read(8)
+            if p.name.lower().endswith(TIFF_SUFFIXES) or head[:4] in (b"II*\x00", b"MM\x00*"):
+                raise SlideError(p, "not a TIFF file (bad magic bytes)")
+        raise SlideError(p, "unsupported file type (expected a whole-slide image, OME-TIFF, "
+                         "OME-Zarr or PNG/JPEG)")
+    if kind == "zarr":
+        slide: Slide = ZarrSlide(p, mpp=mpp)
+    elif kind == "image":
+        slide = ImageSlide(p, mpp=mpp)
+    elif kind == "openslide":
+        slide = OpenSlideSlide(p, mpp=mpp)
+    elif kind == "tiff":
+        slide = _open_tiff(p, mpp)
+    else:
+        raise ValueError(f"unknown backend {kind!r}")
+    if slide.mpp is None:
+        warnings.warn(f"{p}: physical pixel size unknown; showing pixel units "
+                      "(pass --mpp / mpp=... to set it)", MppWarning, stacklevel=2)
+    return slide
+
+
+def _open_tiff(p: Path, mpp: float | None) -> Slide:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(p) as tf:
+            is_ome = tf.is_ome
+            has_subifds = bool(tf.pages[0].subifds)
+    except Exception as e:
+        raise SlideError(p, f"not a readable TIFF ({type(e).__name__}: {e})") from e
+    if not is_ome and not has_subifds:
+        import openslide
+
+        try:
+            fmt = openslide.OpenSlide.detect_format(str(p))
+        except Exception:
+            fmt = None
+        if fmt is not None:
+            try:
+                return OpenSlideSlide(p, mpp=mpp)
+            except SlideError:
+                pass
+    return TiffSlide(p, mpp=mpp)

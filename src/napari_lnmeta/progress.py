@@ -1,0 +1,78 @@
+"""The progress protocol shared by the CLI, the widgets and the tests.
+
+Long work is written as a generator that yields :class:`Progress` and *returns* its
+result (stardist-napari's protocol). The same generator runs
+
+* synchronously, through :func:`run`, in the CLI and in tests;
+* inside ``napari.qt.threading.thread_worker`` in the GUI, where ``worker.quit()``
+  cancels it at the next ``yield``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+Job = Generator["Progress", None, T]
+
+
+@dataclass
+class Progress:
+    """One step of a long job.
+
+    Parameters
+    ----------
+    done, total
+        Units of work finished and planned (patches, tiles, slides, epochs...).
+    message
+        Short human-readable stage, e.g. ``"reading tiles"``.
+    partial
+        Optional intermediate result (e.g. a heatmap filling in) that a GUI may show.
+    """
+
+    done: int
+    total: int
+    message: str = ""
+    partial: Any = None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+
+def run(job: Job[T], callback: Callable[[Progress], Any] | None = None) -> T:
+    """Drive a progress generator to completion and return what it returns."""
+    while True:
+        try:
+            step = next(job)
+        except StopIteration as stop:
+            return stop.value
+        if callback is not None and isinstance(step, Progress):
+            callback(step)
+
+
+class TextProgress:
+    """A small stderr progress printer for the CLI (no extra dependency)."""
+
+    def __init__(self, stream=None, min_interval: float = 0.5):
+        self.stream = stream or sys.stderr
+        self.min_interval = min_interval
+        self._last = 0.0
+        self._t0 = time.perf_counter()
+
+    def __call__(self, p: Progress) -> None:
+        now = time.perf_counter()
+        final = p.total and p.done >= p.total
+        if not final and now - self._last < self.min_interval:
+            return
+        self._last = now
+        pct = f"{100 * p.fraction:5.1f}%" if p.total else "     "
+        self.stream.write(f"\r{pct} {p.done}/{p.total} {p.message} [{now - self._t0:.1f}s]")
+        if final:
+            self.stream.write("\n")
+        self.stream.flush()
