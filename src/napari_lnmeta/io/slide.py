@@ -326,6 +326,11 @@ class OpenSlideSlide(Slide):
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as e:
+            with open(self.path, "rb") as fh:
+                head = fh.read(4)
+            if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+                raise SlideError(self.path, "TIFF header present but the file cannot be parsed: "
+                                 "truncated or corrupt") from e
             raise SlideError(self.path, "not a format OpenSlide supports") from e
         except openslide.OpenSlideError as e:
             raise SlideError(self.path, f"OpenSlide cannot read it ({e})") from e

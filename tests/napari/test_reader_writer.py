@@ -1,0 +1,98 @@
+"""The napari contributions with real viewers: reader, writers, sample data."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from napari_lnmeta._napari.reader import napari_get_reader
+from napari_lnmeta.io.omezarr import SlideFrame, read_ome_zarr, write_ome_zarr
+from napari_lnmeta.io.slide import MppWarning
+
+SAMPLES = [
+    ("cmu1_small_region_svs/CMU-1-Small-Region.svs", 0.499),
+    ("camelyon16_tumor001_lowres/tumor_001_level5.tif", None),
+    ("camelyon16_tumor001_lowres/tumor_001_level5_pyramid.tif", None),
+    ("camelyon16_tumor001_lowres/tumor_001_level5.ome.tif", 7.776),
+    ("skimage_ihc_dab/ihc.png", None),
+    ("anhir_cima_lung_lesion3_he_ihc/images/29-041-Izd2-w35-He-les3.jpg", None),
+]
+
+
+@pytest.mark.parametrize("rel, mpp", SAMPLES)
+def test_viewer_opens_each_shared_sample(make_napari_viewer, shared_data, rel, mpp):
+    viewer = make_napari_viewer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MppWarning)
+        layers = viewer.open(shared_data / rel, plugin="napari-lnmeta")
+    assert len(layers) == 1
+    layer = layers[0]
+    assert layer.rgb and layer.multiscale
+    assert tuple(layer.contrast_limits) == (0, 255)
+    expect = mpp if mpp is not None else 1.0
+    assert tuple(layer.scale) == pytest.approx((expect, expect))
+    assert layer.metadata["lnmeta"]["path"] == str(shared_data / rel)
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot.std() > 5  # tissue is visible, not a blank canvas
+
+
+def test_reader_declines_bad_files(tmp_path, cmu1):
+    bad = {
+        "missing.svs": None,
+        "empty.svs": b"",
+        "trunc.svs": cmu1.read_bytes()[:150_000],
+        "text.tif": b"not a tiff\n",
+        "notes.txt": b"hello",
+    }
+    for name, content in bad.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        assert napari_get_reader(str(tmp_path / name)) is None, name
+    (tmp_path / "dir").mkdir()
+    assert napari_get_reader(str(tmp_path / "dir")) is None
+    assert napari_get_reader([str(cmu1), str(cmu1)]) is None
+
+
+def test_result_layers_overlay_the_slide(make_napari_viewer, tmp_path, cmu1):
+    viewer = make_napari_viewer()
+    viewer.open(cmu1, plugin="napari-lnmeta")
+    mask = np.zeros((2967 // 16 + 1, 2220 // 16 + 1), np.uint8)
+    mask[10:20, 30:40] = 1
+    frame = SlideFrame(downsample=16, slide_mpp=0.499, slide=cmu1.name, slide_shape=(2967, 2220))
+    p = write_ome_zarr(tmp_path / "tumour.ome.zarr", mask, frame=frame, kind="labels")
+    (labels,) = viewer.open(p, plugin="napari-lnmeta")
+    assert labels._type_string == "labels"
+    slide_layer = viewer.layers[0]
+    # the world position of mask cell (10, 30)'s top-left corner is slide pixel (160, 480)'s
+    world_cell = np.asarray(labels.data_to_world((10 - 0.5, 30 - 0.5)))
+    world_px = np.asarray(slide_layer.data_to_world((160 - 0.5, 480 - 0.5)))
+    np.testing.assert_allclose(world_cell, world_px)
+
+
+def test_writers_roundtrip(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    data = np.zeros((64, 80), np.int32)
+    data[5:20, 7:30] = 2
+    layer = viewer.add_labels(data, name="mask", scale=(0.5, 0.5))
+    out = tmp_path / "mask.ome.zarr"
+    written = layer.save(str(out), plugin="napari-lnmeta")
+    assert written
+    res = read_ome_zarr(out)
+    np.testing.assert_array_equal(res.data.compute(), data)
+    assert res.frame.slide_mpp == 0.5 and res.kind == "labels"
+    img = viewer.add_image(np.random.default_rng(0).random((40, 30), dtype=np.float32), name="hm")
+    img.save(str(tmp_path / "hm.ome.zarr"), plugin="napari-lnmeta")
+    assert read_ome_zarr(tmp_path / "hm.ome.zarr").data.shape == (40, 30)
+
+
+def test_sample_data_opens(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-lnmeta", "cmu1_small_region")
+    layer = viewer.layers[-1]
+    assert layer.data[0].shape == (2967, 2220, 3)
+    assert tuple(layer.scale) == pytest.approx((0.499, 0.499))
+    viewer.open_sample("napari-lnmeta", "ihc_dab")
+    assert viewer.layers[-1].data[0].shape == (512, 512, 3)
