@@ -248,6 +248,7 @@ class Slide:
 
         levels = [da.from_array(_LevelArray(self, i), chunks=(tile, tile, 3),
                                 asarray=False, fancy=False, lock=False,
+                                meta=np.empty((0, 0, 0), np.uint8),
                                 name=f"lnmeta-{self.path.name}-{id(self):x}-L{i}-{tile}")
                   for i in range(self.level_count)]
         while max(levels[-1].shape[:2]) > min_size:
