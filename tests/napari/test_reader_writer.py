@@ -96,3 +96,25 @@ def test_sample_data_opens(make_napari_viewer):
     assert tuple(layer.scale) == pytest.approx((0.499, 0.499))
     viewer.open_sample("napari-lnmeta", "ihc_dab")
     assert viewer.layers[-1].data[0].shape == (512, 512, 3)
+
+
+def test_shapes_to_qupath_geojson(make_napari_viewer, tmp_path, cmu1):
+    import json
+
+    from napari_lnmeta.io.annotations import read_geojson
+
+    viewer = make_napari_viewer()
+    (slide_layer,) = viewer.open(cmu1, plugin="napari-lnmeta")
+    # a rectangle drawn in µm over the slide: rows 100-200 µm, cols 50-150 µm
+    rect = np.array([[100, 50], [100, 150], [200, 150], [200, 50]], float)
+    shapes = viewer.add_shapes([rect], shape_type="rectangle", name="roi",
+                               metadata={"lnmeta": dict(slide_layer.metadata["lnmeta"])})
+    out = tmp_path / "roi.geojson"
+    shapes.save(str(out), plugin="napari-lnmeta")
+    gj = json.loads(out.read_text())
+    ring = np.asarray(gj["features"][0]["geometry"]["coordinates"][0])
+    # x, y in level-0 pixels = µm / 0.499
+    np.testing.assert_allclose(ring[:, 0].min(), 50 / 0.499, rtol=1e-4)
+    np.testing.assert_allclose(ring[:, 1].max(), 200 / 0.499, rtol=1e-4)
+    (poly,) = read_geojson(out)
+    np.testing.assert_allclose(poly.bbox, (100 / 0.499, 50 / 0.499, 200 / 0.499, 150 / 0.499), rtol=1e-4)

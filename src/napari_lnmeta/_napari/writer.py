@@ -44,3 +44,45 @@ def write_image(path: str, data: Any, meta: dict) -> list[str]:
     out = write_ome_zarr(path, arr, frame=_frame_from_meta(meta), kind="image",
                          name=meta.get("name"), overwrite=True, attrs=attrs)
     return [str(out)]
+
+
+def _ellipse_ring(corners: np.ndarray, n: int = 64) -> np.ndarray:
+    centre = corners.mean(axis=0)
+    r = np.abs(corners - centre).max(axis=0)
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([centre[0] + r[0] * np.sin(t), centre[1] + r[1] * np.cos(t)], axis=1)
+
+
+def write_shapes(path: str, data: Any, meta: dict) -> list[str]:
+    """Shapes → QuPath GeoJSON in level-0 pixels of the slide the layer overlays.
+
+    Layer coordinates become world coordinates (``data * scale + translate``); world is
+    µm when the slide's µm/px is known from the layer's lnmeta metadata, else pixels.
+    Polygons, rectangles and ellipses are written; lines and paths are not regions and
+    are skipped.
+    """
+    from ..io.annotations import Polygon, write_geojson
+
+    scale = np.asarray(meta.get("scale", (1.0, 1.0)), dtype=float)[-2:]
+    translate = np.asarray(meta.get("translate", (0.0, 0.0)), dtype=float)[-2:]
+    frame = _frame_from_meta({"metadata": meta.get("metadata")})
+    ln = (meta.get("metadata") or {}).get(META, {})
+    mpp = frame.slide_mpp if ("frame" in ln or "mpp" in ln) else None
+    types = meta.get("shape_type") or ["polygon"] * len(data)
+    polys = []
+    for i, (verts, kind) in enumerate(zip(data, types, strict=False)):
+        v = np.asarray(verts, dtype=float)[:, -2:]
+        if kind in ("line", "path"):
+            continue
+        if kind == "ellipse":
+            v = _ellipse_ring(v)
+        world = v * scale + translate
+        level0 = world / mpp if mpp else world
+        name = meta.get("name") or "shape"
+        label = "tumour"
+        feats = meta.get("features")
+        if feats is not None and "label" in getattr(feats, "columns", []):
+            label = str(feats["label"].iloc[i])
+        polys.append(Polygon(level0, label=label, name=f"{name}-{i}"))
+    out = write_geojson(path, polys, overwrite=True)
+    return [str(out)]
