@@ -1,0 +1,383 @@
+"""Cohorts: run one pipeline step over many slides as Dask tasks.
+
+A cohort is a folder, a glob or a CSV (``slide`` column, optional ``ihc`` and clinical
+columns). Each slide becomes one task on a Dask distributed cluster — a
+``LocalCluster`` sized to the machine by default, or any scheduler address — and writes
+one result folder ``OUT/<slide id>/`` atomically (temporary name, then rename), ending
+with ``result.json``. A folder that exists is a finished slide: a rerun skips it, so a
+cohort run is resumable, and a task that runs twice (a killed worker's task is
+rescheduled) still leaves exactly one folder. Failed slides are retried once and
+reported with their error; one slide never stops the others. ``cohort_summary.csv``
+lists every slide with its status.
+
+Python::
+
+    from napari_lnmeta.batch import load_cohort, run_batch
+    from napari_lnmeta.progress import run
+    report = run(run_batch(load_cohort("slides/"), "tissue", "out/"))
+
+Steps (``STEPS``): ``tissue``, ``predict``, ``register`` (register + transfer-mask; needs
+an ``ihc`` column), ``extract-features``, ``mil``. A step is a plain function
+``step(item, out_dir, params) -> dict`` that writes into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import shutil
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Generator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .progress import Progress
+
+RESULT_FILE = "result.json"
+SUMMARY_FILE = "cohort_summary.csv"
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide",
+                  ".png", ".jpg", ".jpeg", ".btf", ".qptiff")
+
+
+# --------------------------------------------------------------------------------------
+# Cohort
+# --------------------------------------------------------------------------------------
+@dataclass
+class CohortItem:
+    """One slide of a cohort; ``error`` is set for rows that cannot run at all."""
+
+    id: str
+    slide: str
+    ihc: str | None = None
+    clinical: dict[str, str] = field(default_factory=dict)
+    label: str | None = None
+    error: str | None = None
+
+
+def _slide_id(path: str) -> str:
+    name = Path(path).name
+    for suf in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(suf):
+            return re.sub(r"[^\w.-]", "_", name[: -len(suf)])
+    return re.sub(r"[^\w.-]", "_", Path(name).stem)
+
+
+def load_cohort(source: str | Path) -> list[CohortItem]:
+    """Read a cohort from a folder, a glob pattern or a CSV.
+
+    CSV columns: ``slide`` (or ``path``; required), optional ``id``, ``ihc``, ``label``;
+    every other column is kept as clinical data. Relative paths are taken relative to
+    the CSV. Missing files and duplicate slides are kept as items with ``error`` set, so
+    they are reported per slide instead of stopping the cohort.
+    """
+    src = str(source)
+    items: list[CohortItem] = []
+    if src.lower().endswith(".csv"):
+        csv_path = Path(src)
+        if not csv_path.is_file():
+            raise InputError(f"{csv_path}: no such cohort CSV")
+        with open(csv_path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            key = "slide" if "slide" in cols else "path" if "path" in cols else None
+            if key is None:
+                raise InputError(f"{csv_path}: a cohort CSV needs a 'slide' (or 'path') column; "
+                                 f"found {cols}")
+            for row in reader:
+                row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+                if not row.get(key):
+                    continue
+                slide = _resolve(row[key], csv_path.parent)
+                ihc = _resolve(row["ihc"], csv_path.parent) if row.get("ihc") else None
+                clinical = {k: v for k, v in row.items()
+                            if k not in (key, "id", "ihc", "label")}
+                items.append(CohortItem(id=row.get("id") or _slide_id(slide), slide=slide,
+                                        ihc=ihc, clinical=clinical, label=row.get("label") or None))
+    else:
+        p = Path(src)
+        if p.is_dir() and not (p / ".zattrs").exists() and not (p / "zarr.json").exists():
+            paths = sorted(str(f) for f in p.iterdir()
+                           if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES))
+        else:
+            paths = sorted(glob.glob(src)) if any(c in src for c in "*?[") else [src]
+        if not paths:
+            raise InputError(f"{src}: no slides found")
+        items = [CohortItem(id=_slide_id(s), slide=str(Path(s).resolve())) for s in paths]
+    seen_slides: dict[str, str] = {}
+    seen_ids: dict[str, int] = {}
+    for it in items:
+        real = os.path.realpath(it.slide)
+        if real in seen_slides:
+            it.error = f"duplicate of slide {seen_slides[real]!r} in the cohort; processed once"
+            it.id = f"{it.id}__dup{seen_ids.get(it.id, 0) + 1}"
+            continue
+        seen_slides[real] = it.id
+        if it.id in seen_ids:  # same name, different folder
+            seen_ids[it.id] += 1
+            it.id = f"{it.id}_{seen_ids[it.id]}"
+        else:
+            seen_ids[it.id] = 0
+        if not Path(it.slide).exists():
+            it.error = f"{it.slide}: no such file or directory"
+        elif it.ihc and not Path(it.ihc).exists():
+            it.error = f"{it.ihc}: no such file or directory (IHC partner)"
+    if not items:
+        raise InputError(f"{src}: the cohort is empty")
+    return items
+
+
+def _resolve(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+# --------------------------------------------------------------------------------------
+# Steps: thin wrappers over the Qt-free core, one result folder each
+# --------------------------------------------------------------------------------------
+def _open(item: CohortItem, params: dict[str, Any]):
+    """Open a cohort slide; a missing µm/px is reported in the record, not warned."""
+    import warnings
+
+    from .io.slide import MppWarning, open_slide
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MppWarning)
+        return open_slide(item.slide, mpp=params.get("mpp"))
+
+
+def step_tissue(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, Any]:
+    from .core.tissue import tissue_mask
+
+    slide = _open(item, params)
+    tm = tissue_mask(slide, target_mpp=params.get("target_mpp", 10.0),
+                     method=params.get("method", "otsu"))
+    tm.save(out / "tissue.ome.zarr")
+    return {"mpp": slide.mpp, "tissue_fraction": round(float(tm.area_fraction), 6),
+            "tissue_area_mm2": None if tm.area_um2 is None else round(tm.area_um2 / 1e6, 4)}
+
+
+STEPS: dict[str, Callable[[CohortItem, Path, dict[str, Any]], dict[str, Any]]] = {
+    "tissue": step_tissue,
+}
+
+
+def register_step(name: str):
+    """Add a step: ``@register_step("name") def step(item, out_dir, params) -> dict``."""
+
+    def deco(fn):
+        STEPS[name] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------
+# Running one slide (inside a Dask task, or in-process)
+# --------------------------------------------------------------------------------------
+def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run ``step`` on one slide into ``out_root/<id>/``, atomically and idempotently.
+
+    Returns the slide's record (also stored as ``result.json``). Raises on failure so
+    that Dask retries the task.
+    """
+    root = Path(out_root)
+    final = root / item.id
+    if (final / RESULT_FILE).is_file():
+        return json.loads((final / RESULT_FILE).read_text())
+    tmp = root / f".{item.id}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        result = STEPS[step](item, tmp, dict(params))
+        record = {"id": item.id, "slide": item.slide, "step": step, "status": "done",
+                  "seconds": round(time.perf_counter() - t0, 3), "result": result,
+                  "host": os.uname().nodename, "pid": os.getpid()}
+        (tmp / RESULT_FILE).write_text(json.dumps(record, indent=2))
+        try:
+            os.rename(tmp, final)  # atomic; fails if another run already finished it
+        except OSError:
+            if (final / RESULT_FILE).is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return json.loads((final / RESULT_FILE).read_text())
+            shutil.rmtree(final, ignore_errors=True)  # a stale, incomplete folder
+            os.rename(tmp, final)
+        return record
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _error_text(exc: BaseException) -> str:
+    from .errors import LnmetaError
+
+    if isinstance(exc, LnmetaError):
+        return str(exc)
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return last
+
+
+@dataclass
+class CohortReport:
+    out: Path
+    records: list[dict[str, Any]]
+    dashboard: str | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for r in self.records:
+            c[r["status"]] = c.get(r["status"], 0) + 1
+        return c
+
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["status"] == "failed"]
+
+
+def write_summary(out: Path, records: list[dict[str, Any]]) -> Path:
+    """``cohort_summary.csv``: one row per slide, the step's scalar results as columns."""
+    from .io.atomic import write_text_atomic
+
+    keys: list[str] = []
+    for r in records:
+        for k, v in (r.get("result") or {}).items():
+            if k not in keys and not isinstance(v, (dict, list)):
+                keys.append(k)
+    import io as _io
+
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "slide", "status", "seconds", "error", *keys])
+    for r in records:
+        res = r.get("result") or {}
+        w.writerow([r["id"], r["slide"], r["status"], r.get("seconds", ""),
+                    r.get("error", ""), *[res.get(k, "") for k in keys]])
+    return write_text_atomic(out / SUMMARY_FILE, buf.getvalue(), overwrite=True)
+
+
+def default_cluster_size() -> tuple[int, int]:
+    """``(workers, threads per worker)``: one worker per GPU, else up to 4 per machine."""
+    ncpu = os.cpu_count() or 1
+    try:
+        import torch
+
+        ngpu = torch.cuda.device_count()
+    except Exception:
+        ngpu = 0
+    workers = ngpu if ngpu else max(1, min(4, ncpu // 2))
+    return workers, max(1, ncpu // workers)
+
+
+def run_batch(items: list[CohortItem], step: str, out: str | Path, *,
+              params: dict[str, Any] | None = None, scheduler: str | None = None,
+              n_workers: int | None = None, threads_per_worker: int | None = None,
+              retries: int = 1, client: Any = None,
+              on_start: Callable[[Any], None] | None = None,
+              ) -> Generator[Progress, None, CohortReport]:
+    """Run ``step`` over ``items``; yields one :class:`Progress` per finished slide.
+
+    Parameters
+    ----------
+    scheduler
+        ``None``: start a ``LocalCluster`` (``n_workers`` x ``threads_per_worker``, sized
+        to the machine by default); ``"tcp://host:8786"``: use that cluster;
+        ``"sync"``: run in this process, no Dask (the single-process reference).
+    retries
+        How often a failed slide is retried (Dask task retries) before it is reported.
+    client
+        An existing ``distributed.Client`` to use instead.
+    on_start
+        Called with the client once the cluster is up (e.g. to print the dashboard).
+    """
+    if step not in STEPS:
+        raise InputError(f"unknown step {step!r}; choose from {', '.join(sorted(STEPS))}")
+    params = dict(params or {})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: dict[str, dict[str, Any]] = {}
+    todo: list[CohortItem] = []
+    for it in items:
+        base = {"id": it.id, "slide": it.slide, "step": step}
+        if it.error:
+            records[it.id] = {**base, "status": "failed", "error": it.error}
+        elif (out / it.id / RESULT_FILE).is_file():
+            rec = json.loads((out / it.id / RESULT_FILE).read_text())
+            records[it.id] = {**rec, "status": "skipped"}
+        else:
+            todo.append(it)
+    total = len(items)
+    done = len(records)
+    yield Progress(done, total, f"{done} already finished or invalid, {len(todo)} to run")
+    dashboard = None
+    if todo and scheduler == "sync":
+        for it in todo:
+            rec = None
+            for attempt in range(retries + 1):
+                try:
+                    rec = run_item(it, step, str(out), params)
+                    break
+                except Exception as e:  # reported per slide, never stops the cohort
+                    err = _error_text(e)
+                    if attempt == retries:
+                        rec = {"id": it.id, "slide": it.slide, "step": step,
+                               "status": "failed", "error": err}
+            records[it.id] = rec
+            done += 1
+            yield Progress(done, total, f"{it.id}: {rec['status']}", partial=rec)
+    elif todo:
+        from distributed import Client, LocalCluster, as_completed
+
+        own_client = client is None
+        cluster = None
+        if client is None:
+            if scheduler:
+                client = Client(scheduler)
+            else:
+                w, t = default_cluster_size()
+                cluster = LocalCluster(n_workers=n_workers or w,
+                                       threads_per_worker=threads_per_worker or t,
+                                       processes=True, dashboard_address=":0",
+                                       silence_logs=40)
+                client = Client(cluster)
+        dashboard = getattr(client, "dashboard_link", None)
+        if on_start is not None:
+            on_start(client)
+        try:
+            futures = {client.submit(run_item, it, step, str(out), params, key=f"{step}-{it.id}",
+                                     retries=retries, pure=False): it for it in todo}
+            try:
+                for fut in as_completed(futures):
+                    it = futures[fut]
+                    try:
+                        rec = fut.result()
+                    except Exception as e:
+                        rec = {"id": it.id, "slide": it.slide, "step": step,
+                               "status": "failed", "error": _error_text(e)}
+                    records[it.id] = rec
+                    done += 1
+                    yield Progress(done, total, f"{it.id}: {rec['status']}", partial=rec)
+            except GeneratorExit:  # cancelled: stop what is queued; finished folders stay
+                client.cancel(list(futures))
+                raise
+        finally:
+            if own_client:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+    ordered = [records[it.id] for it in items]
+    for it in items:  # temporary folders of tasks whose worker died mid-write
+        for stale in out.glob(f".{glob.escape(it.id)}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    write_summary(out, ordered)
+    from .io.atomic import write_text_atomic
+
+    write_text_atomic(out / "cohort.json", json.dumps(
+        {"step": step, "params": params, "items": [asdict(i) for i in items]}, indent=2),
+        overwrite=True)
+    return CohortReport(out=out, records=ordered, dashboard=dashboard)

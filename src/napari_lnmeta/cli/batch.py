@@ -1,0 +1,74 @@
+"""``lnmeta batch``: a cohort through one pipeline step on a Dask cluster."""
+
+from __future__ import annotations
+
+import sys
+
+from . import add_mpp, command
+
+
+@command("batch", help="Run a pipeline step over a cohort (folder, glob or CSV) on a Dask cluster")
+def batch(p):
+    p.add_argument("cohort", help="a folder of slides, a quoted glob ('slides/*.svs') or a CSV "
+                   "with a 'slide' column (optional 'ihc', 'label' and clinical columns)")
+    p.add_argument("--step", required=True,
+                   help="tissue | predict | register | extract-features | mil")
+    p.add_argument("-o", "--out", required=True, help="output folder: one sub-folder per slide")
+    p.add_argument("--scheduler", default=None,
+                   help="address of an existing Dask scheduler (tcp://host:8786); "
+                   "default: a LocalCluster on this machine; 'sync' runs in this process")
+    p.add_argument("--workers", type=int, default=None, help="LocalCluster workers")
+    p.add_argument("--threads", type=int, default=None, help="threads per LocalCluster worker")
+    p.add_argument("--retries", type=int, default=1, help="retries of a failed slide (default 1)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the step (repeatable), e.g. --param model=m.safetensors")
+    add_mpp(p)
+
+    def run(args):
+        from ..batch import load_cohort, run_batch
+        from ..progress import run as drive
+
+        params = {}
+        for kv in args.param:
+            k, sep, v = kv.partition("=")
+            if not sep:
+                from ..errors import InputError
+
+                raise InputError(f"--param {kv!r}: expected KEY=VALUE")
+            params[k.strip().replace("-", "_")] = _parse(v)
+        if args.mpp is not None:
+            params["mpp"] = args.mpp
+        items = load_cohort(args.cohort)
+
+        def started(client):
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+
+        def show(pr):
+            rec = pr.partial
+            line = f"[{pr.done}/{pr.total}] {pr.message}"
+            if rec and rec.get("status") == "failed":
+                line += f" — {rec.get('error')}"
+            print(line, file=sys.stderr, flush=True)
+
+        report = drive(run_batch(items, args.step, args.out, params=params,
+                                 scheduler=args.scheduler, n_workers=args.workers,
+                                 threads_per_worker=args.threads, retries=args.retries,
+                                 on_start=started), show)
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(report.counts.items()))
+        print(f"{len(report.records)} slides: {counts}; summary in {report.out / 'cohort_summary.csv'}")
+        for r in report.failed():
+            print(f"failed: {r['id']}: {r.get('error')}", file=sys.stderr)
+        return 1 if report.failed() else 0
+
+    return run
+
+
+def _parse(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
