@@ -19,9 +19,9 @@ from _common import PeakRSS, synthetic_pyramid
 
 
 def first_view(path) -> tuple[float, float]:
-    import napari
     from qtpy.QtWidgets import QApplication
 
+    import napari
     from napari_lnmeta._napari.reader import napari_get_reader
 
     viewer = napari.Viewer(show=True)

@@ -68,7 +68,8 @@ def test_cluster_survives_a_killed_worker_exactly_once(cohort_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-    rows = list(csv.DictReader(open(out / "cohort_summary.csv")))
+    with open(out / "cohort_summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert [r["status"] for r in rows] == ["done"] * 10
 
 

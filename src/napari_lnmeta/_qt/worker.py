@@ -59,7 +59,9 @@ class JobPanel(QWidget):
         def job():
             return (yield from make_job())
 
-        worker = create_worker(job, _start_thread=False)
+        # Errors go to ``errored`` (status line + notification) instead of being re-raised
+        # in the GUI thread, where napari would treat them as uncaught.
+        worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         self.worker = worker
         self.last_error = None
         self.run_button.setEnabled(False)
