@@ -122,7 +122,11 @@ def macenko_stains(od_tissue: np.ndarray, *, alpha: float = 1.0) -> np.ndarray:
     return _order_he(stains)
 
 
-def vahadane_stains(od_tissue: np.ndarray, *, lam: float = 0.1, n_iter: int = 300,
+#: L1 weight of the Vahadane factorisation (see :func:`vahadane_stains`)
+VAHADANE_LAMBDA = 0.02
+
+
+def vahadane_stains(od_tissue: np.ndarray, *, lam: float = VAHADANE_LAMBDA, n_iter: int = 300,
                     max_pixels: int = 20_000, init: np.ndarray | None = None,
                     seed: int = 0) -> np.ndarray:
     """H and E unit vectors by sparse non-negative matrix factorisation (Vahadane 2016).
@@ -130,6 +134,10 @@ def vahadane_stains(od_tissue: np.ndarray, *, lam: float = 0.1, n_iter: int = 30
     Minimises ``0.5 * ||V - W D||^2 + lam * |W|_1`` with ``W, D >= 0`` and unit rows of
     ``D`` by multiplicative updates (no SPAMS), starting from Macenko's vectors. ``V`` is
     a random subsample of at most ``max_pixels`` tissue OD rows.
+
+    ``lam`` defaults to 0.02, below the 0.1 of SPAMS-based implementations: these
+    updates run to convergence, and at 0.1 the L1 term pulls haematoxylin towards pure
+    red on lightly stained tiles (cosine 0.90 to Macenko's vector on CMU-1; 0.99 at 0.02).
     """
     v = np.asarray(od_tissue, dtype=np.float64).reshape(-1, 3)
     if len(v) < 3:
@@ -382,7 +390,8 @@ def normalize(rgb: np.ndarray, target: StainTarget, *, mask: np.ndarray | None =
     if he is None:
         return rgb.copy()
     c = c * (target.max_conc / max_c)
-    out = target.io * np.exp(-(c @ target.stains))
+    # exponent capped: anything above log(256 / io) is white anyway (and exp would overflow)
+    out = target.io * np.exp(np.minimum(-(c @ target.stains), 10.0))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(shape)
 
 
@@ -520,20 +529,29 @@ class TorchStainNormalizer:
 
     # -- helpers -------------------------------------------------------------------------
     @staticmethod
-    def _percentile(vals, mask, q: float):
-        """Per-row ``q``-th percentile of ``vals[mask]`` (linear, like numpy)."""
+    def _percentiles(vals, mask, qs: tuple[float, ...]):
+        """Per-row percentiles ``qs`` of ``vals[mask]`` (linear, like numpy): ``(len(qs), ...)``.
+
+        One sort per call (masked values sort last as +inf), shared by all ``qs``.
+        """
         import torch
 
-        k = mask.sum(dim=-1).clamp(min=1)
-        v = torch.where(mask, vals, torch.full_like(vals, float("inf")))
-        s = torch.sort(v, dim=-1).values
-        pos = (q / 100.0) * (k - 1).to(vals.dtype)
-        lo = pos.floor().long().clamp(min=0)
-        hi = torch.minimum(lo + 1, k - 1)
-        frac = pos - lo.to(vals.dtype)
-        a = s.gather(-1, lo[..., None])[..., 0]
-        b = s.gather(-1, hi[..., None])[..., 0]
-        return a + (b - a) * frac
+        lead = vals.shape[:-1]
+        v2 = vals.reshape(-1, vals.shape[-1])
+        m2 = mask.reshape(-1, mask.shape[-1])
+        k = m2.sum(dim=-1).clamp(min=1)
+        out = torch.empty((len(qs), v2.shape[0]), dtype=vals.dtype, device=vals.device)
+        v = torch.where(m2, v2, torch.full_like(v2, float("inf")))
+        srt = torch.sort(v, dim=-1).values
+        for i, q in enumerate(qs):
+            pos = (q / 100.0) * (k - 1).to(vals.dtype)
+            lo = pos.floor().long().clamp(min=0)
+            hi = torch.minimum(lo + 1, k - 1)
+            frac = pos - lo.to(vals.dtype)
+            a = srt.gather(-1, lo[:, None])[:, 0]
+            b = srt.gather(-1, hi[:, None])[:, 0]
+            out[i] = a + (b - a) * frac
+        return out.reshape((len(qs), *lead))
 
     def _macenko(self, od, m, valid):
         import torch
@@ -551,8 +569,7 @@ class TorchStainNormalizer:
         plane = plane * torch.where(plane.sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
         proj = od @ plane
         phi = torch.atan2(proj[..., 1], proj[..., 0])
-        lo = self._percentile(phi, m, alpha)
-        hi = self._percentile(phi, m, 100 - alpha)
+        lo, hi = self._percentiles(phi, m, (alpha, 100 - alpha))
         v1 = (plane @ torch.stack([lo.cos(), lo.sin()], dim=-1)[..., None])[..., 0]
         v2 = (plane @ torch.stack([hi.cos(), hi.sin()], dim=-1)[..., None])[..., 0]
         he = torch.stack([v1, v2], dim=1)
@@ -570,7 +587,7 @@ class TorchStainNormalizer:
         gram = d @ d.transpose(1, 2) + 1e-6 * torch.eye(2, dtype=od.dtype, device=od.device)
         w = (v @ d.transpose(1, 2) @ torch.linalg.inv(gram)).clamp(min=1e-3)
         w = w * m[:, ::step, None].to(od.dtype)
-        lam, eps = 0.1, 1e-10
+        lam, eps = VAHADANE_LAMBDA, 1e-10
         for _ in range(self.vahadane_iter):
             w = w * (v @ d.transpose(1, 2)) / (w @ (d @ d.transpose(1, 2)) + lam + eps)
             d = d * (w.transpose(1, 2) @ v) / ((w.transpose(1, 2) @ w) @ d + eps)
@@ -627,9 +644,10 @@ class TorchStainNormalizer:
             gram = torch.where(valid[:, None, None], gram, eye)
             c = od @ he.transpose(1, 2) @ torch.linalg.inv(gram)
             cm = torch.ones_like(m) if self.conc_pixels == "all" else m
-            max_c = torch.stack([self._percentile(c[..., i], cm, 99) for i in range(2)], dim=-1)
+            cm2 = cm[:, None, :].expand(-1, 2, -1)
+            max_c = self._percentiles(c.transpose(1, 2), cm2, (99.0,))[0]
             c = c * (self._max_conc / max_c.clamp(min=1e-6))[:, None]
-            out = tg.io * torch.exp(-(c @ self._stains))
+            out = tg.io * torch.exp((-(c @ self._stains)).clamp(max=10.0))
         out = out.clamp(0, 255)
         return torch.where(valid[:, None, None], out, xf)
 
