@@ -1,0 +1,663 @@
+"""The training loop: a progress generator that trains, validates, logs and checkpoints.
+
+:func:`train_job` yields :class:`~napari_lnmeta.progress.Progress` after every step
+(``partial`` carries the loss, the learning rate and, at epoch ends, the validation
+metrics and the whole history, which the widget plots) and returns a
+:class:`TrainResult`. The CLI and tests drive it with :func:`~napari_lnmeta.progress.run`;
+the widget runs it in a thread worker whose Cancel stops it at the next ``yield``.
+
+Files in the output folder (all written atomically: a cancel or a crash leaves the
+previous version intact, never a half-written file):
+
+``last.safetensors``
+    model + metadata after the latest completed epoch (or ``checkpoint_every`` steps);
+``best.safetensors``
+    the best model by ``monitor`` so far;
+``state-<step>.safetensors``
+    optimiser, scheduler and random-number state of ``last`` (for ``resume``);
+``log.csv``
+    one row per epoch: losses, validation metrics, learning rate, time;
+``config.json``
+    the training and patch configuration.
+
+Seeds: ``seed`` fixes weight init, batch order and augmentations (``deterministic``
+also asks cuDNN / torch for deterministic kernels). AMP (float16 autocast + gradient
+scaling) is used on CUDA when ``amp`` is true.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# torchvision's first import pulls in torch._dynamo (and triton where installed), which can
+# crash when it happens in a worker thread under Qt: import it here, where the GUI imports
+# this module in the main thread before starting a job.
+import torchvision.models  # noqa: F401
+import torchvision.transforms.v2  # noqa: F401
+from torch import nn
+
+from ..errors import InputError, ModelError
+from ..io.atomic import write_text_atomic
+from ..models.io import ModelMeta, logits_to_probs, read_meta, read_safetensors, save_model
+from ..models.registry import build_model, count_parameters, set_train_mode
+from ..progress import Job, Progress
+from .augment import make_augment
+from .datasets import BatchLoader, PatchSet, check_class_counts
+from .metrics import binary_metrics, multiclass_metrics
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULERS = ("none", "cosine", "onecycle", "plateau", "cosine_restarts")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in ``config.json`` and the model).
+
+    Attributes
+    ----------
+    architecture
+        Registry name (:func:`~napari_lnmeta.models.registry.list_architectures`).
+    head
+        ``"softmax"`` (cross-entropy) or ``"sigmoid"`` (BCE; one logit when binary).
+    epochs, batch_size
+        Seed 000: 18 epochs of 128.
+    optimizer
+        ``sgd`` | ``adam`` | ``adamw`` | ``rmsprop``; ``lr``, ``weight_decay``,
+        ``momentum`` (SGD / RMSprop).
+    scheduler
+        ``none`` | ``cosine`` (seed 000) | ``onecycle`` (peak ``max_lr``) |
+        ``plateau`` (ReduceLROnPlateau ×``plateau_factor`` after ``plateau_patience``
+        epochs, seed 001) | ``cosine_restarts`` (period ``t0`` epochs, ×``t_mult``;
+        seeds 002–003).
+    early_stopping
+        Stop after this many epochs without improvement of ``monitor``
+        (``val_loss``, ``val_auc``, ``val_acc``, ``val_f1``; ``train_loss`` without
+        validation data).
+    freeze, freeze_convs, init
+        Frozen stages / conv layers and an optional safetensors initialisation.
+    augment
+        Preset of :func:`~napari_lnmeta.train.augment.make_augment`.
+    sampler, epoch_size
+        ``shuffle`` (every patch once per epoch) or ``balanced`` (equal numbers per
+        class each epoch, negatives re-drawn); ``epoch_size`` patches per epoch.
+    normalise
+        ``"dataset"``: per-channel mean / std of the training patches (seed 000);
+        ``"imagenet"``: ImageNet statistics (use with pretrained ``init``).
+    l1, label_smoothing
+        L1 weight penalty (seed 003: 1e-6) and cross-entropy label smoothing.
+    seed, deterministic, device, amp, workers
+        Reproducibility, ``"auto"``/``"cpu"``/``"cuda"``, mixed precision on CUDA,
+        patch-reading threads.
+    max_steps
+        Stop after this many optimisation steps (quick checks).
+    val_every
+        Validate every this many epochs (and after the last one).
+    checkpoint_every
+        Also write ``last`` every this many steps (0: at epoch ends only).
+    save_dtype
+        ``"float16"`` to store the final models at half precision.
+    """
+
+    architecture: str = "resnet18"
+    head: str = "softmax"
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    max_lr: float | None = None
+    t0: int = 5
+    t_mult: int = 1
+    plateau_factor: float = 0.1
+    plateau_patience: int = 5
+    early_stopping: int | None = None
+    monitor: str = "val_loss"
+    freeze: int = 0
+    freeze_convs: int = 0
+    init: str | None = None
+    augment: str = "none"
+    sampler: str = "shuffle"
+    epoch_size: int | None = None
+    normalise: str = "dataset"
+    l1: float = 0.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    amp: bool = True
+    workers: int = 2
+    max_steps: int | None = None
+    val_every: int = 1
+    checkpoint_every: int = 0
+    save_dtype: str | None = None
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        self.optimizer = self.optimizer.lower()
+        self.scheduler = self.scheduler.lower().replace("-", "_")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {self.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {self.scheduler!r} (choose {', '.join(SCHEDULERS)})")
+        if self.head not in ("softmax", "sigmoid"):
+            raise InputError(f"head must be softmax or sigmoid, got {self.head!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InputError("epochs and batch size must be >= 1")
+        if self.normalise not in ("dataset", "imagenet"):
+            raise InputError(f"normalise must be 'dataset' or 'imagenet', got {self.normalise!r}")
+        if self.monitor not in ("val_loss", "val_auc", "val_acc", "val_f1", "train_loss"):
+            raise InputError(f"unknown monitor {self.monitor!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_job` returns."""
+
+    out_dir: Path
+    last: Path
+    best: Path
+    history: list[dict[str, Any]]
+    best_value: float
+    best_epoch: int
+    stopped_early: bool
+    steps: int
+    meta: ModelMeta
+    seconds: float
+    patches_per_second: float
+    extra: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)  # the trained network (last)
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but no CUDA GPU is available")
+    return dev
+
+
+def dataset_stats(ps: PatchSet, *, n: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (after /255) of up to ``n`` random patches."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(ps), min(n, len(ps)), replace=False))
+    x = ps.read(idx).reshape(-1, 3).astype(np.float64) / 255.0
+    std = x.std(axis=0)
+    return x.mean(axis=0).tolist(), np.where(std > 1e-3, std, 1.0).tolist()
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise InputError("every parameter is frozen; lower --freeze")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum)
+
+
+def make_scheduler(cfg: TrainConfig, opt, steps_per_epoch: int, total_steps: int):
+    """The scheduler and whether it steps per batch (``"step"``) or per epoch (``"epoch"``)."""
+    s = cfg.scheduler
+    if s == "none":
+        return None, "none"
+    if s == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps)), "step"
+    if s == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.max_lr or cfg.lr * 10, total_steps=max(2, total_steps)), "step"
+    if s == "cosine_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            opt, T_0=max(1, cfg.t0 * steps_per_epoch), T_mult=max(1, cfg.t_mult)), "step"
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min" if cfg.monitor.endswith("loss") else "max",
+        factor=cfg.plateau_factor, patience=cfg.plateau_patience), "epoch"
+
+
+def _loss_fn(cfg: TrainConfig, n_classes: int):
+    if cfg.head == "softmax":
+        ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        return lambda logits, y: ce(logits.float(), y)
+    bce = nn.BCEWithLogitsLoss()
+    if n_classes == 2:
+        return lambda logits, y: bce(logits.float()[:, 0], y.float())
+    return lambda logits, y: bce(logits.float(), nn.functional.one_hot(y, n_classes).float())
+
+
+def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean) / std
+
+
+# -- training state (optimiser / scheduler / RNG) as safetensors + JSON ------------------
+def _state_tensors(opt, sched, rng_state: dict, extra: dict) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous().clone()
+            else:
+                plain[f"{pid}.{k}"] = v
+    tensors["rng.torch"] = torch.get_rng_state().clone()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s.clone()
+    sched_state = None
+    if sched is not None:
+        try:
+            sched_state = json.loads(json.dumps(sched.state_dict(), default=_no_json))
+        except TypeError:
+            sched_state = None
+    meta = {"param_groups": sd["param_groups"], "plain": plain, "scheduler": sched_state,
+            "rng": rng_state, **extra}
+    return tensors, {"lnmeta_train_state": json.dumps(meta, default=_no_json)}
+
+
+def _no_json(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o).__name__)
+
+
+def _save_state(path: Path, opt, sched, rng_state: dict, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    from ..io.atomic import atomic_path
+
+    tensors, md = _state_tensors(opt, sched, rng_state, extra)
+    with atomic_path(path, overwrite=True) as tmp:
+        save_file(tensors, str(tmp), metadata=md)
+
+
+def _load_state(path: Path, opt, sched) -> dict:
+    tensors, md = read_safetensors(path)
+    if "lnmeta_train_state" not in md:
+        raise ModelError(path, "not a training-state file")
+    meta = json.loads(md["lnmeta_train_state"])
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for k, v in meta["plain"].items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g and isinstance(g["betas"], list):
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    if sched is not None and meta.get("scheduler") is not None:
+        sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
+                  if f"rng.cuda.{i}" in tensors]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    return meta
+
+
+def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for h in history:
+        for k, v in h.items():
+            if k not in keys and not isinstance(v, (list, dict)):
+                keys.append(k)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for h in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in h.items()
+                    if k in keys})
+    write_text_atomic(path, buf.getvalue(), overwrite=True)
+
+
+# --------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------
+def predict_job(model: nn.Module, ps: PatchSet, meta: ModelMeta, *, device: torch.device,
+                batch_size: int = 256, amp: bool = False, workers: int = 2,
+                message: str = "predicting") -> Job[np.ndarray]:
+    """Class probabilities ``(N, C)`` of every patch of ``ps`` (in order)."""
+    dev = torch.device(device)
+    mean = torch.tensor(meta.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(meta.std, device=dev).view(1, 3, 1, 1)
+    out = np.empty((len(ps), len(meta.classes)), dtype=np.float32)
+    loader = BatchLoader(ps, batch_size, sampler="sequential", workers=workers)
+    was_training = model.training
+    model.eval()
+    n_batches = len(loader)
+    pos = 0
+    try:
+        for b, (x, _) in enumerate(loader):
+            with torch.inference_mode():
+                xt = torch.from_numpy(x).to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
+                xt = _normalise(xt, mean, std)
+                if amp and dev.type == "cuda":
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        logits = model(xt)
+                else:
+                    logits = model(xt)
+                out[pos:pos + len(x)] = logits_to_probs(logits, meta).cpu().numpy()
+            pos += len(x)
+            yield Progress(b + 1, n_batches, message)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _val_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, float]:
+    eps = 1e-7
+    p_true = probs[np.arange(len(y)), y] if probs.shape[1] > 1 else probs[:, 0]
+    loss = float(-np.mean(np.log(np.clip(p_true, eps, 1.0))))
+    if len(classes) == 2:
+        m = binary_metrics(y, probs[:, 1])
+        return {"val_loss": loss, "val_acc": m["ACC"], "val_auc": m["AUC"], "val_sen": m["SEN"],
+                "val_spe": m["SPE"], "val_f1": m["F1_weighted"]}
+    m = multiclass_metrics(y, probs, classes=classes)
+    return {"val_loss": loss, "val_acc": m["ACC"], "val_f1": m["F1_weighted"],
+            "val_auc": float(np.nanmean(list(m["AUC_ovr"].values())))}
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+def _latest_state(out: Path, step: int) -> Path | None:
+    p = out / f"state-{step}.safetensors"
+    return p if p.exists() else None
+
+
+def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = None, *,
+              out_dir: str | Path, resume: bool = False, overwrite: bool = False,
+              patch_config: dict | None = None) -> Job[TrainResult]:
+    """Train a patch classifier (a progress generator returning :class:`TrainResult`).
+
+    Parameters
+    ----------
+    cfg
+        The training configuration.
+    train_set, val_set
+        Patch sets (split by slide or region beforehand); ``val_set`` drives early
+        stopping, the plateau scheduler and the ``best`` checkpoint.
+    out_dir
+        Folder for checkpoints and logs (see module docstring).
+    resume
+        Continue from ``out_dir/last.safetensors`` and its training state.
+    overwrite
+        Allow a fresh run in a folder that already holds a ``last.safetensors``.
+    patch_config
+        How the patches were made (stored in the model's metadata).
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    last_p, best_p = out / "last.safetensors", out / "best.safetensors"
+    if last_p.exists() and not (resume or overwrite):
+        raise InputError(f"{out}: already holds a training run (pass --resume to continue or "
+                         "--overwrite to start again)")
+    if resume and not last_p.exists():
+        raise InputError(f"{out}: nothing to resume (no last.safetensors)")
+    if len(train_set) == 0:
+        raise InputError("the training set is empty")
+    check_class_counts(train_set, "training set")
+    if val_set is not None and len(val_set) == 0:
+        val_set = None
+    if val_set is not None and val_set.classes != train_set.classes:
+        raise InputError(f"validation classes {val_set.classes} differ from training classes "
+                         f"{train_set.classes}")
+    monitor = cfg.monitor if val_set is not None else "train_loss"
+    seed_everything(cfg.seed, cfg.deterministic)
+    dev = resolve_device(cfg.device)
+    classes = list(train_set.classes)
+    n_out = 1 if (cfg.head == "sigmoid" and len(classes) == 2) else len(classes)
+
+    yield Progress(0, 1, "preparing")
+    if resume:
+        prev = read_meta(last_p)
+        mean, std = prev.mean, prev.std
+    elif cfg.normalise == "imagenet":
+        from ..models.io import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    else:
+        mean, std = dataset_stats(train_set, seed=cfg.seed)
+    meta = ModelMeta(architecture=cfg.architecture, classes=classes,
+                     patch_size=train_set.patch_size, mpp=train_set.read_mpp,
+                     normalisation=None, mean=mean, std=std, head=cfg.head,
+                     extra={"train": cfg.to_json(), "patches": patch_config or train_set.meta.get("config"),
+                            "train_slides": train_set.slide_names(),
+                            "val_slides": val_set.slide_names() if val_set is not None else [],
+                            "train_counts": dict(zip(classes, train_set.counts().tolist(), strict=True))})
+    model = build_model(cfg.architecture, n_out, init=cfg.init, freeze=cfg.freeze,
+                        freeze_convs=cfg.freeze_convs)
+    model.to(dev)
+    augment = make_augment(cfg.augment).to(dev)
+    loader = BatchLoader(train_set, cfg.batch_size, sampler=cfg.sampler, seed=cfg.seed,
+                         epoch_size=cfg.epoch_size, workers=cfg.workers,
+                         drop_last=len(train_set) > cfg.batch_size)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, int(cfg.max_steps))
+    opt = make_optimizer(cfg, model.parameters())
+    sched, sched_unit = make_scheduler(cfg, opt, steps_per_epoch, total_steps)
+    loss_fn = _loss_fn(cfg, len(classes))
+    use_amp = bool(cfg.amp and dev.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+
+    history: list[dict[str, Any]] = []
+    step, start_epoch = 0, 0
+    better = (lambda a, b: a < b) if monitor.endswith("loss") else (lambda a, b: a > b)
+    best_value = math.inf if monitor.endswith("loss") else -math.inf
+    best_epoch, bad_epochs = -1, 0
+    if resume:
+        lmeta = read_meta(last_p)
+        if lmeta.architecture != cfg.architecture or lmeta.classes != classes:
+            raise ModelError(last_p, f"cannot resume: it is a {lmeta.architecture} for "
+                             f"{lmeta.classes}, not a {cfg.architecture} for {classes}")
+        tensors, _ = read_safetensors(last_p)
+        own = model.state_dict()
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+        info = lmeta.extra.get("checkpoint", {})
+        step, start_epoch = int(info.get("step", 0)), int(info.get("epochs_done", 0))
+        st = _latest_state(out, step)
+        if st is None:
+            raise ModelError(last_p, f"cannot resume: its training state state-{step}.safetensors "
+                             "is missing")
+        smeta = _load_state(st, opt, sched)
+        loader.rng.bit_generator.state = smeta["rng"]
+        history = list(smeta.get("history", []))
+        best_value = float(smeta.get("best_value", best_value))
+        best_epoch, bad_epochs = int(smeta.get("best_epoch", -1)), int(smeta.get("bad_epochs", 0))
+    tb = None
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            yield Progress(0, 1, "TensorBoard is not installed; logging to log.csv only")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.json", json.dumps(
+        {"train": cfg.to_json(), "patches": patch_config or train_set.meta.get("config"),
+         "model": meta.to_json(), "parameters": count_parameters(model),
+         "trainable": count_parameters(model, trainable_only=True)}, indent=2, default=str),
+        overwrite=True)
+
+    def checkpoint(epochs_done: int, *, best: bool) -> None:
+        meta.extra["checkpoint"] = {"step": step, "epochs_done": epochs_done,
+                                    "history": history[-1] if history else None}
+        meta.extra["history"] = history
+        rng_state = loader.rng.bit_generator.state
+        state_p = out / f"state-{step}.safetensors"
+        _save_state(state_p, opt, sched, rng_state,
+                    {"history": history, "best_value": best_value, "best_epoch": best_epoch,
+                     "bad_epochs": bad_epochs, "step": step, "epochs_done": epochs_done})
+        save_model(last_p, model, meta, overwrite=True)  # the commit point
+        for old in out.glob("state-*.safetensors"):
+            if old != state_p:
+                old.unlink(missing_ok=True)
+        if best:
+            save_model(best_p, model, meta, overwrite=True)
+
+    stopped_early = False
+    seen = 0
+    t_train = 0.0
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        if step >= total_steps:
+            break
+        set_train_mode(model, True)
+        running, n_run, correct = 0.0, 0, 0
+        t_epoch = time.perf_counter()
+        t_prev = t_epoch
+        for b, (x_np, y_np) in enumerate(loader):
+            x = torch.from_numpy(x_np).to(dev, non_blocking=True).permute(0, 3, 1, 2)
+            y = torch.from_numpy(y_np).to(dev, non_blocking=True)
+            x = _normalise(augment(x), mean_t, std_t)
+            opt.zero_grad(set_to_none=True)
+            if use_amp:
+                with torch.autocast("cuda", dtype=torch.float16):
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+            else:
+                logits = model(x)
+                loss = loss_fn(logits, y)
+            if cfg.l1:
+                loss = loss + cfg.l1 * sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
+            if not torch.isfinite(loss):
+                raise InputError(f"the loss became {loss.item()} at step {step}; lower the "
+                                 "learning rate (the last good checkpoint is kept)")
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            if sched is not None and sched_unit == "step":
+                sched.step()
+            step += 1
+            lv = float(loss.detach())
+            running += lv * len(y_np)
+            n_run += len(y_np)
+            with torch.no_grad():
+                pred = logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long()
+                correct += int((pred == y).sum())
+            seen += len(y_np)
+            now = time.perf_counter()
+            t_train += now - t_prev  # reading + augmenting + the step: the real pipeline
+            yield Progress(step, total_steps, f"epoch {epoch + 1}/{cfg.epochs} loss {lv:.4f}",
+                           partial={"kind": "step", "step": step, "epoch": epoch,
+                                    "epoch_float": epoch + (b + 1) / steps_per_epoch,
+                                    "loss": lv, "lr": opt.param_groups[0]["lr"]})
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(epoch, best=False)
+            t_prev = time.perf_counter()
+            if step >= total_steps:
+                break
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": step,
+                               "train_loss": running / max(n_run, 1),
+                               "train_acc": correct / max(n_run, 1),
+                               "lr": opt.param_groups[0]["lr"],
+                               "seconds": round(time.perf_counter() - t_epoch, 3)}
+        last_epoch = epoch + 1 == cfg.epochs or step >= total_steps
+        if val_set is not None and ((epoch + 1) % max(1, cfg.val_every) == 0 or last_epoch):
+            job = predict_job(model, val_set, meta, device=dev, batch_size=max(cfg.batch_size, 128),
+                              amp=use_amp, workers=cfg.workers, message="validating")
+            while True:
+                try:
+                    p = next(job)
+                except StopIteration as stop:
+                    probs = stop.value
+                    break
+                yield Progress(step, total_steps, f"epoch {epoch + 1}: {p.message} {p.done}/{p.total}")
+            row.update(_val_metrics(probs, val_set.labels, classes))
+        history.append(row)
+        value = row.get(monitor, math.nan if monitor != "train_loss" else row["train_loss"])
+        improved = not math.isnan(value) and better(value, best_value)
+        if improved:
+            best_value, best_epoch, bad_epochs = value, epoch + 1, 0
+        elif not math.isnan(value):
+            bad_epochs += 1
+        if sched is not None and sched_unit == "epoch" and not math.isnan(value):
+            sched.step(value)
+        meta.extra["best"] = {"monitor": monitor, "value": best_value, "epoch": best_epoch}
+        checkpoint(epoch + 1, best=improved)
+        _write_log(out / "log.csv", history)
+        if tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    tb.add_scalar(k, v, epoch + 1)
+        yield Progress(step, total_steps, f"epoch {epoch + 1}/{cfg.epochs} done: "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                   if k.endswith(("loss", "auc", "acc"))),
+                       partial={"kind": "epoch", "row": row, "history": list(history)})
+        if cfg.early_stopping and bad_epochs >= cfg.early_stopping:
+            stopped_early = True
+            break
+    if tb is not None:
+        tb.close()
+    if cfg.save_dtype:
+        # re-save final models at the requested precision
+        for p in (last_p, best_p):
+            if p.exists():
+                from ..models.io import load_model
+
+                m, mt = load_model(p)
+                save_model(p, m, mt, overwrite=True, dtype=cfg.save_dtype)
+    if not best_p.exists():
+        save_model(best_p, model, meta, overwrite=True)
+    return TrainResult(out_dir=out, last=last_p, best=best_p, history=history,
+                       best_value=best_value, best_epoch=best_epoch, stopped_early=stopped_early,
+                       steps=step, meta=meta, seconds=time.perf_counter() - t_start,
+                       patches_per_second=seen / t_train if t_train else float("nan"),
+                       extra={"device": str(dev), "amp": use_amp,
+                              "parameters": count_parameters(model)},
+                       model=model.eval())
+
+
+__all__ = ["OPTIMIZERS", "SCHEDULERS", "TrainConfig", "TrainResult", "dataset_stats",
+           "make_optimizer", "make_scheduler", "predict_job", "resolve_device",
+           "seed_everything", "train_job"]
