@@ -1,0 +1,207 @@
+"""``lnmeta register``, ``lnmeta warp-points`` and ``lnmeta transfer-mask``: IHC → H&E."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+from . import add_mpp, add_overwrite, command
+
+
+def _open(path, mpp):
+    from ..io.slide import MppWarning, open_slide
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MppWarning)
+        slide = open_slide(path, mpp=mpp)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return slide
+
+
+def _add_pair(p) -> None:
+    p.add_argument("fixed", help="the H&E slide (the grid results are written on)")
+    p.add_argument("moving", help="the IHC slide (consecutive section)")
+    add_mpp(p)
+    p.add_argument("--fixed-mpp", type=float, default=None,
+                   help="level-0 µm/px of the fixed slide (overrides --mpp)")
+    p.add_argument("--moving-mpp", type=float, default=None,
+                   help="level-0 µm/px of the moving slide (overrides --mpp)")
+
+
+def _open_pair(args):
+    fixed = _open(args.fixed, args.fixed_mpp if args.fixed_mpp is not None else args.mpp)
+    moving = _open(args.moving, args.moving_mpp if args.moving_mpp is not None else args.mpp)
+    return fixed, moving
+
+
+def _progress(args):
+    from ..progress import TextProgress
+
+    return None if getattr(args, "quiet", False) else TextProgress()
+
+
+@command("register", help="Register a moving slide (IHC) onto a fixed slide (H&E); write "
+                          "a transform (JSON + displacement field)")
+def register_cmd(p):
+    from ..core.registration import MODES
+
+    _add_pair(p)
+    p.add_argument("-o", "--output", required=True, help="transform file (.json)")
+    p.add_argument("--mode", choices=MODES, default="nonrigid",
+                   help="rigid (rotation, flip, translation), affine, or nonrigid (affine + "
+                        "smooth invertible deformation; default)")
+    p.add_argument("--nonrigid-size", type=int, default=1024,
+                   help="longest side (px) of the image the non-rigid step works on")
+    p.add_argument("--min-similarity", type=float, default=None,
+                   help="fail below this similarity (default 0.13, see docs/registration.md)")
+    p.add_argument("--no-flip", action="store_true", help="do not try mirrored slides")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    add_overwrite(p)
+
+    def run(args):
+        from ..core.registration import RegistrationConfig, register
+        from ..io.atomic import check_output
+        from ..progress import run as drive
+
+        check_output(args.output, overwrite=args.overwrite, inputs=[args.fixed, args.moving])
+        fixed, moving = _open_pair(args)
+        kw = {"mode": args.mode, "nonrigid_size": args.nonrigid_size,
+              "allow_flip": not args.no_flip, "device": args.device, "threads": args.threads}
+        if args.min_similarity is not None:
+            kw["min_similarity"] = args.min_similarity
+        t = drive(register(fixed, moving, RegistrationConfig(**kw)), _progress(args))
+        t.save(args.output, overwrite=args.overwrite, inputs=(args.fixed, args.moving))
+        st = t.metrics["stages"]
+        pre = st["prealign"]
+        print(f"{args.mode}: similarity {t.metrics['similarity']:.3f}, tissue overlap "
+              f"{100 * st['tissue_overlap']:.0f}%, rotation {pre['angle']:g}°"
+              f"{' (mirrored)' if pre['flip'] else ''}, {t.metrics['seconds']:.1f} s")
+        for note in t.metrics.get("notes", []):
+            print(f"note: {note}", file=sys.stderr)
+        print(f"wrote {args.output}")
+
+    return run
+
+
+def read_points_csv(path: str | Path) -> tuple[list[str], list[list[str]], int, int]:
+    """Header, rows, and the indices of the ``X`` and ``Y`` columns of a points CSV."""
+    import csv
+
+    from ..errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        raise InputError(f"{path}: empty CSV")
+    header = rows[0]
+    names = [h.strip() for h in header]
+    ix = next((i for i, n in enumerate(names) if n in ("X", "x")), None)
+    iy = next((i for i, n in enumerate(names) if n in ("Y", "y")), None)
+    if ix is None or iy is None:
+        raise InputError(f"{path}: needs columns X and Y (got {', '.join(names) or 'none'})")
+    body = [r for r in rows[1:] if any(c.strip() for c in r)]
+    for k, r in enumerate(body, start=2):
+        if len(r) <= max(ix, iy):
+            raise InputError(f"{path}: line {k} has {len(r)} columns, the header {len(header)}")
+        try:
+            float(r[ix]), float(r[iy])
+        except ValueError as e:
+            raise InputError(f"{path}: line {k}: X/Y must be numbers ({e})") from e
+    return header, body, ix, iy
+
+
+@command("warp-points", help="Map points (CSV with X,Y in level-0 px of the MOVING slide) into "
+                             "the FIXED slide, or back with --inverse")
+def warp_points(p):
+    p.add_argument("transform", help="transform file written by `lnmeta register`")
+    p.add_argument("points", help="CSV with columns X, Y (other columns are kept)")
+    p.add_argument("-o", "--output", required=True, help="output CSV")
+    p.add_argument("--inverse", action="store_true",
+                   help="the points are in the FIXED slide; map them into the MOVING one")
+    add_overwrite(p)
+
+    def run(args):
+        import csv
+        import io
+
+        import numpy as np
+
+        from ..core.registration import Transform
+        from ..io.atomic import check_output, write_text_atomic
+
+        check_output(args.output, overwrite=args.overwrite, inputs=[args.points, args.transform])
+        t = Transform.load(args.transform)
+        header, body, ix, iy = read_points_csv(args.points)
+        pts = np.array([[float(r[iy]), float(r[ix])] for r in body], dtype=np.float64)
+        out = t.fixed_to_moving(pts) if args.inverse else t.moving_to_fixed(pts)
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        for r, (y, x) in zip(body, out.reshape(-1, 2), strict=True):
+            r = list(r)
+            r[ix], r[iy] = f"{x:.4f}", f"{y:.4f}"
+            w.writerow(r)
+        write_text_atomic(args.output, buf.getvalue(), overwrite=args.overwrite)
+        direction = "fixed -> moving" if args.inverse else "moving -> fixed"
+        print(f"{len(body)} points mapped ({direction}); wrote {args.output}")
+
+    return run
+
+
+@command("transfer-mask", help="Tumour mask from the IHC's DAB, warped onto the H&E and written "
+                               "as a multiscale OME-Zarr label image")
+def transfer_mask_cmd(p):
+    _add_pair(p)
+    p.add_argument("--transform", required=True, help="transform from `lnmeta register`")
+    p.add_argument("-o", "--output", required=True, help="output mask (.ome.zarr)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="DAB optical density threshold (default: Otsu over tissue)")
+    p.add_argument("--min-area-um2", type=float, default=200.0,
+                   help="drop tumour objects smaller than this (µm², default 200)")
+    p.add_argument("--close-um", type=float, default=4.0, help="closing radius (µm, default 4)")
+    p.add_argument("--fibrosis-um", type=float, default=None,
+                   help="also label tissue within this distance of tumour as fibrosis (2)")
+    p.add_argument("--mask-mpp", type=float, default=2.0,
+                   help="µm/px of the mask (default 2; ignored with --downsample)")
+    p.add_argument("--downsample", type=float, default=None,
+                   help="level-0 H&E px per mask px (default from --mask-mpp)")
+    p.add_argument("--geojson", default=None, help="also export outlines as QuPath GeoJSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    add_overwrite(p)
+
+    def run(args):
+        from ..core.dab import DabParams, mask_outlines, transfer_mask
+        from ..core.registration import Transform
+        from ..io.atomic import check_output
+        from ..io.omezarr import read_ome_zarr
+        from ..progress import run as drive
+
+        check_output(args.output, overwrite=args.overwrite, inputs=[args.fixed, args.moving])
+        if args.geojson:
+            check_output(args.geojson, overwrite=args.overwrite, inputs=[args.fixed, args.moving])
+        fixed, moving = _open_pair(args)
+        t = Transform.load(args.transform)
+        params = DabParams(threshold=args.threshold, min_area_um2=args.min_area_um2,
+                           close_um=args.close_um, fibrosis_um=args.fibrosis_um)
+        res = drive(transfer_mask(fixed, moving, t, args.output, params,
+                                  downsample=args.downsample, mask_mpp=args.mask_mpp,
+                                  overwrite=args.overwrite), _progress(args))
+        print(f"DAB threshold {res.threshold:.4f}; tumour {100 * res.tumour_fraction:.2f}% of "
+              f"the mask grid ({res.shape[1]}x{res.shape[0]} at downsample "
+              f"{res.frame.downsample:g}); wrote {args.output}")
+        if args.geojson:
+            from ..io.annotations import write_geojson
+
+            labels = read_ome_zarr(args.output).data.compute()
+            polys = mask_outlines(labels, res.frame)
+            write_geojson(args.geojson, polys, overwrite=args.overwrite)
+            print(f"{len(polys)} outlines; wrote {args.geojson}")
+
+    return run
