@@ -1,0 +1,349 @@
+"""The "Detect metastases" widget: whole-slide inference with live heatmap layers.
+
+The computing is :func:`napari_lnmeta.core.predict.predict_job` (tissue-only patch grid,
+parallel reads, model on CUDA or CPU, derived maps and lesions). This widget collects an
+:class:`~napari_lnmeta.core.inference.InferenceConfig`, runs the job through one
+:class:`~napari_lnmeta._qt.worker.JobPanel` (progress + Cancel), fills the heatmap layer
+in while the run goes, then pushes (by name, re-used across runs):
+
+* ``Tumour probability``: Image, transparent-to-red colour map (hover shows p);
+* ``Tumour (p > 0.5)``: Labels, red (seed 000's binary map; hidden by default);
+* ``Tumour tiers``: Labels, red > 0.9, green 0.7–0.9, blue 0.5–0.7 (seed 000);
+* ``Lesion candidates``: Points with their probabilities (seed 004's NMS).
+
+"Save results…" writes the same folder as ``lnmeta predict``. A cancelled or failed run
+renames its partial heatmap ``Tumour probability (incomplete)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import InputError, LnmetaError
+from ..progress import Progress
+from .worker import JobPanel
+
+if TYPE_CHECKING:
+    import napari
+
+    from ..core.inference import InferenceConfig
+    from ..core.predict import Prediction
+    from ..io.slide import Slide
+    from ..models.io import ModelMeta
+
+BUNDLED = "bundled model"
+FROM_FILE = "model file…"
+#: suffix of a heatmap layer left by a cancelled or failed run
+INCOMPLETE = "(incomplete)"
+
+
+@dataclass
+class PredictSession:
+    """State of one widget: the slide it runs on, model metadata, the last prediction."""
+
+    slide: Slide | None = None
+    layer_name: str | None = None
+    meta: ModelMeta | None = None
+    meta_path: str | None = None
+    prediction: Prediction | None = None
+    partial_updates: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class PredictWidget(QWidget):
+    """Detect metastases: run a patch classifier over a slide layer (see module docstring)."""
+
+    def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.session = PredictSession()
+        self._returned = False
+
+        self.slide_combo = QComboBox()
+        self.model_combo = QComboBox()
+        self.model_combo.addItems([BUNDLED, FROM_FILE])
+        self.model_path = QLineEdit()
+        self.model_path.setPlaceholderText("path to a .safetensors model")
+        self.browse = QPushButton("…")
+        self.browse.setMaximumWidth(30)
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self.mpp = QDoubleSpinBox()
+        self.mpp.setRange(0.0, 1000.0)
+        self.mpp.setDecimals(3)
+        self.mpp.setSpecialValueText("level 0")
+        self.mpp.setSuffix(" µm/px")
+        self.patch = QSpinBox()
+        self.patch.setRange(8, 4096)
+        self.patch.setValue(256)
+        self.patch.setSuffix(" px")
+        self.stride = QSpinBox()
+        self.stride.setRange(0, 4096)
+        self.stride.setSpecialValueText("= patch")
+        self.stride.setSuffix(" px")
+        self.tta = QCheckBox("8-direction TTA")
+        self.device = QComboBox()
+        self.device.addItems(_devices())
+        self.batch = QSpinBox()
+        self.batch.setRange(0, 4096)
+        self.batch.setSpecialValueText("auto")
+        self.opacity = QDoubleSpinBox()
+        self.opacity.setRange(0.0, 1.0)
+        self.opacity.setSingleStep(0.1)
+        self.opacity.setValue(0.7)
+        self.panel = JobPanel("Detect metastases")
+        self.save_button = QPushButton("Save results…")
+        self.save_button.setEnabled(False)
+        self.summary = QLabel("")
+        self.summary.setWordWrap(True)
+
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_path)
+        model_row.addWidget(self.browse)
+        form = QFormLayout()
+        form.addRow("Slide", self.slide_combo)
+        form.addRow("Model", self.model_combo)
+        form.addRow("", model_row)
+        form.addRow("", self.model_info)
+        form.addRow("Patch µm/px", self.mpp)
+        form.addRow("Patch size", self.patch)
+        form.addRow("Stride", self.stride)
+        form.addRow("", self.tta)
+        form.addRow("Device", self.device)
+        form.addRow("Batch size", self.batch)
+        form.addRow("Heatmap opacity", self.opacity)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.panel)
+        lay.addWidget(self.save_button)
+        lay.addWidget(self.summary)
+        lay.addStretch(1)
+
+        self.model_combo.currentTextChanged.connect(self._model_changed)
+        self.model_path.editingFinished.connect(self.load_model_meta)
+        self.browse.clicked.connect(self._browse)
+        self.panel.run_button.clicked.connect(self.run)
+        self.save_button.clicked.connect(self._save_dialog)
+        self.opacity.valueChanged.connect(self._set_opacity)
+        self.viewer.layers.events.inserted.connect(self._refresh_slides)
+        self.viewer.layers.events.removed.connect(self._refresh_slides)
+        self.viewer.layers.events.changed.connect(self._refresh_slides)
+        self._refresh_slides()
+        self._model_changed(self.model_combo.currentText())
+
+    # -- inputs ----------------------------------------------------------------------------
+    def _refresh_slides(self, *_):
+        from .._napari.layers import META
+
+        current = self.slide_combo.currentText()
+        names = [ly.name for ly in self.viewer.layers
+                 if ly._type_string == "image" and ly.metadata.get(META, {}).get("path")
+                 and "frame" not in ly.metadata.get(META, {})]
+        self.slide_combo.blockSignals(True)
+        self.slide_combo.clear()
+        self.slide_combo.addItems(names)
+        if current in names:
+            self.slide_combo.setCurrentText(current)
+        self.slide_combo.blockSignals(False)
+
+    def _model_changed(self, text: str):
+        from_file = text == FROM_FILE
+        self.model_path.setEnabled(from_file)
+        self.browse.setEnabled(from_file)
+        self.load_model_meta()
+
+    def _browse(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Model file", "",
+                                              "safetensors (*.safetensors);;All files (*)")
+        if path:
+            self.model_path.setText(path)
+            self.load_model_meta()
+
+    def model_file(self) -> str | None:
+        """The chosen model file (``None`` for the bundled model)."""
+        if self.model_combo.currentText() == BUNDLED:
+            return None
+        text = self.model_path.text().strip()
+        if not text:
+            raise InputError("choose a model file (or the bundled model)")
+        return text
+
+    def load_model_meta(self) -> ModelMeta | None:
+        """Read the model's metadata (header only) and pre-fill µm/px and patch size."""
+        from ..models.io import default_model_path, read_meta
+
+        try:
+            path = self.model_file() or str(default_model_path())
+            meta = read_meta(path)
+        except LnmetaError as e:
+            self.session.meta = None
+            self.model_info.setText(str(e))
+            return None
+        self.session.meta, self.session.meta_path = meta, path
+        self.mpp.setValue(meta.mpp or 0.0)
+        self.patch.setValue(meta.patch_size)
+        self.model_info.setText(f"{meta.architecture}, classes {', '.join(meta.classes)}, "
+                                f"{meta.patch_size} px at "
+                                f"{meta.mpp if meta.mpp else '?'} µm/px")
+        return meta
+
+    def config(self) -> InferenceConfig:
+        """The run parameters from the widget."""
+        from ..core.inference import InferenceConfig
+
+        meta = self.session.meta
+        mpp = self.mpp.value() or None
+        level = 0 if mpp is None else None
+        # an unchanged, model-given µm/px is left to the engine (which copes with slides of
+        # unknown µm/px); an edited one is passed on
+        if meta is not None and mpp is not None and meta.mpp and abs(mpp - meta.mpp) < 1e-6:
+            mpp, level = None, None
+        return InferenceConfig(model=self.model_file(), mpp=mpp, level=level,
+                               patch_size=self.patch.value(), stride=self.stride.value() or None,
+                               tta=self.tta.isChecked(), device=self.device.currentText(),
+                               batch_size=self.batch.value())
+
+    def selected_slide(self) -> Slide:
+        from .._napari.layers import slide_from_layer
+
+        name = self.slide_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise InputError("open a slide first (File > Open, or a sample)")
+        if self.session.slide is None or self.session.layer_name != name:
+            self.session.slide = slide_from_layer(self.viewer.layers[name])
+            self.session.layer_name = name
+        return self.session.slide
+
+    # -- run -------------------------------------------------------------------------------
+    def run(self):
+        """Start a run (from the Run button or a test)."""
+        from napari.utils.notifications import show_error
+
+        from ..core.predict import predict_job
+
+        try:
+            slide = self.selected_slide()
+            cfg = self.config()
+            self.check(slide, cfg)
+        except LnmetaError as e:
+            show_error(str(e))
+            self.panel.status.setText(f"error: {e}")
+            return None
+        from .._napari.prediction_layers import HEATMAP_LAYER
+
+        stale = f"{HEATMAP_LAYER} {INCOMPLETE}"
+        if stale in self.viewer.layers:
+            self.viewer.layers.remove(stale)
+        self.session.partial_updates = 0
+        self.session.prediction = None
+        self._returned = False
+        self.save_button.setEnabled(False)
+        self.summary.setText("")
+        return self.panel.start(lambda: predict_job(slide, cfg), on_yielded=self._on_progress,
+                                on_returned=self._on_result, on_finished=self._on_finished)
+
+    def _on_finished(self):
+        """A cancelled or failed run: its partial heatmap must not pass for a result."""
+        from .._napari.prediction_layers import HEATMAP_LAYER
+
+        if not self._returned and self.session.partial_updates and \
+                HEATMAP_LAYER in self.viewer.layers:
+            self.viewer.layers[HEATMAP_LAYER].name = f"{HEATMAP_LAYER} {INCOMPLETE}"
+
+    def check(self, slide: Slide, cfg: InferenceConfig) -> None:
+        """Refuse a mismatched patch size / unknown tumour class before starting a run."""
+        from ..core.inference import plan_read
+
+        meta = self.load_model_meta() if self.session.meta is None else self.session.meta
+        if meta is None:
+            raise InputError(self.model_info.text() or "no usable model")
+        plan_read(slide, meta, cfg, model_path=self.session.meta_path or "model")
+
+    def _on_progress(self, p: Progress):
+        if p.partial is None:
+            return
+        from .._napari.layers import add_or_update
+        from .._napari.prediction_layers import heatmap_layer_data
+
+        data, kw, kind = heatmap_layer_data(p.partial.probability, p.partial.frame,
+                                            opacity=self.opacity.value())
+        add_or_update(self.viewer, data, kw, kind)
+        self.session.partial_updates += 1
+
+    def _on_result(self, pred: Prediction):
+        from .._napari.layers import add_or_update
+        from .._napari.prediction_layers import prediction_layer_data
+
+        self._returned = True
+        self.session.prediction = pred
+        for data, kw, kind in prediction_layer_data(pred, opacity=self.opacity.value()):
+            add_or_update(self.viewer, data, kw, kind)
+        self.save_button.setEnabled(True)
+        s = pred.summary()
+        t = s["timing"]
+        rate = t.get("patches_per_s")
+        self.summary.setText(
+            f"slide score (max) {s['score']['max']:.3f}, top-{s['score']['top_k']} mean "
+            f"{s['score']['top_k_mean']:.3f}; {s['counts']['patches']} patches, "
+            f"{s['counts']['lesions']} lesion candidates; {t['total_s']:.1f} s"
+            + (f" ({rate:.0f} patches/s)" if rate else "") + f" on {s['device']}"
+            + ("".join(f"\nwarning: {w}" for w in s["warnings"])))
+        self.session.history.append(s)
+
+    def _set_opacity(self, value: float):
+        from .._napari.prediction_layers import HEATMAP_LAYER
+
+        if HEATMAP_LAYER in self.viewer.layers:
+            self.viewer.layers[HEATMAP_LAYER].opacity = float(value)
+
+    # -- save ------------------------------------------------------------------------------
+    def _save_dialog(self):
+        parent = QFileDialog.getExistingDirectory(self, "Save results in (a new sub-folder is made)")
+        if parent and self.session.slide is not None:
+            stem = self.session.slide.path.name.split(".")[0]
+            self.save_results(Path(parent) / f"{stem}.lnmeta", overwrite=False)
+
+    def save_results(self, out_dir: str | Path, *, overwrite: bool = False) -> Path | None:
+        """Write the last prediction as a result folder (as ``lnmeta predict`` does)."""
+        from napari.utils.notifications import show_error, show_info
+
+        from ..core.predict import write_prediction
+
+        if self.session.prediction is None:
+            show_error("nothing to save: run the detection first")
+            return None
+        try:
+            out = write_prediction(self.session.prediction, out_dir, overwrite=overwrite,
+                                   slide=self.session.slide)
+        except LnmetaError as e:
+            show_error(str(e))
+            return None
+        show_info(f"saved {out}")
+        return out
+
+
+def _devices() -> list[str]:
+    import torch
+
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return out

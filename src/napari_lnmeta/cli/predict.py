@@ -1,0 +1,106 @@
+"""``lnmeta predict``: tumour heatmap, maps, lesions and summary of a slide, resumably."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+from . import add_mpp, add_overwrite, command
+
+
+@command("predict", help="Detect metastases in a slide: probability heatmap, 3-tier map, "
+                         "lesions, overview and summary in OUT_DIR")
+def predict(p):
+    p.add_argument("slide", help="slide file or OME-Zarr directory")
+    p.add_argument("-o", "--out", required=True, metavar="OUT_DIR",
+                   help="result folder (probability.ome.zarr, summary.json, lesions.geojson, "
+                        "overview.png ...); an unfinished run there is resumed")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="model file (.safetensors); default: the bundled model")
+    add_mpp(p)
+    p.add_argument("--patch-mpp", type=float, default=None, metavar="UM",
+                   help="read patches at this µm/px (default: the model's)")
+    p.add_argument("--level", type=int, default=None, help="read this pyramid level instead")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="patch side in read pixels (default: the model's; must match it)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="step between patches in read pixels (default: the patch size)")
+    p.add_argument("--tta", action="store_true",
+                   help="average the 8 dihedral transforms (seed 004)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="patches per forward pass (0 = from free memory)")
+    p.add_argument("--workers", type=int, default=0, help="reader threads (0 = one per core)")
+    p.add_argument("--dtype", choices=("float16", "uint8"), default="float16",
+                   help="storage type of the heatmap")
+    p.add_argument("--tumour-class", default=None, help="name of the tumour class of the model")
+    p.add_argument("--min-tissue", type=float, default=0.5,
+                   help="tissue fraction a patch needs to be analysed")
+    p.add_argument("--lesion-threshold", type=float, default=0.5)
+    p.add_argument("--lesion-radius", type=float, default=200.0, metavar="UM",
+                   help="non-maximum suppression radius in µm")
+    p.add_argument("--truth", default=None, metavar="MASK",
+                   help="tumour ground truth (OME-Zarr mask, CAMELYON XML/JSON, GeoJSON) for "
+                        "patch-level ACC, SEN, SPE, F1, AUC in summary.json")
+    p.add_argument("--truth-scale", type=float, default=1.0, metavar="S",
+                   help="slide pixels per file pixel of a polygon --truth file (e.g. 0.03125 "
+                        "for CAMELYON16 polygons on a level-5 image)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--json", action="store_true", help="print summary.json to stdout")
+    add_overwrite(p)
+
+    def run(args):
+        from ..core.inference import InferenceConfig
+        from ..core.predict import predict_to_folder
+        from ..io.slide import MppWarning, open_slide
+        from ..progress import TextProgress
+        from ..progress import run as drive
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MppWarning)
+            slide = open_slide(args.slide, mpp=args.mpp)
+        cfg = InferenceConfig(model=args.model, mpp=args.patch_mpp, level=args.level,
+                              patch_size=args.patch_size, stride=args.stride, tta=args.tta,
+                              device=args.device, batch_size=args.batch_size,
+                              workers=args.workers, heatmap_dtype=args.dtype,
+                              tumour_class=args.tumour_class, min_tissue=args.min_tissue,
+                              lesion_threshold=args.lesion_threshold,
+                              lesion_radius_um=args.lesion_radius, compile=args.compile,
+                              amp=not args.no_amp)
+        try:
+            pred = drive(predict_to_folder(slide, args.out, cfg, overwrite=args.overwrite,
+                                           truth=args.truth, truth_scale=args.truth_scale),
+                         TextProgress())
+        except KeyboardInterrupt:
+            print(f"\nlnmeta: interrupted; run the same command again to resume "
+                  f"({args.out}/.partial)", file=sys.stderr)
+            return 130
+        s = pred.summary()
+        if args.json:
+            print(json.dumps(s, indent=1, default=str))
+            return 0
+        t = s["timing"]
+        sc = s["score"]
+        print(f"slide:     {slide.path}")
+        print(f"score:     max {sc['max']:.4f}  top-{sc['top_k']} mean {sc['top_k_mean']:.4f}")
+        print(f"patches:   {s['counts']['patches']} ({s['counts']['positive_cells']} with p > 0.5; "
+              f"tiers {s['counts']['tiers']})")
+        print(f"lesions:   {s['counts']['lesions']}")
+        rate = t.get("patches_per_s")
+        print(f"time:      {t['total_s']:.1f} s total, inference {t['inference_s']:.1f} s"
+              + (f" ({rate:.0f} patches/s)" if rate else "")
+              + f" on {s['device']}, batch {s['batch_size']}")
+        if s["evaluation"]:
+            e = s["evaluation"]
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"eval:      ACC {fmt(e['ACC'])} SEN {fmt(e['SEN'])} SPE {fmt(e['SPE'])} "
+                  f"F1w {fmt(e['F1_weighted'])} AUC {fmt(e['AUC'])} (n={e['n']}, "
+                  f"{e['n_ambiguous']} ambiguous left out)")
+        for w in s["warnings"]:
+            print(f"warning:   {w}", file=sys.stderr)
+        print(f"written:   {args.out}")
+        return 0
+
+    return run

@@ -1,0 +1,910 @@
+"""Whole-slide patch inference: tissue-only grid -> parallel reads -> model -> heatmap grid.
+
+The pipeline (one generator, the same in the CLI, the widget and the tests)::
+
+    tissue mask (low resolution)  ->  PatchGrid over tissue only
+      -> thread pool reading batches of patches ahead of the model (prefetch queue;
+         page-locked buffers and non-blocking copies on CUDA)
+      -> on the device: uint8 -> float, stain normalisation (when the model asks),
+         mean/std, channels-last, AMP on CUDA, optional 8-direction TTA (seed 004)
+      -> tumour probability per patch, written into a heatmap grid with one cell per
+         stride (PatchGrid.frame(): cells centred on their patch, level-0 aligned).
+
+Memory is bounded by the batch buffers and the heatmap grid (one value per stride):
+nothing is ever held at slide resolution.
+
+Resumable: with a ``checkpoint_dir``, the heatmap and a done-mask are written there as
+zarr every ``checkpoint_seconds`` and when the run stops (cancel, error); a later run
+with the same parameters restores them and only reads the patches left.
+
+The batch size is chosen from free device memory (a probe forward measures the memory
+per patch) and halves on out-of-memory errors; the run continues with the smaller size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InputError, ModelError
+from ..progress import Job, Progress
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..io.omezarr import SlideFrame
+    from ..io.slide import Slide
+    from ..models.io import ModelMeta
+    from .tiling import PatchGrid
+    from .tissue import TissueMask
+
+#: class names taken to mean "tumour" (case-insensitive), best first
+TUMOUR_NAMES = ("tumour", "tumor", "metastasis", "metastases", "positive", "cancer",
+                "malignant", "breast metastasis")
+#: relative difference between asked and trained µm/px above which a warning is recorded
+MPP_TOLERANCE = 0.05
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class InferenceConfig:
+    """Everything a whole-slide inference run needs besides the slide.
+
+    Parameters
+    ----------
+    model
+        Path of a ``.safetensors`` model file; ``None`` uses the bundled default model.
+    mpp
+        Read resolution in µm/px (default: the model's). Needs the slide's µm/px.
+    level
+        Read this pyramid level instead of a µm/px.
+    patch_size
+        Patch side in read pixels (default: the model's; anything else is refused).
+    stride
+        Step between patches in read pixels (default: ``patch_size``); a smaller stride
+        gives a finer heatmap (seed 004 uses 64).
+    tta
+        Average the probabilities of the 8 dihedral transforms (seed 004).
+    device
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    batch_size
+        Patches per forward pass; ``0`` chooses from free memory.
+    amp
+        Mixed precision (float16 autocast) on CUDA; ignored on CPU.
+    channels_last
+        Run convolutions in NHWC memory format.
+    compile
+        ``torch.compile`` the model (slow first batch; fixed batch shapes).
+    workers
+        Reader threads; ``0`` = one per CPU core (at most 8).
+    prefetch
+        Batches read ahead of the model.
+    tissue_mpp, tissue_method, min_tissue
+        Tissue detection resolution and method, and the tissue fraction a patch needs.
+    tumour_class
+        Name of the tumour class in the model's classes (default: recognised by name).
+    heatmap_dtype
+        Storage type of the written heatmap: ``"float16"`` or ``"uint8"``.
+    lesion_threshold, lesion_radius_um
+        Non-maximum suppression for lesion candidates (seed 004).
+    top_k
+        Cells averaged for the top-k slide score.
+    checkpoint_seconds
+        How often progress is saved to the checkpoint folder.
+    partial_seconds
+        How often a copy of the filling heatmap is attached to a progress step.
+    """
+
+    model: str | None = None
+    mpp: float | None = None
+    level: int | None = None
+    patch_size: int | None = None
+    stride: int | None = None
+    tta: bool = False
+    device: str = "auto"
+    batch_size: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    workers: int = 0
+    prefetch: int = 3
+    tissue_mpp: float = 10.0
+    tissue_method: str = "otsu"
+    min_tissue: float = 0.5
+    tumour_class: str | None = None
+    heatmap_dtype: str = "float16"
+    lesion_threshold: float = 0.5
+    lesion_radius_um: float = 200.0
+    top_k: int = 10
+    checkpoint_seconds: float = 10.0
+    partial_seconds: float = 1.0
+    max_batch_size: int = 1024
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> InferenceConfig:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class PartialHeatmap:
+    """What a progress step carries while the heatmap fills in (a copy, safe to keep)."""
+
+    probability: np.ndarray
+    scored: np.ndarray
+    frame: SlideFrame
+
+
+@dataclass
+class InferenceResult:
+    """A finished (or resumed-and-finished) whole-slide run.
+
+    Attributes
+    ----------
+    probability
+        ``grid_shape`` float32 tumour probability; 0 where nothing was analysed.
+    scored
+        ``grid_shape`` bool: the cells that were analysed (tissue patches).
+    frame
+        Where the heatmap sits on the slide (one cell per stride, centred on its patch).
+    grid, tissue
+        The patch grid and tissue mask used.
+    meta
+        The model's metadata.
+    params
+        Resolved parameters (read µm/px or level, patch size, stride, TTA, tumour class...).
+    timing
+        Seconds per stage, patches analysed in this run, patches/s, read stall time.
+    warnings
+        Things the user should know (µm/px mismatch, unknown slide µm/px...).
+    """
+
+    probability: np.ndarray
+    scored: np.ndarray
+    frame: SlideFrame
+    grid: PatchGrid
+    tissue: TissueMask
+    meta: ModelMeta
+    params: dict[str, Any]
+    timing: dict[str, Any]
+    device: str
+    batch_size: int
+    slide_path: str
+    model_path: str | None
+    config: InferenceConfig
+    warnings: list[str] = field(default_factory=list)
+    resumed: int = 0
+
+    @property
+    def size0(self) -> float:
+        """Patch side in level-0 pixels."""
+        return float(self.grid.size0)
+
+
+# --------------------------------------------------------------------------------------
+# Model, device and parameters
+# --------------------------------------------------------------------------------------
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """``"auto"`` -> first CUDA device when available, else CPU; refuses missing CUDA."""
+    import torch
+
+    if device is None or str(device) in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(device))
+    except RuntimeError as e:
+        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but CUDA is not available here "
+                             "(use --device auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    return dev
+
+
+def tumour_index(meta: ModelMeta, name: str | None = None, *, model_path: str = "model") -> int:
+    """Index of the tumour class in ``meta.classes`` (by ``name`` or recognised by name)."""
+    classes = [c.lower() for c in meta.classes]
+    if name is not None:
+        if name.lower() in classes:
+            return classes.index(name.lower())
+        raise ModelError(model_path, f"has no class {name!r}; its classes are {meta.classes}")
+    for want in TUMOUR_NAMES:
+        if want in classes:
+            return classes.index(want)
+    hits = [i for i, c in enumerate(classes) if "tum" in c or "metast" in c]
+    if len(hits) == 1:
+        return hits[0]
+    raise ModelError(model_path, f"cannot tell which of its classes {meta.classes} is tumour; "
+                     "name it with tumour_class / --tumour-class")
+
+
+def _model_identity(path: Path | None, net: nn.Module, meta: ModelMeta) -> str:
+    """A content hash of the model (file bytes, or weights + metadata for in-memory models)."""
+    h = hashlib.sha256()
+    if path is not None:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        return "sha256:" + h.hexdigest()
+    h.update(json.dumps(meta.to_json(), sort_keys=True).encode())
+    for k, v in net.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def load_inference_model(config: InferenceConfig, device: torch.device,
+                         model: tuple[nn.Module, ModelMeta] | None = None
+                         ) -> tuple[nn.Module, ModelMeta, Path | None]:
+    """The network (on ``device``, eval mode), its metadata and its file (``None`` if given)."""
+    from ..models.io import default_model_path, load_model
+
+    if model is not None:
+        net, meta = model
+        return net.to(device).eval(), meta, None
+    path = Path(config.model) if config.model else default_model_path()
+    if not config.model and not path.is_file():
+        raise ModelError(path, "the bundled default model is not installed; pass a model file "
+                         "(--model PATH)")
+    net, meta = load_model(path, device=device)
+    return net, meta, path
+
+
+def plan_read(slide: Slide, meta: ModelMeta, config: InferenceConfig, *,
+              model_path: str = "model") -> tuple[dict[str, Any], list[str]]:
+    """Resolve the read resolution, patch size, stride and tumour class; validate them.
+
+    Returns
+    -------
+    (params, warnings)
+
+    Raises
+    ------
+    ModelError
+        The asked patch size differs from the model's, or the tumour class is unknown.
+    InputError
+        Bad stride, level, or a µm/px that needs the slide's (unknown) µm/px.
+    """
+    warnings: list[str] = []
+    patch = int(config.patch_size) if config.patch_size else int(meta.patch_size)
+    if patch != meta.patch_size:
+        raise ModelError(model_path, f"was trained on {meta.patch_size} px patches, but "
+                         f"{patch} px were asked for (leave the patch size at the model's)")
+    stride = int(config.stride) if config.stride else patch
+    if stride < 1:
+        raise InputError(f"stride must be >= 1 px, got {stride}")
+    if stride > patch:
+        warnings.append(f"stride {stride} > patch size {patch}: parts of the tissue are "
+                        "skipped")
+    mpp, level = config.mpp, config.level
+    if mpp is not None and level is not None:
+        raise InputError("give a read µm/px or a level, not both")
+    if level is None and mpp is None:
+        mpp = meta.mpp
+        if mpp is not None and slide.mpp is None:
+            warnings.append(f"{slide.name}: µm/px unknown, so the model's {meta.mpp} µm/px "
+                            "cannot be matched; reading level 0 (pass --mpp with the slide's "
+                            "pixel size)")
+            mpp, level = None, 0
+    if mpp is not None and meta.mpp is not None and \
+            abs(mpp - meta.mpp) / meta.mpp > MPP_TOLERANCE:
+        warnings.append(f"reading at {mpp:g} µm/px, but the model was trained at "
+                        f"{meta.mpp:g} µm/px")
+    if mpp is None and level is None:
+        level = 0
+    if mpp is not None:
+        slide.require_mpp()
+    tidx = tumour_index(meta, config.tumour_class, model_path=model_path)
+    params = {"patch_size": patch, "stride": stride, "mpp": mpp, "level": level,
+              "tta": bool(config.tta), "tumour_class": meta.classes[tidx], "tumour_index": tidx,
+              "min_tissue": float(config.min_tissue), "tissue_mpp": float(config.tissue_mpp),
+              "tissue_method": config.tissue_method, "normalisation": meta.normalisation}
+    return params, warnings
+
+
+# --------------------------------------------------------------------------------------
+# On-device preprocessing, TTA and the forward pass
+# --------------------------------------------------------------------------------------
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th of the 8 dihedral transforms of an NCHW batch (0 = identity).
+
+    ``k % 4`` quarter turns, then a left-right flip when ``k >= 4`` (seed 004's eight
+    directions: four rotations, flipped and not).
+    """
+    import torch
+
+    y = torch.rot90(x, k % 4, dims=(2, 3)) if k % 4 else x
+    return torch.flip(y, dims=(3,)) if k >= 4 else y
+
+
+def stain_transform(normalisation: dict | None, device: torch.device, *,
+                    model_path: str = "model"):
+    """An on-device stain normaliser for float NCHW batches in [0, 1], or ``None``.
+
+    Uses the torch normaliser of :mod:`napari_lnmeta.core.stain` when it provides one.
+    """
+    if not normalisation:
+        return None
+    from . import stain
+
+    for name in ("torch_normaliser", "torch_normalizer", "make_torch_normaliser"):
+        make = getattr(stain, name, None)
+        if make is not None:
+            return make(normalisation, device=device)
+    method = normalisation.get("method", "?") if isinstance(normalisation, dict) else "?"
+    raise ModelError(model_path, f"asks for {method} stain normalisation, but no on-device "
+                     "stain normaliser is available in napari_lnmeta.core.stain")
+
+
+def is_oom(err: BaseException) -> bool:
+    """True for CUDA and CPU out-of-memory errors."""
+    import torch
+
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t)
+    if oom_types and isinstance(err, oom_types):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, (RuntimeError, MemoryError)) and (
+        "out of memory" in msg or "can't allocate memory" in msg
+        or "cannot allocate memory" in msg or isinstance(err, MemoryError))
+
+
+class PatchModel:
+    """The model as the pipeline uses it: uint8 NHWC patches in, tumour probability out.
+
+    Parameters
+    ----------
+    net, meta
+        The network (on ``device``) and its metadata.
+    device
+        Where it runs.
+    tumour
+        Index of the tumour class.
+    tta, amp, channels_last, stain
+        See :class:`InferenceConfig`; ``stain`` is a callable from :func:`stain_transform`.
+    """
+
+    def __init__(self, net: nn.Module, meta: ModelMeta, device: torch.device, *, tumour: int,
+                 tta: bool = False, amp: bool = True, channels_last: bool = True,
+                 stain=None, compile: bool = False, model_path: str = "model"):
+        import torch
+
+        self.meta = meta
+        self.device = device
+        self.tumour = tumour
+        self.tta = tta
+        self.amp = bool(amp) and device.type == "cuda"
+        self.channels_last = channels_last
+        self.stain = stain
+        self.model_path = model_path
+        net = net.to(device).eval()
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = torch.compile(net) if compile else net
+        self.mean = torch.tensor(meta.mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(meta.std, device=device,
+                                          dtype=torch.float32).view(1, 3, 1, 1)
+        self._checked = False
+
+    def prepare(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, H, W, 3)`` on the device -> normalised float NCHW."""
+        import torch
+
+        x = x_u8.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)  # NHWC memory: channels-last
+        if self.stain is not None:
+            x = self.stain(x)
+        x = (x - self.mean).mul_(self.inv_std)
+        if self.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if self.amp:
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = self.net(x)
+        else:
+            out = self.net(x)
+        if not self._checked:
+            want = self.meta.num_outputs
+            if out.ndim != 2 or out.shape[1] != want:
+                raise ModelError(self.model_path, f"gives outputs of shape {tuple(out.shape)}, "
+                                 f"but its metadata lists {len(self.meta.classes)} classes "
+                                 f"{self.meta.classes} ({want} outputs expected)")
+            self._checked = True
+        return out
+
+    def probs(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """Tumour probability ``(B,)`` float32 on the device (averaged over TTA views)."""
+        import torch
+
+        from ..models.io import logits_to_probs
+
+        with torch.inference_mode():
+            x = self.prepare(x_u8)
+            views = range(8) if self.tta else range(1)
+            acc = None
+            for k in views:
+                xv = dihedral(x, k)
+                if k and self.channels_last:
+                    xv = xv.contiguous(memory_format=torch.channels_last)
+                p = logits_to_probs(self.logits(xv), self.meta)[:, self.tumour]
+                acc = p if acc is None else acc + p
+            return acc / len(views)
+
+    def bare_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network alone on an already prepared batch (for benchmarks)."""
+        import torch
+
+        with torch.inference_mode():
+            return self.logits(x)
+
+
+def auto_batch_size(pm: PatchModel, patch_size: int, *, max_batch: int = 1024,
+                    device_fraction: float = 0.6) -> int:
+    """A batch size from free memory: a probe forward measures memory per patch.
+
+    On CUDA the probe runs 8 patches and reads the peak allocation; the batch uses
+    ``device_fraction`` of the free memory. On CPU it is at most 32 (bigger CPU batches
+    are not faster, and a Cancel waits for one batch) and smaller for very big patches.
+    """
+    import torch
+
+    probe_n = 8
+    dev = pm.device
+    x = torch.full((probe_n, patch_size, patch_size, 3), 200, dtype=torch.uint8, device=dev)
+    views = 8 if pm.tta else 1
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        pm.probs(x)
+        torch.cuda.synchronize(dev)
+        per = max((torch.cuda.max_memory_allocated(dev) - base) / probe_n, 1.0)
+        free, _ = torch.cuda.mem_get_info(dev)
+        n = int(device_fraction * free / per)
+        # pinned host buffers: prefetch + 2 batches
+        n = min(n, max_batch)
+    else:
+        pm.probs(x)  # also checks the output shape
+        # activations of a CNN are a few tens of input-sized float maps per patch; keep a
+        # batch well under ~2 GB even for big patches (out-of-memory still backs off)
+        per = patch_size * patch_size * 3 * 4 * 40 * (1 if views == 1 else 2)
+        n = min(int(2e9 / per), 32, max_batch)
+    n = max(1, n)
+    return 1 << int(math.floor(math.log2(n))) if n >= 8 else n
+
+
+# --------------------------------------------------------------------------------------
+# Parallel reads with a prefetch queue
+# --------------------------------------------------------------------------------------
+def read_patches_into(out: np.ndarray, slide: Slide, grid: PatchGrid, idx: np.ndarray, *,
+                      max_width: int = 4096) -> np.ndarray:
+    """Read patches ``idx`` of ``grid`` into ``out`` (``(len(idx), S, S, 3)`` uint8).
+
+    The same pixels as :func:`~napari_lnmeta.core.tiling.read_patches`, faster: when the
+    grid reads a pyramid level (no resampling), neighbouring patches of one grid row are
+    read as one region and sliced, so each tile is decoded once per row run instead of
+    once per patch (with a stride of half a patch, pixels would otherwise be decoded four
+    times). Runs are only merged where the level-0 positions are exact multiples of the
+    stride, which makes the slices identical to single-patch reads; everything else goes
+    through ``read_patches``.
+    """
+    from .tiling import read_patches
+
+    idx = np.asarray(idx)
+    n = len(idx)
+    if n == 0:
+        return out
+    if grid.level is None:
+        out[:n] = read_patches(slide, grid, idx, workers=1)
+        return out
+    s, st, ds = grid.patch_size, grid.stride, float(grid.downsample)
+    rows, cols = grid.index[idx, 0], grid.index[idx, 1]
+    coords = grid.coords[idx]
+    per_run = max(1, (max_width - s) // st + 1)
+    brk = np.flatnonzero((rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1)) + 1
+    starts = np.concatenate([[0], brk])
+    ends = np.concatenate([brk, [n]])
+    for a0, b0 in zip(starts, ends, strict=True):
+        for a in range(int(a0), int(b0), per_run):
+            b = min(int(b0), a + per_run)
+            m = np.arange(b - a)
+            exact = (np.all(coords[a:b, 0] == coords[a, 0])
+                     and np.array_equal(coords[a:b, 1] - coords[a, 1], m * st * ds))
+            if b - a == 1 or not exact:
+                out[a:b] = read_patches(slide, grid, idx[a:b], workers=1)
+                continue
+            loc = (int(coords[a, 0]), int(coords[a, 1]))
+            region = slide.read_region(loc, (s, (b - a - 1) * st + s), level=grid.level)
+            for k in range(b - a):
+                out[a + k] = region[:, k * st:k * st + s]
+    return out
+
+
+class BatchReader:
+    """Reads batches of grid patches in a thread pool, ``depth`` batches ahead.
+
+    Each batch is split over the threads and written straight into a reusable buffer
+    (page-locked when ``pin``), so the model never waits on I/O when reading is faster
+    than the forward pass. Iterating yields ``(indices, buffer_view, slot)``; give the
+    slot back with :meth:`release` once the buffer's data is no longer needed.
+    """
+
+    def __init__(self, slide: Slide, grid: PatchGrid, batches: list[np.ndarray], *,
+                 batch_size: int, workers: int = 0, depth: int = 3, pin: bool = False):
+        import torch
+
+        self.slide, self.grid, self.batches = slide, grid, batches
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self.depth = max(1, int(depth))
+        s = grid.patch_size
+        self.slots: list[torch.Tensor] = []
+        for _ in range(self.depth + 2):
+            t = torch.empty((batch_size, s, s, 3), dtype=torch.uint8)
+            self.slots.append(t.pin_memory() if pin else t)
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(len(self.slots)):
+            self.free.put(i)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lnmeta-read")
+        self.pending: deque = deque()
+        self.next = 0
+        self.wait_s = 0.0
+        self._stop = threading.Event()
+
+    def _fill(self, slot: int, idx: np.ndarray, part: slice) -> None:
+        if self._stop.is_set():
+            return
+        buf = self.slots[slot].numpy()
+        read_patches_into(buf[part], self.slide, self.grid, idx[part])
+
+    def _submit(self) -> None:
+        idx = self.batches[self.next]
+        self.next += 1
+        slot = self.free.get()
+        n = len(idx)
+        parts = max(1, min(self.workers, n // 4 or 1))
+        edges = np.linspace(0, n, parts + 1).astype(int)
+        futs = [self.pool.submit(self._fill, slot, idx, slice(a, b))
+                for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+        self.pending.append((idx, slot, futs))
+
+    def __iter__(self):
+        while self.next < len(self.batches) and len(self.pending) < self.depth:
+            self._submit()
+        while self.pending:
+            idx, slot, futs = self.pending.popleft()
+            t0 = time.perf_counter()
+            for f in futs:
+                f.result()  # re-raises read errors here, in the consumer
+            self.wait_s += time.perf_counter() - t0
+            if self.next < len(self.batches):
+                self._submit()
+            yield idx, self.slots[slot][:len(idx)], slot
+
+    def release(self, slot: int) -> None:
+        self.free.put(slot)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+class Checkpoint:
+    """Heatmap + done-mask saved as zarr in a folder, with the parameters they belong to.
+
+    ``params.json`` is written first; ``state.zarr`` holds ``probability`` (float32) and
+    ``done`` (uint8). Rows are written probability first, done-mask second, and zarr
+    writes each chunk atomically, so a crash never marks a cell done without its value.
+    """
+
+    def __init__(self, root: str | Path, key: dict[str, Any]):
+        self.root = Path(root)
+        self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        self._arrays = None
+
+    @property
+    def params_path(self) -> Path:
+        return self.root / "params.json"
+
+    def stored_key(self) -> dict[str, Any] | None:
+        if not self.params_path.is_file():
+            return None
+        try:
+            return json.loads(self.params_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def matches(self) -> bool:
+        return self.stored_key() == self.key
+
+    def load(self, grid_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The saved heatmap and done-mask, or ``None`` when there is nothing to resume."""
+        import zarr
+
+        if not self.matches() or not (self.root / "state.zarr").exists():
+            return None
+        try:
+            g = zarr.open_group(str(self.root / "state.zarr"), mode="r")
+            prob, done = np.asarray(g["probability"]), np.asarray(g["done"]) > 0
+        except (KeyError, ValueError, OSError):
+            return None
+        if prob.shape != tuple(grid_shape) or done.shape != tuple(grid_shape):
+            return None
+        return prob.astype(np.float32), done
+
+    def start(self, grid_shape: tuple[int, int], prob: np.ndarray, done: np.ndarray) -> None:
+        """Create (or reopen) the store for ``grid_shape``; write params if new."""
+        import zarr
+
+        from ..io.atomic import write_text_atomic
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "state.zarr"
+        fresh = not self.matches() or not path.exists()
+        if fresh:
+            import shutil
+
+            if path.exists():
+                shutil.rmtree(path)
+            write_text_atomic(self.params_path, json.dumps(self.key, indent=1, sort_keys=True),
+                              overwrite=True)
+            g = zarr.open_group(str(path), mode="w", zarr_format=2)
+            ch = (min(256, grid_shape[0]), min(256, grid_shape[1]))
+            g.create_array("probability", shape=grid_shape, dtype="float32", chunks=ch,
+                           fill_value=0.0)
+            g.create_array("done", shape=grid_shape, dtype="uint8", chunks=ch, fill_value=0)
+        g = zarr.open_group(str(path), mode="r+")
+        self._arrays = (g["probability"], g["done"])
+
+    def flush(self, prob: np.ndarray, done: np.ndarray, rows: tuple[int, int] | None = None):
+        """Write rows ``[r0, r1)`` (all when ``None``): probability first, then done."""
+        if self._arrays is None:
+            return
+        r0, r1 = rows if rows is not None else (0, prob.shape[0])
+        if r1 <= r0:
+            return
+        zp, zd = self._arrays
+        zp[r0:r1] = prob[r0:r1]
+        zd[r0:r1] = done[r0:r1].astype(np.uint8)
+
+
+def run_key(slide: Slide, model_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: slide, model and read parameters."""
+    p = Path(slide.path)
+    st = p.stat() if p.exists() else None
+    return {"version": CHECKPOINT_VERSION,
+            "slide": {"path": str(p.resolve()), "shape": list(slide.shape), "mpp": slide.mpp,
+                      "bytes": st.st_size if st and p.is_file() else None,
+                      "mtime_ns": st.st_mtime_ns if st and p.is_file() else None},
+            "model": model_id,
+            "params": {k: v for k, v in params.items()}}
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
+                  model: tuple[nn.Module, ModelMeta] | None = None,
+                  checkpoint_dir: str | Path | None = None,
+                  tissue: TissueMask | None = None,
+                  on_mismatch: str = "restart") -> Job[InferenceResult]:
+    """Tumour probability heatmap of a slide, as a progress generator.
+
+    Parameters
+    ----------
+    slide
+        An open slide.
+    config
+        Run parameters (:class:`InferenceConfig`); defaults use the bundled model.
+    model
+        An in-memory ``(network, ModelMeta)`` instead of ``config.model``.
+    checkpoint_dir
+        Save progress here and resume from it (see module docstring).
+    tissue
+        A precomputed tissue mask (otherwise detected with ``config.tissue_*``).
+    on_mismatch
+        When ``checkpoint_dir`` holds a run with other parameters (slide, model, read
+        parameters): ``"restart"`` discards it, ``"error"`` raises :class:`InputError`.
+
+    Yields
+    ------
+    Progress
+        ``done``/``total`` patches; every ``partial_seconds`` the step's ``partial`` is a
+        :class:`PartialHeatmap` (a copy of the heatmap so far).
+
+    Returns
+    -------
+    InferenceResult
+
+    Raises
+    ------
+    ModelError
+        Missing or unusable model, patch size or classes that do not match the request.
+    InputError
+        No tissue, unknown µm/px where one is needed, a CUDA device that is not there.
+    """
+    import torch
+
+    from .tiling import make_grid
+    from .tissue import tissue_mask
+
+    cfg = config or InferenceConfig()
+    t0 = time.perf_counter()
+    timing: dict[str, Any] = {}
+    device = resolve_device(cfg.device)
+    yield Progress(0, 0, "loading model")
+    net, meta, mpath = load_inference_model(cfg, device, model)
+    mname = str(mpath) if mpath else "model"
+    params, warns = plan_read(slide, meta, cfg, model_path=mname)
+    stain = stain_transform(meta.normalisation, device, model_path=mname)
+    pm = PatchModel(net, meta, device, tumour=params["tumour_index"], tta=cfg.tta, amp=cfg.amp,
+                    channels_last=cfg.channels_last, stain=stain, compile=cfg.compile,
+                    model_path=mname)
+    timing["model_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    yield Progress(0, 0, "detecting tissue")
+    if tissue is None:
+        tissue = tissue_mask(slide, target_mpp=cfg.tissue_mpp, method=cfg.tissue_method)
+    grid = make_grid(slide, patch_size=params["patch_size"], stride=params["stride"],
+                     mpp=params["mpp"], level=params["level"], tissue=tissue,
+                     min_tissue=cfg.min_tissue)
+    if len(grid) == 0:
+        raise InputError(f"{slide.path}: no patch has at least {cfg.min_tissue:.0%} tissue "
+                         f"(tissue covers {tissue.area_fraction:.1%} of the slide)")
+    params.update({"read_mpp": grid.mpp, "read_level": grid.level,
+                   "downsample": grid.downsample, "size0": grid.size0,
+                   "stride0": grid.stride0, "grid_shape": list(grid.grid_shape)})
+    timing["tissue_s"] = time.perf_counter() - t1
+    frame = grid.frame()
+    prob = np.zeros(grid.grid_shape, dtype=np.float32)
+    done = np.zeros(grid.grid_shape, dtype=bool)
+    in_grid = np.zeros(grid.grid_shape, dtype=bool)
+    in_grid[grid.index[:, 0], grid.index[:, 1]] = True
+
+    ckpt = None
+    resumed = 0
+    if checkpoint_dir is not None:
+        model_id = _model_identity(mpath, net, meta)
+        ckpt = Checkpoint(checkpoint_dir, run_key(slide, model_id, params))
+        if on_mismatch == "error" and ckpt.stored_key() is not None and not ckpt.matches():
+            raise InputError(f"{Path(checkpoint_dir).parent}: holds an unfinished run with other "
+                             "parameters (slide, model, µm/px, patch size, stride or TTA); pass "
+                             "--overwrite / overwrite=True to start over")
+        state = ckpt.load(grid.grid_shape)
+        if state is not None:
+            prob, done = state
+            done &= in_grid
+            prob[~done] = 0.0
+            resumed = int(done.sum())
+        ckpt.start(grid.grid_shape, prob, done)
+
+    todo = np.flatnonzero(~done[grid.index[:, 0], grid.index[:, 1]])
+    total = len(grid)
+    n_done = total - len(todo)
+
+    def partial() -> PartialHeatmap:
+        return PartialHeatmap(prob.copy(), done.copy(), frame)
+
+    yield Progress(n_done, total, "tissue ready" if not resumed else
+                   f"resuming ({resumed} patches done)", partial())
+
+    t2 = time.perf_counter()
+    bs = int(cfg.batch_size) if cfg.batch_size else auto_batch_size(
+        pm, grid.patch_size, max_batch=cfg.max_batch_size)
+    bs = max(1, min(bs, cfg.max_batch_size))
+    timing["batch_probe_s"] = time.perf_counter() - t2
+    micro = bs  # forward size; halves on out-of-memory
+    ooms = 0
+    batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
+    cuda = device.type == "cuda"
+    reader = BatchReader(slide, grid, batches, batch_size=bs, workers=cfg.workers,
+                         depth=cfg.prefetch, pin=cuda)
+
+    def forward(x_host: torch.Tensor) -> torch.Tensor:
+        """Probabilities of one host batch, splitting it on out-of-memory."""
+        nonlocal micro, ooms
+        out = []
+        i = 0
+        while i < len(x_host):
+            n = min(micro, len(x_host) - i)
+            try:
+                x = x_host[i:i + n].to(device, non_blocking=True)
+                out.append(pm.probs(x))
+                i += n
+            except Exception as e:
+                if not is_oom(e) or micro == 1:
+                    raise
+                ooms += 1
+                micro = max(1, micro // 2)
+                if cuda:
+                    torch.cuda.empty_cache()
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    pending: tuple | None = None  # (indices, slot, probs on device/host) of the last batch
+    last_ckpt = last_partial = time.perf_counter()
+    dirty = [math.inf, -1]  # heatmap rows changed since the last checkpoint
+    n_run = 0
+    t_loop = time.perf_counter()
+
+    def collect(item) -> None:
+        nonlocal n_done, n_run
+        idx, slot, p_dev = item
+        p = p_dev.float().cpu().numpy()
+        reader.release(slot)
+        rows, cols = grid.index[idx, 0], grid.index[idx, 1]
+        prob[rows, cols] = p
+        done[rows, cols] = True
+        dirty[0] = min(dirty[0], int(rows.min()))
+        dirty[1] = max(dirty[1], int(rows.max()) + 1)
+        n_done += len(idx)
+        n_run += len(idx)
+
+    def checkpoint() -> None:
+        if ckpt is not None and dirty[1] > dirty[0]:
+            ckpt.flush(prob, done, (int(dirty[0]), int(dirty[1])))
+        dirty[0], dirty[1] = math.inf, -1
+
+    try:
+        for idx, x_host, slot in reader:
+            p_dev = forward(x_host)
+            # On CUDA the previous batch's result is fetched after this one is queued, so
+            # the GPU never idles while Python copies results.
+            if pending is not None:
+                collect(pending)
+            pending = (idx, slot, p_dev)
+            if not cuda:
+                collect(pending)
+                pending = None
+            now = time.perf_counter()
+            part = None
+            if now - last_partial >= cfg.partial_seconds:
+                part, last_partial = partial(), now
+            if now - last_ckpt >= cfg.checkpoint_seconds:
+                checkpoint()
+                last_ckpt = now
+            yield Progress(n_done, total, "inference", part)
+        if pending is not None:
+            collect(pending)
+            pending = None
+    finally:
+        reader.close()
+        checkpoint()
+    t_inf = time.perf_counter() - t_loop
+    timing.update({"inference_s": t_inf, "read_wait_s": reader.wait_s,
+                   "patches": total, "patches_run": n_run, "patches_resumed": resumed,
+                   "patches_per_s": n_run / t_inf if t_inf > 0 else None,
+                   "total_s": time.perf_counter() - t0, "oom_backoffs": ooms,
+                   "forward_batch_size": micro})
+    yield Progress(total, total, "inference done", partial())
+    return InferenceResult(probability=prob, scored=done & in_grid, frame=frame, grid=grid,
+                           tissue=tissue, meta=meta, params=params, timing=timing,
+                           device=str(device), batch_size=bs, slide_path=str(slide.path),
+                           model_path=str(mpath) if mpath else None, config=cfg,
+                           warnings=warns, resumed=resumed)

@@ -1,0 +1,339 @@
+"""Whole-slide prediction: inference + derived maps + lesions + evaluation, and the result folder.
+
+:func:`postprocess` turns an :class:`~napari_lnmeta.core.inference.InferenceResult` into a
+:class:`Prediction` (binary and 3-tier maps, slide score, lesions, optional evaluation);
+:func:`write_prediction` writes it as a folder; :func:`predict_to_folder` does all of it
+resumably (``lnmeta predict``).
+
+The result folder::
+
+    OUT_DIR/
+      probability.ome.zarr   heatmap (float16 or uint8), multiscale OME-Zarr, slide-aligned
+      binary.ome.zarr        labels: 1 where p > 0.5 (red)
+      tiers.ome.zarr         labels: 1 blue (0.5-0.7), 2 green (0.7-0.9), 3 red (> 0.9)
+      analysed.ome.zarr      labels: 1 on the cells that were analysed (tissue patches)
+      lesions.geojson        lesion candidates (QuPath GeoJSON points)
+      overview.png           thumbnail with the 3-tier map
+      summary.json           written last: its presence means the folder is complete
+      .partial/              checkpoint while a run is unfinished (removed at the end)
+
+Every file is written atomically; ``summary.json`` comes last, so a cancelled or crashed
+run never leaves a folder that claims to be complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InputError, OutputExistsError
+from ..progress import Job, Progress
+from .heatmap import (
+    BINARY_COLORS,
+    TIER_COLORS,
+    binary_map,
+    overview_image,
+    slide_score,
+    tier_counts,
+    tier_map,
+    to_storage,
+    write_png,
+)
+from .inference import InferenceConfig, InferenceResult, run_inference
+from .lesions import Lesions, find_lesions, write_lesions_geojson
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..io.slide import Slide
+    from ..models.io import ModelMeta
+
+SUMMARY = "summary.json"
+PARTIAL = ".partial"
+OUTPUTS = ("probability.ome.zarr", "binary.ome.zarr", "tiers.ome.zarr", "analysed.ome.zarr",
+           "lesions.geojson", "overview.png")
+SUMMARY_FORMAT = "lnmeta-prediction"
+
+
+@dataclass
+class Prediction:
+    """Everything derived from one inference run."""
+
+    result: InferenceResult
+    binary: np.ndarray
+    tiers: np.ndarray
+    score: dict[str, Any]
+    lesions: Lesions
+    evaluation: dict[str, Any] | None = None
+
+    @property
+    def frame(self):
+        return self.result.frame
+
+    @property
+    def probability(self) -> np.ndarray:
+        return self.result.probability
+
+    def summary(self) -> dict[str, Any]:
+        """The content of ``summary.json``."""
+        r = self.result
+        cfg = r.config
+        mpp0 = r.frame.slide_mpp
+        cell_um2 = (r.frame.downsample * mpp0) ** 2 if mpp0 else None
+        n_cells = int(r.scored.sum())
+        tissue_um2 = r.tissue.area_um2
+        return {
+            "format": SUMMARY_FORMAT,
+            "version": 1,
+            "complete": True,
+            "slide": {"path": r.slide_path, "name": r.grid.slide,
+                      "shape": list(r.grid.slide_shape), "mpp": mpp0},
+            "score": self.score,
+            "counts": {"patches": int(len(r.grid)), "cells_analysed": n_cells,
+                       "positive_cells": int((self.binary > 0).sum()),
+                       "tiers": tier_counts(self.tiers), "lesions": len(self.lesions)},
+            "tissue": {"area_um2": tissue_um2,
+                       "area_mm2": None if tissue_um2 is None else tissue_um2 / 1e6,
+                       "fraction": r.tissue.area_fraction,
+                       "analysed_area_mm2": None if cell_um2 is None else n_cells * cell_um2 / 1e6,
+                       "method": r.tissue.method, "threshold": r.tissue.threshold},
+            "timing": r.timing,
+            "device": r.device,
+            "batch_size": r.batch_size,
+            "model": {"path": r.model_path, "architecture": r.meta.architecture,
+                      "classes": r.meta.classes, "patch_size": r.meta.patch_size,
+                      "mpp": r.meta.mpp, "head": r.meta.head,
+                      "normalisation": r.meta.normalisation},
+            "parameters": {**_jsonable(r.params), "heatmap_dtype": cfg.heatmap_dtype,
+                           "lesion_threshold": cfg.lesion_threshold,
+                           "lesion_radius_um": cfg.lesion_radius_um, "top_k": cfg.top_k,
+                           "amp": cfg.amp, "channels_last": cfg.channels_last,
+                           "compile": cfg.compile},
+            "frame": r.frame.to_json(),
+            "lesions": self.lesions.to_json(),
+            "lesion_notes": self.lesions.notes,
+            "evaluation": self.evaluation,
+            "warnings": r.warnings,
+            "resumed_patches": r.resumed,
+            "files": list(OUTPUTS),
+        }
+
+
+def _jsonable(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    if isinstance(d, (np.integer,)):
+        return int(d)
+    if isinstance(d, (np.floating,)):
+        return float(d)
+    return d
+
+
+def postprocess(result: InferenceResult, *, truth: Any = None,
+                truth_scale: float = 1.0) -> Prediction:
+    """Binary and 3-tier maps, slide score, lesions and (with ``truth``) evaluation."""
+    cfg = result.config
+    prob = np.where(result.scored, result.probability, 0.0).astype(np.float32)
+    lesions = find_lesions(prob, result.frame, threshold=cfg.lesion_threshold,
+                           radius_um=cfg.lesion_radius_um, scored=result.scored)
+    pred = Prediction(result=result, binary=binary_map(prob), tiers=tier_map(prob),
+                      score=slide_score(prob, result.scored, top_k=cfg.top_k), lesions=lesions)
+    if truth is not None:
+        pred.evaluation = evaluate(pred, truth, truth_scale=truth_scale)
+    return pred
+
+
+def predict_job(slide: Slide, config: InferenceConfig | None = None, *,
+                model: tuple[nn.Module, ModelMeta] | None = None,
+                truth: Any = None) -> Job[Prediction]:
+    """:func:`run_inference` then :func:`postprocess`, in memory (the widget's job)."""
+    result = yield from run_inference(slide, config, model=model)
+    return postprocess(result, truth=truth)
+
+
+def evaluate(pred: Prediction, truth: Any, *, truth_scale: float = 1.0) -> dict[str, Any]:
+    """Patch-level ACC, SEN, SPE, weighted F1, AUC of a prediction against a tumour mask.
+
+    ``truth_scale``: slide pixels per file pixel for polygon files (see
+    :func:`napari_lnmeta.core.evaluation.truth_fractions`).
+    """
+    from .evaluation import PatchBoxes, evaluate_heatmap
+
+    r = pred.result
+    keep = r.scored[r.grid.index[:, 0], r.grid.index[:, 1]]
+    boxes = PatchBoxes(coords=r.grid.coords[keep].astype(np.float64), size0=r.grid.size0,
+                       cells=r.grid.index[keep], slide_shape=r.grid.slide_shape,
+                       slide_mpp=r.frame.slide_mpp)
+    out = evaluate_heatmap(r.probability, boxes, truth, scale=truth_scale)
+    out["truth"] = str(truth) if isinstance(truth, (str, Path)) else type(truth).__name__
+    return out
+
+
+def write_prediction(pred: Prediction, out_dir: str | Path, *, overwrite: bool = False,
+                     slide: Slide | None = None, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Write a prediction folder (see module docstring); ``summary.json`` last.
+
+    Parameters
+    ----------
+    pred
+        What to write.
+    out_dir
+        Target folder; an existing *complete* result is refused unless ``overwrite``.
+    slide
+        The slide, for the overview thumbnail (re-opened from its path when ``None``).
+    inputs
+        Paths never to write into (the slide).
+    """
+    from ..io.atomic import check_output, write_text_atomic
+    from ..io.omezarr import write_ome_zarr
+
+    out = Path(out_dir)
+    r = pred.result
+    inputs = tuple(inputs) + (r.slide_path,)
+    check_output(out / SUMMARY, overwrite=overwrite, inputs=inputs)
+    check_output(out, overwrite=True, inputs=inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_outputs(out)  # never leave an old summary beside new files
+    frame = r.frame
+    common = {"frame": frame, "overwrite": True, "inputs": inputs}
+    u8 = r.config.heatmap_dtype == "uint8"
+    prob_attrs = {"probability": {"dtype": r.config.heatmap_dtype, "size0": r.size0,
+                                  "stride0": float(r.grid.stride0), "scale": 255 if u8 else 1},
+                  "contrast_limits": [0, 255] if u8 else [0.0, 1.0],
+                  "model": r.meta.architecture}
+    prob = np.where(r.scored, r.probability, 0.0)
+    write_ome_zarr(out / "probability.ome.zarr", to_storage(prob, r.config.heatmap_dtype),
+                   kind="image", name="tumour probability", attrs=prob_attrs, **common)
+    write_ome_zarr(out / "binary.ome.zarr", pred.binary, kind="labels", name="tumour (p > 0.5)",
+                   colors=BINARY_COLORS, **common)
+    write_ome_zarr(out / "tiers.ome.zarr", pred.tiers, kind="labels",
+                   name="tumour probability tiers", colors=TIER_COLORS, **common)
+    write_ome_zarr(out / "analysed.ome.zarr", r.scored.astype(np.uint8), kind="labels",
+                   name="analysed cells", colors={1: (128, 128, 128, 255)}, **common)
+    write_lesions_geojson(out / "lesions.geojson", pred.lesions, overwrite=True)
+    if slide is None:
+        from ..io.slide import open_slide
+
+        slide = open_slide(r.slide_path, mpp=r.grid.slide_mpp)
+    write_png(out / "overview.png",
+              overview_image(slide, pred.tiers, frame, lesions=pred.lesions.coords,
+                             scored=r.scored), overwrite=True)
+    write_text_atomic(out / SUMMARY, json.dumps(_jsonable(pred.summary()), indent=1),
+                      overwrite=True)
+    return out
+
+
+def _remove_outputs(out: Path) -> None:
+    """Remove a previous result's files, ``summary.json`` first."""
+    (out / SUMMARY).unlink(missing_ok=True)
+    for name in OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
+    """The ``summary.json`` of a complete result folder, or ``None``."""
+    p = Path(out_dir) / SUMMARY
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text())
+
+
+def prepare_output(out_dir: str | Path, *, overwrite: bool = False,
+                   inputs: tuple[str | Path, ...] = ()) -> tuple[Path, bool]:
+    """Decide what to do with ``out_dir`` before a run.
+
+    * missing or empty: use it;
+    * a complete result (``summary.json``): refuse unless ``overwrite``;
+    * an unfinished run (``.partial``): resume it (the checkpoint decides whether the
+      parameters match; see :func:`predict_to_folder`);
+    * anything else: refuse unless ``overwrite`` (it is not ours).
+
+    Returns
+    -------
+    (path, has_partial)
+    """
+    from ..io.atomic import check_output
+
+    out = Path(out_dir)
+    check_output(out, overwrite=True, inputs=inputs)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return out, False
+    if (out / SUMMARY).exists():
+        if not overwrite:
+            raise OutputExistsError(out)
+        _remove_outputs(out)
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
+        return out, False
+    if (out / PARTIAL).is_dir():
+        return out, True
+    if not overwrite:
+        raise OutputExistsError(out)
+    return out, False
+
+
+def predict_to_folder(slide: Slide | str | Path, out_dir: str | Path,
+                      config: InferenceConfig | None = None, *, overwrite: bool = False,
+                      truth: Any = None, truth_scale: float = 1.0,
+                      model: tuple[nn.Module, ModelMeta] | None = None,
+                      mpp: float | None = None) -> Job[Prediction]:
+    """Run inference on a slide and write the result folder, resumably.
+
+    Parameters
+    ----------
+    slide
+        An open slide or its path.
+    out_dir
+        Result folder (see module docstring).
+    config
+        Run parameters.
+    overwrite
+        Replace an existing complete result (or a foreign folder, or an unfinished run
+        with other parameters).
+    truth
+        Optional tumour ground truth for the evaluation in ``summary.json``.
+    truth_scale
+        Slide pixels per file pixel of a polygon ``truth`` file.
+    model
+        In-memory ``(network, ModelMeta)`` instead of ``config.model``.
+    mpp
+        Level-0 µm/px when opening ``slide`` from a path.
+
+    Raises
+    ------
+    OutputExistsError
+        ``out_dir`` holds a complete result or a foreign folder and ``overwrite`` is false.
+    InputError
+        ``out_dir`` holds an unfinished run with other parameters and ``overwrite`` is
+        false.
+    """
+    from ..io.slide import open_slide
+
+    if not hasattr(slide, "read_region"):
+        slide = open_slide(slide, mpp=mpp)
+    cfg = config or InferenceConfig()
+    out, has_partial = prepare_output(out_dir, overwrite=overwrite, inputs=(slide.path,))
+    ckdir = out / PARTIAL
+    result = yield from run_inference(
+        slide, cfg, model=model, checkpoint_dir=ckdir,
+        on_mismatch="error" if has_partial and not overwrite else "restart")
+    t0 = time.perf_counter()
+    yield Progress(result.timing["patches"], result.timing["patches"], "writing results")
+    pred = postprocess(result, truth=truth, truth_scale=truth_scale)
+    result.timing["postprocess_s"] = time.perf_counter() - t0
+    write_prediction(pred, out, overwrite=True, slide=slide)
+    shutil.rmtree(ckdir, ignore_errors=True)
+    return pred
