@@ -1,0 +1,358 @@
+"""``lnmeta extract-features``, ``lnmeta train-mil`` and ``lnmeta mil``: slide-level MIL.
+
+Thin wrappers over :mod:`napari_lnmeta.core.features`, :mod:`napari_lnmeta.train.mil` and
+:mod:`napari_lnmeta.core.mil` (see ``docs/mil.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import add_mpp, add_overwrite, command
+
+
+def _add_feature_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("features")
+    g.add_argument("--backbone", default="resnet18",
+                   help="registry architecture (resnet18, vgg16_bn, densenet121, "
+                        "lnmeta_cnn_small, ...) or a trained patch-model .safetensors file "
+                        "(its penultimate layer); default resnet18")
+    g.add_argument("--init", default=None,
+                   help="safetensors weights for a registry backbone (e.g. converted ImageNet "
+                        "weights); without it the backbone is randomly initialised from --seed")
+    g.add_argument("--backbone-seed", type=int, default=0,
+                   help="seed of a random backbone initialisation (default 0)")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="patch side in pixels (default: the model file's, else 256)")
+    g.add_argument("--stride", type=int, default=None, help="grid stride (default: patch size)")
+    g.add_argument("--patch-mpp", type=float, default=None,
+                   help="read patches at this µm/px (default: the model file's, else --level)")
+    g.add_argument("--level", type=int, default=None, help="read patches at this pyramid level")
+    g.add_argument("--min-tissue", type=float, default=0.5,
+                   help="minimum tissue fraction of a patch (default 0.5)")
+    g.add_argument("--entropy-min", type=float, default=None,
+                   help="drop patches whose grey-level entropy (bits) is lower (seed 003)")
+    g.add_argument("--tissue-mpp", type=float, default=10.0,
+                   help="µm/px of tissue detection (default 10)")
+    g.add_argument("--batch-size", type=int, default=64, help="patches per forward pass")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    g.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    g.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32")
+
+
+def _feature_config(args):
+    from ..core.features import FeatureConfig
+
+    return FeatureConfig(backbone=args.backbone, init=args.init, seed=args.backbone_seed,
+                         patch_size=args.patch_size, stride=args.stride, mpp=args.patch_mpp,
+                         level=args.level, min_tissue=args.min_tissue,
+                         entropy_min=args.entropy_min, tissue_mpp=args.tissue_mpp,
+                         batch_size=args.batch_size, device=args.device, amp=args.amp,
+                         dtype=args.feature_dtype)
+
+
+def _progress():
+    from ..progress import TextProgress
+
+    return TextProgress()
+
+
+# --------------------------------------------------------------------------------------
+@command("extract-features", help="Compute (or reuse) per-slide patch features for MIL")
+def extract_features(p):
+    p.add_argument("slides", nargs="+", help="slide files")
+    p.add_argument("--cache-dir", default=None,
+                   help="folder of feature caches (one <slide>.<backbone>.<key>.features.zarr "
+                        "per slide, reused when the settings match)")
+    p.add_argument("-o", "--out", default=None,
+                   help="exact output .features.zarr (one slide only)")
+    p.add_argument("--regions", default=None,
+                   help="annotation file: only patches inside its regions (seed 002)")
+    p.add_argument("--region-scale", type=float, default=1.0,
+                   help="slide pixels per annotation pixel (e.g. 0.03125 for level-0 "
+                        "polygons on a level-5 image)")
+    _add_feature_options(p)
+    add_mpp(p)
+    add_overwrite(p)
+
+    def run(args):
+        from ..core.features import slide_features_job
+        from ..errors import InputError
+        from ..io.slide import open_slide
+        from ..models.extractor import load_extractor
+        from ..progress import run as drive
+
+        if (args.cache_dir is None) == (args.out is None):
+            raise InputError("give --cache-dir DIR or -o OUT.features.zarr")
+        if args.out is not None and len(args.slides) != 1:
+            raise InputError("-o takes one slide; use --cache-dir for several")
+        cfg = _feature_config(args)
+        ext = load_extractor(cfg.backbone, init=cfg.init, seed=cfg.seed,
+                             patch_size=cfg.patch_size)
+        for s in args.slides:
+            slide = open_slide(s, mpp=args.mpp)
+            cache = drive(slide_features_job(slide, cfg, cache_dir=args.cache_dir, out=args.out,
+                                             regions=args.regions,
+                                             region_scale=args.region_scale, extractor=ext,
+                                             overwrite=args.overwrite), _progress())
+            print(f"{cache.path}\t{len(cache)} patches x {cache.dim}\t{cache.backbone.id}")
+
+    return run
+
+
+# --------------------------------------------------------------------------------------
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def _classes(labels: list[str], given: str | None) -> list[str]:
+    from ..errors import InputError
+    from ..models.mil import CLASSES_2, CLASSES_3
+
+    if given:
+        classes = [c.strip() for c in given.split(",") if c.strip()]
+    elif set(labels) <= set(CLASSES_2):
+        classes = list(CLASSES_2)
+    elif set(labels) <= set(CLASSES_3):
+        classes = list(CLASSES_3)
+    elif all(v.isdigit() for v in labels):
+        classes = [str(i) for i in range(max(int(v) for v in labels) + 1)]
+    else:
+        classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise InputError(f"need at least two classes, got {classes}")
+    return classes
+
+
+@command("train-mil", help="Train attention MIL on slide labels (seeds 002/003)")
+def train_mil(p):
+    p.add_argument("table", help="CSV with a 'slide' (slide file) or 'features' (feature "
+                                 "cache) column, a 'label' column (class name or index), and "
+                                 "optional 'split' (train/val/test), 'regions' and clinical "
+                                 "columns; paths are relative to the CSV's folder")
+    p.add_argument("-o", "--out-dir", required=True,
+                   help="checkpoints, best.safetensors, metrics.json, history.json, splits.csv")
+    p.add_argument("--classes", default=None,
+                   help="class names in label order, comma-separated (default N0,N+ or "
+                        "N0,N+(1-2),N+(>=3) when the labels are those)")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache folder (default OUT_DIR/features)")
+    p.add_argument("--clinical", default=None,
+                   help="clinical CSV joined on the slide column (default: the table itself)")
+    p.add_argument("--numeric", default="", help="numeric clinical columns, comma-separated")
+    p.add_argument("--categorical", default="",
+                   help="categorical clinical columns, comma-separated")
+    p.add_argument("--region-scale", type=float, default=1.0,
+                   help="slide pixels per annotation pixel of the 'regions' files")
+    _add_feature_options(p)
+    g = p.add_argument_group("MIL")
+    g.add_argument("--pooling", default="gated_attention",
+                   choices=("attention", "gated_attention", "seed002", "mean", "max"))
+    g.add_argument("--bag-size", type=int, default=16, help="N: patches per bag (default 16)")
+    g.add_argument("--bags", type=int, default=10, help="M: bags per slide (default 10)")
+    g.add_argument("--replace", action="store_true",
+                   help="sample bags with replacement (allows slides with fewer than N patches)")
+    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--mil-batch", type=int, default=8, help="bags per optimisation step")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                   help="adam (seed 002) or sgd (seed 003; use with --l1 1e-6)")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=1e-3)
+    g.add_argument("--l1", type=float, default=0.0, help="L1 weight (seed 003: 1e-6)")
+    g.add_argument("--t0", type=int, default=10, help="epochs per cosine warm-restart cycle")
+    g.add_argument("--embed-dim", type=int, default=128, help="0: no embedding layer")
+    g.add_argument("--attn-dim", type=int, default=128)
+    g.add_argument("--dropout", type=float, default=0.25)
+    g.add_argument("--test-fraction", type=float, default=0.2)
+    g.add_argument("--val-fraction", type=float, default=0.25)
+    g.add_argument("--patience", type=int, default=None, help="early stopping (epochs)")
+    g.add_argument("--seed", type=int, default=0)
+    add_mpp(p)
+    add_overwrite(p)
+
+    def run(args):
+        from ..core.features import FeatureCache, slide_features_job
+        from ..errors import InputError
+        from ..io.slide import open_slide
+        from ..models.clinical import ClinicalEncoder, clinical_row, read_csv_rows
+        from ..models.extractor import BackboneInfo, load_extractor
+        from ..progress import run as drive
+        from ..train.bags import MILSlide, select_instances
+        from ..train.mil import MILTrainConfig, train_mil_job
+
+        table = Path(args.table)
+        base = table.parent
+        rows = read_csv_rows(table)
+        head = list(rows[0])
+        low = {h.lower(): h for h in head}
+        if "label" not in low:
+            raise InputError(f"{table}: needs a 'label' column")
+        if "slide" not in low and "features" not in low:
+            raise InputError(f"{table}: needs a 'slide' or a 'features' column")
+        out_dir = Path(args.out_dir)
+        cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / "features"
+        cfg = _feature_config(args)
+        labels = [r[low["label"]] for r in rows]
+        classes = _classes(labels, args.classes)
+        ext = None
+        caches, names, instances = [], [], []
+        tp = _progress()
+        for i, r in enumerate(rows, start=2):
+            feat = r.get(low.get("features", ""), "")
+            if feat:
+                cache = FeatureCache(_resolve(base, feat))
+            else:
+                if ext is None:
+                    ext = load_extractor(cfg.backbone, init=cfg.init, seed=cfg.seed,
+                                         patch_size=cfg.patch_size)
+                slide = open_slide(_resolve(base, r[low["slide"]]), mpp=args.mpp)
+                cache = drive(slide_features_job(slide, cfg, cache_dir=cache_dir,
+                                                 extractor=ext), tp)
+            reg = r.get(low.get("regions", ""), "")
+            idx = select_instances(cache, regions=_resolve(base, reg) if reg else None,
+                                   region_scale=args.region_scale)
+            if len(idx) == 0:
+                raise InputError(f"{table}: line {i}: no patches in the slide's regions")
+            caches.append(cache)
+            instances.append(idx)
+            names.append(Path(r.get(low.get("slide", ""), "") or cache.slide_name).name)
+        ids = {c.backbone.id for c in caches}
+        if len(ids) > 1:
+            raise InputError(f"{table}: the features come from different backbones "
+                             f"({', '.join(sorted(ids))}); extract them all with one backbone")
+        backbone: BackboneInfo = caches[0].backbone
+        # the grid settings new slides must be cut with (stored in the model)
+        fmeta = dict(caches[0].attrs.get("config") or {})
+        g = caches[0].attrs["grid"]
+        if not fmeta:  # a cache made by extract_features_job on a custom grid
+            fmeta = {"stride": g["stride"], "min_tissue": g["params"].get("min_tissue") or 0.5,
+                     "entropy_min": g["params"].get("entropy_min")}
+            fmeta.update({"level": g["level"]} if g["level"] is not None else {"mpp": g["mpp"]})
+        for k in ("backbone", "init", "seed", "batch_size", "device", "amp", "patch_size"):
+            fmeta.pop(k, None)
+
+        y = []
+        for v in labels:
+            if v in classes:
+                y.append(classes.index(v))
+            elif v.isdigit() and int(v) < len(classes):
+                y.append(int(v))
+            else:
+                raise InputError(f"{table}: label {v!r} is not one of {', '.join(classes)}")
+        numeric = [c.strip() for c in args.numeric.split(",") if c.strip()]
+        categorical = [c.strip() for c in args.categorical.split(",") if c.strip()]
+        splits = None
+        if "split" in low:
+            splits = [r[low["split"]].strip().lower() for r in rows]
+        encoder, clin_rows = None, None
+        if numeric or categorical:
+            src = args.clinical or str(table)
+            clin_rows = [clinical_row(args.clinical, n) for n in names] if args.clinical else rows
+            # fit on the training cohort only (no test-set statistics in the encoder)
+            if splits is None:
+                from ..train.mil import split_slides
+
+                splits = split_slides(y, test_fraction=args.test_fraction,
+                                      val_fraction=args.val_fraction, seed=args.seed)
+            tr = [k for k, s in enumerate(splits) if s == "train"]
+            encoder = ClinicalEncoder.fit([clin_rows[k] for k in tr], numeric=numeric,
+                                          categorical=categorical,
+                                          names=[names[k] for k in tr], source=src)
+        slides = []
+        for k, (cache, idx) in enumerate(zip(caches, instances, strict=True)):
+            clin = None if encoder is None else encoder.transform(
+                clin_rows[k], name=names[k], source=args.clinical or str(table))
+            slides.append(MILSlide(name=names[k], features=cache.load(idx), label=y[k],
+                                   clinical=clin, coords=cache.coords[idx]))
+        tcfg = MILTrainConfig(pooling=args.pooling, embed_dim=args.embed_dim or None,
+                              attn_dim=args.attn_dim, dropout=args.dropout,
+                              bag_size=args.bag_size, bags_per_slide=args.bags,
+                              replace=args.replace, epochs=args.epochs,
+                              batch_size=args.mil_batch, optimizer=args.optimizer, lr=args.lr,
+                              weight_decay=args.weight_decay, l1=args.l1, t0=args.t0,
+                              test_fraction=args.test_fraction, val_fraction=args.val_fraction,
+                              patience=args.patience, seed=args.seed, device=args.device)
+        res = drive(train_mil_job(slides, tcfg, classes=classes, backbone=backbone,
+                                  clinical=encoder, splits=splits, out_dir=out_dir,
+                                  overwrite=args.overwrite, features_meta=fmeta,
+                                  extra={"table": str(table)}), tp)
+        print(f"model: {res.model_path} (best epoch {res.best_epoch})")
+        for split in ("val", "test"):
+            m = res.metrics.get(split)
+            if m:
+                auc = m.get("AUC")
+                ci = m.get("AUC_CI") or [None, None]
+                txt = f"AUC {auc:.3f}" if auc is not None else "AUC n/a"
+                if ci[0] is not None:
+                    txt += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+                acc = m.get("ACC")
+                print(f"{split}: n={m.get('n')} {txt} ACC {acc:.3f}" if acc is not None
+                      else f"{split}: n={m.get('n')} {txt}")
+
+    return run
+
+
+# --------------------------------------------------------------------------------------
+@command("mil", help="Slide-level MIL prediction: class probabilities + attention heatmap")
+def mil(p):
+    p.add_argument("slide", help="slide file")
+    p.add_argument("-o", "--out-dir", required=True,
+                   help="writes attention.ome.zarr and summary.json here")
+    p.add_argument("--model", required=True, help="MIL model (.safetensors from train-mil)")
+    p.add_argument("--clinical", default=None,
+                   help="CSV with the slide's clinical values (a 'slide' column picks the "
+                        "row; a one-row CSV needs none)")
+    p.add_argument("--features", default=None,
+                   help="a feature cache of this slide (skips extraction)")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache folder (default OUT_DIR/features)")
+    p.add_argument("--bags", type=int, default=32, help="M: bags averaged (default 32)")
+    p.add_argument("--bag-size", type=int, default=None,
+                   help="N: patches per bag (default: the model's)")
+    p.add_argument("--replace", action="store_true",
+                   help="sample with replacement (slides with fewer than N patches)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regions", default=None,
+                   help="annotation file: bags only from its regions (seed 002 models)")
+    p.add_argument("--region-scale", type=float, default=1.0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=16, help="top-attended patches in the summary")
+    add_mpp(p)
+    add_overwrite(p)
+
+    def run(args):
+        from ..core.mil import MILInferenceConfig, predict_slide_job
+        from ..io.slide import open_slide
+        from ..models.clinical import clinical_row
+        from ..models.mil import read_mil_info
+        from ..progress import run as drive
+
+        slide = open_slide(args.slide, mpp=args.mpp)
+        info = read_mil_info(args.model)
+        clinical = None
+        if args.clinical:
+            clinical = clinical_row(args.clinical, slide.name)
+            if info.clinical is None:
+                print("warning: the model uses no clinical data; --clinical is ignored",
+                      file=sys.stderr)
+                clinical = None
+        cfg = MILInferenceConfig(bags=args.bags, bag_size=args.bag_size, replace=args.replace,
+                                 seed=args.seed, device=args.device, batch_size=args.batch_size,
+                                 top_k=args.top_k, cache_dir=args.cache_dir)
+        res = drive(predict_slide_job(slide, args.model, config=cfg, clinical=clinical,
+                                      features=args.features, regions=args.regions,
+                                      region_scale=args.region_scale, out_dir=args.out_dir,
+                                      overwrite=args.overwrite,
+                                      clinical_source=str(args.clinical)), _progress())
+        probs = ", ".join(f"{c}: {p:.3f}" for c, p in zip(res.classes, res.probabilities,
+                                                          strict=True))
+        print(json.dumps({"slide": res.slide, "predicted": res.predicted}) + f"  ({probs})")
+        print(f"wrote {Path(args.out_dir) / 'attention.ome.zarr'} and "
+              f"{Path(args.out_dir) / 'summary.json'}")
+
+    return run
