@@ -163,8 +163,102 @@ def step_tissue(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str
             "tissue_area_mm2": None if tm.area_um2 is None else round(tm.area_um2 / 1e6, 4)}
 
 
+def _config(cls, params: dict[str, Any], step: str, *, extra: tuple[str, ...] = ()):
+    """``cls(**params)`` with the fields it knows; an unknown key is an error, not ignored."""
+    import dataclasses
+
+    # ``mpp`` is the slides' level-0 µm/px override (--mpp); a read resolution is
+    # ``patch_mpp``, as in ``lnmeta predict --patch-mpp``.
+    params = {k: v for k, v in params.items() if k != "mpp"}
+    if "patch_mpp" in params:
+        params["mpp"] = params.pop("patch_mpp")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - names - set(extra))
+    if unknown:
+        known = sorted((names - {"mpp"}) | set(extra)
+                       | ({"patch_mpp"} if "mpp" in names else set()))
+        raise InputError(f"step {step!r}: unknown parameter(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(known)}")
+    return cls(**{k: v for k, v in params.items() if k in names})
+
+
+def step_predict(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Heatmap, maps, lesions and summary of the slide (``lnmeta predict``)."""
+    from .core.inference import InferenceConfig
+    from .core.predict import predict_to_folder
+    from .progress import run as drive
+
+    cfg = _config(InferenceConfig, params, "predict", extra=("truth", "truth_scale"))
+    slide = _open(item, params)
+    pred = drive(predict_to_folder(slide, out / "predict", cfg, overwrite=True,
+                                   truth=params.get("truth"),
+                                   truth_scale=params.get("truth_scale", 1.0)))
+    s = pred.summary()
+    return {"mpp": slide.mpp, "score_max": s["score"]["max"],
+            "score_top_k_mean": s["score"]["top_k_mean"], "patches": s["counts"]["patches"],
+            "lesions": s["counts"]["lesions"], "device": s["device"]}
+
+
+def step_register(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Register the slide's IHC partner onto it and transfer the DAB tumour mask."""
+    from .core.dab import DabParams, transfer_mask
+    from .core.registration import RegistrationConfig, register
+    from .io.slide import open_slide
+    from .progress import run as drive
+
+    if not item.ihc:
+        raise InputError(f"{item.slide}: step 'register' needs an IHC partner "
+                         f"(an 'ihc' column in the cohort CSV)")
+    dab_keys = {"threshold", "min_area_um2", "close_um", "fibrosis_um"}
+    rparams = {k: v for k, v in params.items() if k not in dab_keys | {"mask_mpp", "ihc_mpp"}}
+    cfg = _config(RegistrationConfig, rparams, "register")
+    dab = _config(DabParams, {k: v for k, v in params.items() if k in dab_keys}, "register")
+    fixed = _open(item, params)
+    moving = open_slide(item.ihc, mpp=params.get("ihc_mpp"))
+    t = drive(register(fixed, moving, cfg))
+    t.save(out / "transform.json", inputs=(item.slide, item.ihc))
+    res = drive(transfer_mask(fixed, moving, t, out / "tumour_mask.ome.zarr", dab,
+                              mask_mpp=params.get("mask_mpp", 2.0)))
+    return {"ihc": item.ihc, "mode": cfg.mode, "dab_threshold": round(float(res.threshold), 5),
+            "tumour_fraction": round(float(res.tumour_fraction), 6)}
+
+
+def step_features(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Patch features of the slide as a zarr store (``lnmeta extract-features``)."""
+    from .core.features import FeatureConfig, slide_features_job
+    from .progress import run as drive
+
+    cfg = _config(FeatureConfig, params, "extract-features", extra=("regions", "region_scale"))
+    slide = _open(item, params)
+    cache = drive(slide_features_job(slide, cfg, out=out / "features.zarr",
+                                     regions=params.get("regions"),
+                                     region_scale=params.get("region_scale", 1.0)))
+    return {"patches": len(cache), "backbone": cfg.backbone}
+
+
+def step_mil(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Slide-level MIL prediction with attention (``lnmeta mil-predict``); needs ``model``."""
+    from .core.mil import MILInferenceConfig, predict_slide_job
+    from .progress import run as drive
+
+    model = params.get("model")
+    if not model:
+        raise InputError("step 'mil' needs a MIL model file: --param model=PATH")
+    cfg = _config(MILInferenceConfig, {k: v for k, v in params.items() if k != "model"}, "mil")
+    slide = _open(item, params)
+    res = drive(predict_slide_job(slide, model, config=cfg, clinical=item.clinical or None,
+                                  out_dir=out / "mil", overwrite=True,
+                                  clinical_source="the cohort CSV"))
+    probs = {c: round(float(p), 6) for c, p in zip(res.classes, res.probabilities)}
+    return {"predicted": res.predicted, "probabilities": probs, "instances": len(res.instances)}
+
+
 STEPS: dict[str, Callable[[CohortItem, Path, dict[str, Any]], dict[str, Any]]] = {
     "tissue": step_tissue,
+    "predict": step_predict,
+    "register": step_register,
+    "extract-features": step_features,
+    "mil": step_mil,
 }
 
 
@@ -194,8 +288,12 @@ def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any])
     tmp = root / f".{item.id}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
+    params = dict(params)
+    device = worker_device(params.get("device", "auto"), _worker_index(), _gpu_count())
+    if device is not None:
+        params["device"] = device
     try:
-        result = STEPS[step](item, tmp, dict(params))
+        result = STEPS[step](item, tmp, params)
         record = {"id": item.id, "slide": item.slide, "step": step, "status": "done",
                   "seconds": round(time.perf_counter() - t0, 3), "result": result,
                   "host": os.uname().nodename, "pid": os.getpid()}
@@ -212,6 +310,38 @@ def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def worker_device(requested: Any, worker_index: int | None, n_gpus: int) -> str | None:
+    """The GPU a cluster worker uses when the step asks for ``device="auto"``.
+
+    LocalCluster workers are numbered 0, 1, ...; with several GPUs, worker ``i`` takes
+    ``cuda:{i mod n_gpus}`` so that one worker per GPU (the default sizing) spreads the
+    cohort over all of them. ``None``: leave the step's device as it is (an explicit
+    device, one GPU or none, or not inside a numbered worker).
+    """
+    if requested not in (None, "auto") or worker_index is None or n_gpus < 2:
+        return None
+    return f"cuda:{worker_index % n_gpus}"
+
+
+def _worker_index() -> int | None:
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return None
+    return name if isinstance(name, int) else None
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
 
 
 def _error_text(exc: BaseException) -> str:
@@ -264,12 +394,7 @@ def write_summary(out: Path, records: list[dict[str, Any]]) -> Path:
 def default_cluster_size() -> tuple[int, int]:
     """``(workers, threads per worker)``: one worker per GPU, else up to 4 per machine."""
     ncpu = os.cpu_count() or 1
-    try:
-        import torch
-
-        ngpu = torch.cuda.device_count()
-    except Exception:
-        ngpu = 0
+    ngpu = _gpu_count()
     workers = ngpu if ngpu else max(1, min(4, ncpu // 2))
     return workers, max(1, ncpu // workers)
 
