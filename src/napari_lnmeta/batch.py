@@ -249,7 +249,7 @@ def step_mil(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, A
     res = drive(predict_slide_job(slide, model, config=cfg, clinical=item.clinical or None,
                                   out_dir=out / "mil", overwrite=True,
                                   clinical_source="the cohort CSV"))
-    probs = {c: round(float(p), 6) for c, p in zip(res.classes, res.probabilities)}
+    probs = {c: round(float(p), 6) for c, p in zip(res.classes, res.probabilities, strict=True)}
     return {"predicted": res.predicted, "probabilities": probs, "instances": len(res.instances)}
 
 

@@ -8,12 +8,11 @@ import os
 
 import numpy as np
 import pytest
+from tests._mil_helpers import BACKBONE, CROP_FEATURES_META, PATCH, camelyon_crop, random_mil_file
 
 from napari_lnmeta.batch import STEPS, load_cohort, run_batch
 from napari_lnmeta.io.omezarr import read_ome_zarr
 from napari_lnmeta.progress import run
-
-from tests._mil_helpers import BACKBONE, CROP_FEATURES_META, PATCH, camelyon_crop, random_mil_file
 
 
 def _csv(path, header, rows):
