@@ -293,7 +293,12 @@ def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any])
     if device is not None:
         params["device"] = device
     try:
-        result = STEPS[step](item, tmp, params)
+        import dask
+
+        # Lazy slide arrays are computed with local threads inside the task: inside a
+        # Dask worker the default would ship each compute back through the scheduler.
+        with dask.config.set(scheduler="threads"):
+            result = STEPS[step](item, tmp, params)
         record = {"id": item.id, "slide": item.slide, "step": step, "status": "done",
                   "seconds": round(time.perf_counter() - t0, 3), "result": result,
                   "host": os.uname().nodename, "pid": os.getpid()}
