@@ -75,6 +75,32 @@ def test_ome_tiff_matches_tifffile_every_level(camelyon):
             ref[y:y + 64, x:x + 96])
 
 
+def test_tile_cache_reads_equal_direct_reads_and_stay_bounded(camelyon, monkeypatch):
+    """Random small reads through the decoded-tile cache equal the file's pixels."""
+    path = camelyon / "tumor_001_level5.ome.tif"
+    ref = tifffile.imread(path, level=0)
+    monkeypatch.setenv("LNMETA_TILE_CACHE_MB", "2")
+    slide = open_slide(path)
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        h, w = rng.integers(1, 300, 2)
+        y = int(rng.integers(0, ref.shape[0] - h))
+        x = int(rng.integers(0, ref.shape[1] - w))
+        got = slide.read_region((y, x), (int(h), int(w)), level=0)
+        np.testing.assert_array_equal(got, ref[y:y + h, x:x + w])
+    # the edge tiles are partial; a read past the edge is white
+    edge = slide.read_region((ref.shape[0] - 10, ref.shape[1] - 10), (20, 20), level=0)
+    np.testing.assert_array_equal(edge[:10, :10], ref[-10:, -10:])
+    assert (edge[10:] == 255).all()
+    cache = slide._cache
+    assert 0 < len(cache) and cache._size <= cache.capacity == 2 * 2**20
+    monkeypatch.setenv("LNMETA_TILE_CACHE_MB", "0")  # disabled: same pixels, nothing kept
+    off = open_slide(path)
+    np.testing.assert_array_equal(off.read_region((100, 200), (50, 60), level=0),
+                                  ref[100:150, 200:260])
+    assert len(off._cache) == 0
+
+
 def test_subifd_pyramid_with_user_mpp_and_padding(pyramid_factory):
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (700, 900, 3), dtype=np.uint8)

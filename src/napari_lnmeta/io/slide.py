@@ -16,6 +16,7 @@ chunk is computed, with one file handle per thread so chunks decode in parallel.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from functools import cached_property
@@ -497,6 +498,7 @@ class TiffSlide(Slide):
             raise SlideError(self.path, f"unsupported TIFF layout ({e})") from e
         tf.close()
         self._local = threading.local()
+        self._cache = TileCache.from_env()
 
     def _read_ome_metadata(self, tf) -> None:
         if not tf.is_ome:
@@ -538,6 +540,44 @@ class TiffSlide(Slide):
 
     def _read_level(self, level, y, x, h, w):
         arr = self._zarr_levels()[level]
+        tile = self._tile_shape(arr)
+        if tile is not None and self._cache.capacity and h * w <= 4 * tile[0] * tile[1]:
+            return self._read_cached(level, arr, tile, y, x, h, w)
+        return self._read_direct(arr, level, y, x, h, w)
+
+    def _tile_shape(self, arr) -> tuple[int, int] | None:
+        """The (rows, cols) of the level's TIFF tiles or strips, as its zarr chunks."""
+        chunks = getattr(arr, "chunks", None)
+        if not chunks or len(chunks) != len(self._axes):
+            return None
+        c = dict(zip(self._axes, chunks, strict=True))
+        return int(c["Y"]), int(c["X"])
+
+    def _read_cached(self, level, arr, tile, y, x, h, w):
+        """Small reads (training and inference patches) assembled from decoded tiles.
+
+        Neighbouring and overlapping patches share tiles; like OpenSlide's tile cache, a
+        bounded LRU of decoded tiles (``LNMETA_TILE_CACHE_MB``, default 64 MB per slide,
+        shared by the reading threads) saves decoding the same JPEG tile again.
+        """
+        th, tw = tile
+        lh, lw = self.level_shapes[level]
+        out = np.empty((h, w, 3), np.uint8)
+        for ty in range(y // th, (y + h - 1) // th + 1):
+            for tx in range(x // tw, (x + w - 1) // tw + 1):
+                key = (level, ty, tx)
+                t = self._cache.get(key)
+                if t is None:
+                    t = self._read_direct(arr, level, ty * th, tx * tw,
+                                          min(th, lh - ty * th), min(tw, lw - tx * tw))
+                    self._cache.put(key, t)
+                y0, x0 = max(y, ty * th), max(x, tx * tw)
+                y1, x1 = min(y + h, ty * th + t.shape[0]), min(x + w, tx * tw + t.shape[1])
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = t[y0 - ty * th:y1 - ty * th,
+                                                      x0 - tx * tw:x1 - tx * tw]
+        return out
+
+    def _read_direct(self, arr, level, y, x, h, w):
         ax = self._axes
         idx = []
         for a in ax:
@@ -565,11 +605,52 @@ class TiffSlide(Slide):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_local", None)
+        state.pop("_cache", None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._local = threading.local()
+        self._cache = TileCache.from_env()
+
+
+class TileCache:
+    """A thread-safe LRU of decoded tiles, bounded in bytes (0 disables it)."""
+
+    def __init__(self, capacity_bytes: int):
+        from collections import OrderedDict
+
+        self.capacity = int(capacity_bytes)
+        self._d: OrderedDict = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> TileCache:
+        mb = float(os.environ.get("LNMETA_TILE_CACHE_MB", "64"))
+        return cls(int(mb * 2**20))
+
+    def get(self, key):
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key, value: np.ndarray) -> None:
+        if value.nbytes > self.capacity:
+            return
+        with self._lock:
+            if key in self._d:
+                return
+            self._d[key] = value
+            self._size += value.nbytes
+            while self._size > self.capacity:
+                _, old = self._d.popitem(last=False)
+                self._size -= old.nbytes
+
+    def __len__(self) -> int:
+        return len(self._d)
 
 
 def _aperio_desc_mpp(desc: str) -> tuple[float | None, str | None]:
