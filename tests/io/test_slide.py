@@ -93,7 +93,7 @@ def test_tile_cache_reads_equal_direct_reads_and_stay_bounded(camelyon, monkeypa
     np.testing.assert_array_equal(edge[:10, :10], ref[-10:, -10:])
     assert (edge[10:] == 255).all()
     cache = slide._cache
-    assert 0 < len(cache) and cache._size <= cache.capacity == 2 * 2**20
+    assert len(cache) > 0 and cache._size <= cache.capacity == 2 * 2**20
     monkeypatch.setenv("LNMETA_TILE_CACHE_MB", "0")  # disabled: same pixels, nothing kept
     off = open_slide(path)
     np.testing.assert_array_equal(off.read_region((100, 200), (50, 60), level=0),

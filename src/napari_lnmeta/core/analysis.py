@@ -1,0 +1,761 @@
+"""Seed 001's analyses: dataset separability (features → PCA → k-means) and Grad-CAM.
+
+Separability
+------------
+Can two patch sources (two hospitals, two scanners, two datasets to be merged) be told
+apart from their features alone? Seed 001 answers with an unsupervised check:
+
+1. features of every patch from a backbone without its head (a registry architecture,
+   randomly initialised unless an ``init`` safetensors file gives weights, or a trained
+   lnmeta patch model; nothing is downloaded), see
+   :func:`napari_lnmeta.models.extractor.load_extractor`;
+2. PCA to 2 dimensions (:func:`pca`);
+3. k-means with k = 2 (k-means++ initialisation, several restarts, lowest inertia kept;
+   :func:`kmeans`);
+4. the clusters against the source labels: **accuracy** after the best one-to-one
+   matching of clusters to sources (Hungarian algorithm,
+   :func:`scipy.optimize.linear_sum_assignment`; :func:`hungarian_accuracy`),
+   **silhouette** of the clusters in the PCA plane (:func:`silhouette_score`) and the
+   **adjusted Rand index** between clusters and sources (:func:`adjusted_rand_index`).
+
+An accuracy near 0.5 and ARI near 0 mean the sources are not separable (they can be
+merged); seed 001 runs it before and after stain normalisation
+(:mod:`napari_lnmeta.core.stain`) to show that normalisation removes the source shortcut.
+silhouette and ARI are implemented here in numpy (scikit-learn is not a runtime
+dependency); they equal scikit-learn's ``silhouette_score`` and ``adjusted_rand_score``.
+
+Grad-CAM
+--------
+:func:`gradcam` (Selvaraju et al. 2017) weights the activations of the last convolutional
+stage by the spatially averaged gradient of the class score and keeps the positive part.
+The stage is found automatically for every registry architecture (the last module, in
+execution order, whose output is still a spatial map; :func:`find_target_layer`).
+:func:`gradcam_region_job` tiles a level-0 box of a slide into model patches and returns
+a mosaic with its :class:`~napari_lnmeta.io.omezarr.SlideFrame`, ready for a napari layer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.omezarr import SlideFrame
+from ..progress import Job, Progress
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..io.slide import Slide
+    from ..models.io import ModelMeta
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+# --------------------------------------------------------------------------------------
+# Clustering metrics (numpy)
+# --------------------------------------------------------------------------------------
+def _labels(y: Any, name: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise InputError(f"{name} must be 1-D, got shape {y.shape}")
+    return np.unique(y, return_inverse=True)[1].astype(np.int64)
+
+
+def contingency(a: Any, b: Any) -> np.ndarray:
+    """``C[i, j]`` = samples in class ``i`` of ``a`` and class ``j`` of ``b``."""
+    ia, ib = _labels(a, "a"), _labels(b, "b")
+    if len(ia) != len(ib):
+        raise InputError(f"label vectors differ in length ({len(ia)} vs {len(ib)})")
+    na, nb = (ia.max() + 1 if len(ia) else 0), (ib.max() + 1 if len(ib) else 0)
+    return np.bincount(ia * nb + ib, minlength=na * nb).reshape(na, nb)
+
+
+def hungarian_accuracy(y_true: Any, clusters: Any) -> float:
+    """Accuracy after the best one-to-one matching of clusters to classes (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
+    c = contingency(y_true, clusters)
+    if c.sum() == 0:
+        return float("nan")
+    r, k = linear_sum_assignment(-c)
+    return float(c[r, k].sum() / c.sum())
+
+
+def adjusted_rand_index(a: Any, b: Any) -> float:
+    """Adjusted Rand index of two labellings (Hubert & Arabie 1985), as scikit-learn."""
+    c = contingency(a, b).astype(np.float64)
+    n = c.sum()
+    if n < 2:
+        return 1.0
+
+    def comb2(x):
+        return x * (x - 1) / 2.0
+
+    index = comb2(c).sum()
+    sa, sb = comb2(c.sum(axis=1)).sum(), comb2(c.sum(axis=0)).sum()
+    expected = sa * sb / comb2(n)
+    maximum = (sa + sb) / 2.0
+    if maximum == expected:  # both labellings trivial (one class, or all singletons)
+        return 1.0
+    return float((index - expected) / (maximum - expected))
+
+
+def silhouette_score(x: np.ndarray, labels: Any, *, chunk: int = 2048) -> float:
+    """Mean silhouette ``(b - a) / max(a, b)`` with Euclidean distances (as scikit-learn).
+
+    ``a``: mean distance to the other members of the own cluster; ``b``: lowest mean
+    distance to another cluster; samples alone in their cluster score 0. Distances are
+    computed in row chunks, so memory is ``chunk × N``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    lab = _labels(labels, "labels")
+    n = len(lab)
+    if x.ndim != 2 or len(x) != n:
+        raise InputError(f"x must be (N, D) with N={n}, got {x.shape}")
+    k = int(lab.max()) + 1 if n else 0
+    if not 2 <= k <= n - 1:
+        raise InputError(f"silhouette needs 2 <= clusters <= samples - 1 (got {k} clusters, "
+                         f"{n} samples)")
+    sizes = np.bincount(lab, minlength=k).astype(np.float64)
+    onehot = np.zeros((n, k))
+    onehot[np.arange(n), lab] = 1.0
+    sq = (x * x).sum(axis=1)
+    s = np.empty(n)
+    for i0 in range(0, n, chunk):
+        i1 = min(n, i0 + chunk)
+        d2 = sq[i0:i1, None] + sq[None, :] - 2.0 * x[i0:i1] @ x.T
+        d = np.sqrt(np.maximum(d2, 0.0))
+        d[np.arange(i1 - i0), np.arange(i0, i1)] = 0.0
+        sums = d @ onehot                          # (chunk, k) distance sums per cluster
+        own = lab[i0:i1]
+        own_n = sizes[own] - 1
+        a = np.where(own_n > 0, sums[np.arange(i1 - i0), own] / np.maximum(own_n, 1), 0.0)
+        mean_other = sums / sizes[None, :]
+        mean_other[np.arange(i1 - i0), own] = np.inf
+        b = mean_other.min(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            si = (b - a) / np.maximum(a, b)
+        s[i0:i1] = np.where((own_n > 0) & np.isfinite(si), si, 0.0)
+    return float(s.mean())
+
+
+def pca(x: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Projection on the first principal components and their explained-variance ratios.
+
+    Signs are fixed (the largest loading of each component is positive) so results are
+    reproducible.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise InputError(f"PCA needs an (N >= 2, D) matrix, got {x.shape}")
+    xc = x - x.mean(axis=0)
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)
+    k = min(n_components, vt.shape[0])
+    signs = np.sign(vt[np.arange(k), np.argmax(np.abs(vt[:k]), axis=1)])
+    signs[signs == 0] = 1
+    comps = vt[:k] * signs[:, None]
+    var = s ** 2
+    ratio = var[:k] / var.sum() if var.sum() > 0 else np.zeros(k)
+    return xc @ comps.T, ratio
+
+
+def kmeans(x: np.ndarray, k: int = 2, *, n_init: int = 10, max_iter: int = 300,
+           tol: float = 1e-8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Lloyd's k-means with k-means++ seeding; the run with the lowest inertia of ``n_init``.
+
+    Returns ``(labels, centres, inertia)``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    if n < k:
+        raise InputError(f"k-means with k={k} needs at least {k} samples, got {n}")
+    rng = np.random.default_rng(seed)
+    best = (None, None, np.inf)
+    for _ in range(max(1, n_init)):
+        c = np.empty((k, x.shape[1]))
+        c[0] = x[rng.integers(n)]
+        d2 = ((x - c[0]) ** 2).sum(axis=1)
+        for j in range(1, k):
+            tot = d2.sum()
+            idx = rng.choice(n, p=d2 / tot) if tot > 0 else rng.integers(n)
+            c[j] = x[idx]
+            d2 = np.minimum(d2, ((x - c[j]) ** 2).sum(axis=1))
+        lab = np.zeros(n, np.int64)
+        for _it in range(max_iter):
+            dist = ((x[:, None, :] - c[None]) ** 2).sum(axis=2)
+            lab = dist.argmin(axis=1)
+            new = np.array([x[lab == j].mean(axis=0) if (lab == j).any() else c[j]
+                            for j in range(k)])
+            shift = ((new - c) ** 2).sum()
+            c = new
+            if shift <= tol:
+                break
+        dist = ((x[:, None, :] - c[None]) ** 2).sum(axis=2)
+        lab = dist.argmin(axis=1)
+        inertia = float(dist[np.arange(n), lab].sum())
+        if inertia < best[2]:
+            best = (lab, c, inertia)
+    return best[0], best[1], best[2]
+
+
+# --------------------------------------------------------------------------------------
+# Patch sources
+# --------------------------------------------------------------------------------------
+@dataclass
+class SeparabilityConfig:
+    """Parameters of :func:`separability_job`.
+
+    Attributes
+    ----------
+    backbone
+        Registry architecture (``"resnet18"``, seed 001) or an lnmeta model file.
+    init
+        Safetensors weights for a registry backbone (none: random, seeded).
+    patch_size
+        Patches are resized to this side (``None``: the first patch's side).
+    max_patches
+        At most this many patches per source (a seeded random subset).
+    patch_mpp
+        Read slide patches at this µm/px (``None``: level 0).
+    stain
+        Also run after stain normalisation with this method (``"macenko"``,
+        ``"vahadane"``, ``"reinhard"``), or ``None``.
+    stain_target
+        A stain-target JSON (:class:`~napari_lnmeta.core.stain.StainTarget`); default:
+        fitted on a mosaic of patches from both sources.
+    k, n_components, n_init, seed, batch_size, device
+        k-means clusters, PCA dimensions, restarts, random seed, feature batch, device.
+    """
+
+    backbone: str = "resnet18"
+    init: str | None = None
+    patch_size: int | None = None
+    max_patches: int = 500
+    patch_mpp: float | None = None
+    stain: str | None = "macenko"
+    stain_target: str | None = None
+    k: int = 2
+    n_components: int = 2
+    n_init: int = 10
+    seed: int = 0
+    batch_size: int = 32
+    device: str = "cpu"
+
+
+@dataclass
+class PatchSource:
+    """Patches of one source, ``(N, S, S, 3)`` uint8, with where each came from."""
+
+    name: str
+    patches: np.ndarray
+    ids: list[str] = field(default_factory=list)
+
+
+def _resize_patch(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+
+
+def load_patch_source(source: str | Path, *, max_patches: int = 500,
+                      patch_size: int | None = None, patch_mpp: float | None = None,
+                      seed: int = 0, name: str | None = None) -> PatchSource:
+    """Patches from a folder of images (searched recursively) or a slide's tissue grid.
+
+    A folder: every ``.png``/``.jpg``/``.tif`` image, RGB, resized to ``patch_size``
+    (default: the first image's side). A slide: non-overlapping ``patch_size`` (default
+    224) patches over tissue at ``patch_mpp`` (default level 0). ``max_patches`` of them
+    are drawn at random (seeded).
+    """
+    src = Path(source)
+    label = name or src.name
+    rng = np.random.default_rng(seed)
+    if src.is_dir() and not src.name.lower().endswith(".zarr"):
+        files = sorted(f for f in src.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                       and f.is_file())
+        if not files:
+            raise InputError(f"{src}: no images (.png, .jpg, .tif) in this folder")
+        if len(files) > max_patches:
+            files = [files[i] for i in np.sort(rng.choice(len(files), max_patches,
+                                                          replace=False))]
+        from PIL import Image
+
+        out = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    img = np.asarray(im.convert("RGB"))
+            except OSError as e:
+                raise InputError(f"{f}: not a readable image ({e})") from e
+            if patch_size is None:
+                patch_size = int(min(img.shape[:2]))
+            out.append(_resize_patch(img, int(patch_size)))
+        return PatchSource(label, np.stack(out).astype(np.uint8),
+                           [str(f.relative_to(src)) for f in files])
+    from ..io.slide import open_slide
+    from .tiling import make_grid, read_patches
+    from .tissue import tissue_mask
+
+    slide = open_slide(src)
+    ps = int(patch_size or 224)
+    grid = make_grid(slide, patch_size=ps, mpp=patch_mpp, level=None if patch_mpp else 0,
+                     tissue=tissue_mask(slide), min_tissue=0.5)
+    if len(grid) == 0:
+        raise InputError(f"{src}: no tissue patch of {ps} px")
+    idx = np.arange(len(grid))
+    if len(idx) > max_patches:
+        idx = np.sort(rng.choice(len(idx), max_patches, replace=False))
+    patches = read_patches(slide, grid, idx)
+    ids = [f"{int(r)},{int(c)}" for r, c in grid.coords[idx]]
+    return PatchSource(name or slide.name, patches, ids)
+
+
+# --------------------------------------------------------------------------------------
+# Separability
+# --------------------------------------------------------------------------------------
+@dataclass
+class SeparabilityResult:
+    """One run of features → PCA → k-means against the source labels."""
+
+    accuracy: float
+    silhouette: float
+    ari: float
+    explained_variance: list[float]
+    inertia: float
+    coords: np.ndarray       # (N, n_components) PCA coordinates
+    source: np.ndarray       # (N,) 0 = first source, 1 = second
+    cluster: np.ndarray      # (N,) k-means cluster
+    names: tuple[str, str]
+    stain: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "silhouette": self.silhouette, "ari": self.ari,
+                "explained_variance": self.explained_variance, "inertia": self.inertia,
+                "n": [int((self.source == 0).sum()), int((self.source == 1).sum())],
+                "sources": list(self.names), "stain": self.stain}
+
+
+def cluster_separability(features: np.ndarray, source: np.ndarray, *, k: int = 2,
+                         n_components: int = 2, n_init: int = 10, seed: int = 0,
+                         names: tuple[str, str] = ("A", "B"),
+                         stain: str | None = None) -> SeparabilityResult:
+    """PCA → k-means → Hungarian accuracy, silhouette (PCA plane) and ARI of features."""
+    f = np.asarray(features, dtype=np.float64)
+    src = np.asarray(source)
+    coords, ratio = pca(f, n_components)
+    lab, _, inertia = kmeans(coords, k, n_init=n_init, seed=seed)
+    try:
+        sil = silhouette_score(coords, lab)
+    except InputError:
+        sil = float("nan")  # k-means put everything in one cluster
+    return SeparabilityResult(accuracy=hungarian_accuracy(src, lab), silhouette=sil,
+                              ari=adjusted_rand_index(src, lab),
+                              explained_variance=[float(v) for v in ratio], inertia=inertia,
+                              coords=coords, source=src.astype(np.int64), cluster=lab,
+                              names=names, stain=stain)
+
+
+def extract_features(patches: np.ndarray, *, backbone: str = "resnet18",
+                     init: str | None = None, batch_size: int = 32, device: str = "cpu",
+                     seed: int = 0, extractor: tuple[nn.Module, Any] | None = None
+                     ) -> Job[np.ndarray]:
+    """Penultimate-layer features of uint8 ``(N, S, S, 3)`` patches (a progress generator).
+
+    ``extractor``: an already built ``(model, BackboneInfo)`` of
+    :func:`~napari_lnmeta.models.extractor.load_extractor` (else built from ``backbone``).
+    """
+    import torch
+
+    from ..models.extractor import Preprocessor, load_extractor
+
+    ps = int(patches.shape[1])
+    model, info = extractor or load_extractor(backbone, init=init, seed=seed, patch_size=ps,
+                                              device=device)
+    prep = Preprocessor(info, device)
+    out = np.empty((len(patches), info.feature_dim), np.float32)
+    n = len(patches)
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            x = prep(patches[i:i + batch_size])
+            out[i:i + batch_size] = model(x).float().reshape(len(x), -1).cpu().numpy()
+            yield Progress(min(n, i + batch_size), n, "features")
+    return out
+
+
+def _normalise_all(patches: np.ndarray, target) -> np.ndarray:
+    from .stain import normalize
+
+    return np.stack([normalize(p, target) for p in patches])
+
+
+def separability_job(a: PatchSource | str | Path, b: PatchSource | str | Path,
+                     config: SeparabilityConfig | None = None
+                     ) -> Job[dict[str, SeparabilityResult]]:
+    """Seed 001's separability check of two patch sources, raw and stain-normalised.
+
+    Returns ``{"raw": result}`` plus ``{"normalised": result}`` when ``config.stain``.
+    """
+    cfg = config or SeparabilityConfig()
+    yield Progress(0, 1, "reading patches")
+    if not isinstance(a, PatchSource):
+        a = load_patch_source(a, max_patches=cfg.max_patches, patch_size=cfg.patch_size,
+                              patch_mpp=cfg.patch_mpp, seed=cfg.seed)
+    ps = cfg.patch_size or int(a.patches.shape[1])
+    if not isinstance(b, PatchSource):
+        b = load_patch_source(b, max_patches=cfg.max_patches, patch_size=ps,
+                              patch_mpp=cfg.patch_mpp, seed=cfg.seed + 1)
+    if a.patches.shape[1:] != b.patches.shape[1:]:
+        b = PatchSource(b.name, np.stack([_resize_patch(p, a.patches.shape[1])
+                                          for p in b.patches]), b.ids)
+    if min(len(a.patches), len(b.patches)) < 2:
+        raise InputError("each source needs at least 2 patches")
+    names = (a.name, b.name)
+    if names[0] == names[1]:
+        names = (f"A: {names[0]}", f"B: {names[1]}")
+    x = np.concatenate([a.patches, b.patches])
+    src = np.r_[np.zeros(len(a.patches), np.int64), np.ones(len(b.patches), np.int64)]
+    runs = [("raw", x, None)]
+    if cfg.stain:
+        from .stain import StainTarget, fit_target
+
+        yield Progress(0, 1, f"{cfg.stain} stain normalisation")
+        if cfg.stain_target:
+            target = StainTarget.load(cfg.stain_target)
+        else:
+            rng = np.random.default_rng(cfg.seed)
+            pick = np.r_[rng.choice(len(a.patches), min(32, len(a.patches)), replace=False),
+                         len(a.patches) + rng.choice(len(b.patches), min(32, len(b.patches)),
+                                                     replace=False)]
+            target = fit_target(x[pick].reshape(-1, x.shape[2], 3), cfg.stain,
+                                source="both sources")
+        runs.append(("normalised", _normalise_all(x, target), cfg.stain))
+    from ..models.extractor import load_extractor
+
+    ext = load_extractor(cfg.backbone, init=cfg.init, seed=cfg.seed, patch_size=int(x.shape[1]),
+                         device=cfg.device)
+    out: dict[str, SeparabilityResult] = {}
+    for key, data, stain in runs:
+        feats = yield from extract_features(data, batch_size=cfg.batch_size, device=cfg.device,
+                                            extractor=ext)
+        out[key] = cluster_separability(feats, src, k=cfg.k, n_components=cfg.n_components,
+                                        n_init=cfg.n_init, seed=cfg.seed, names=names,
+                                        stain=stain)
+    return out
+
+
+def separability_figure_png(results: dict[str, SeparabilityResult], *, dpi: int = 110) -> bytes:
+    """Scatter plots of the PCA plane (colour: source, marker: k-means cluster), one panel
+    per run, as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(results)
+    fig = Figure(figsize=(4.2 * n, 4.0), dpi=dpi)
+    FigureCanvasAgg(fig)
+    markers = ["o", "^", "s", "D", "v"]
+    for i, (key, r) in enumerate(results.items()):
+        ax = fig.add_subplot(1, n, i + 1)
+        for s in (0, 1):
+            for c in np.unique(r.cluster):
+                m = (r.source == s) & (r.cluster == c)
+                if not m.any():
+                    continue
+                ax.scatter(r.coords[m, 0], r.coords[m, 1] if r.coords.shape[1] > 1
+                           else np.zeros(int(m.sum())), s=10, alpha=0.6, color=f"C{s}",
+                           marker=markers[int(c) % len(markers)],
+                           label=f"{r.names[s]} / cluster {int(c)}")
+        title = key if r.stain is None else f"{key} ({r.stain})"
+        ax.set_title(f"{title}\nacc {r.accuracy:.3f}  sil {r.silhouette:.3f}  "
+                     f"ARI {r.ari:.3f}", fontsize=9)
+        ev = r.explained_variance
+        ax.set_xlabel(f"PC1 ({100 * ev[0]:.0f} %)")
+        if len(ev) > 1:
+            ax.set_ylabel(f"PC2 ({100 * ev[1]:.0f} %)")
+        ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+SEPARABILITY_FILES = ("separability.json", "separability.png", "points.csv")
+
+
+def write_separability(results: dict[str, SeparabilityResult], out_dir: str | Path, *,
+                       config: SeparabilityConfig | None = None, overwrite: bool = False,
+                       inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
+    """``separability.json``, ``separability.png`` and ``points.csv`` (PCA coordinates,
+    source and cluster of every patch), atomically; existing ones refused unless
+    ``overwrite``."""
+    from ..errors import OutputExistsError
+    from ..io.atomic import check_output, write_bytes_atomic, write_text_atomic
+
+    out = Path(out_dir)
+    check_output(out, overwrite=True, inputs=inputs)
+    for name in SEPARABILITY_FILES:
+        if (out / name).exists() and not overwrite:
+            raise OutputExistsError(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"png": write_bytes_atomic(out / "separability.png",
+                                       separability_figure_png(results), overwrite=True)}
+    lines = ["run,source,cluster," + ",".join(f"pc{i + 1}" for i in
+                                              range(next(iter(results.values())).coords.shape[1]))]
+    for key, r in results.items():
+        for s, c, xy in zip(r.source, r.cluster, r.coords, strict=True):
+            lines.append(f"{key},{r.names[s]},{int(c)}," + ",".join(f"{v:.6g}" for v in xy))
+    paths["csv"] = write_text_atomic(out / "points.csv", "\n".join(lines) + "\n", overwrite=True)
+    d = {"format": "lnmeta-separability", "version": 1,
+         "config": None if config is None else asdict(config),
+         "results": {k: r.to_json() for k, r in results.items()},
+         "reading": "accuracy near 0.5, ARI near 0 and silhouette near 0: the sources are "
+                    "not separable by their features (seed 001)"}
+    paths["json"] = write_text_atomic(out / "separability.json", json.dumps(d, indent=1),
+                                      overwrite=True)
+    return paths
+
+
+# --------------------------------------------------------------------------------------
+# Grad-CAM
+# --------------------------------------------------------------------------------------
+def find_target_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The last module (in execution order) whose output is still a spatial map.
+
+    A forward pass with hooks on every module records when each one finishes; a
+    container finishes after its children, so for a ResNet this is ``layer4``, for VGG /
+    DenseNet / EfficientNet ``features``, for ``lnmeta_cnn_small`` ``layer4``. Adaptive
+    pools (whose output is the pooled map, not a stage) are skipped.
+    """
+    import torch
+    from torch import nn
+
+    order: list[nn.Module] = []
+    skip = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Identity, nn.Flatten)
+
+    def hook(mod, _inp, out):
+        if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] * out.shape[3] > 1 \
+                and not isinstance(mod, skip):
+            order.append(mod)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not order:
+        raise InputError("the model has no convolutional stage with a spatial output "
+                         "(patches too small?)")
+    return order[-1]
+
+
+def _as_input(patches: Any, meta: ModelMeta | None, device: torch.device) -> torch.Tensor:
+    import torch
+
+    from ..models.io import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, preprocess
+
+    if isinstance(patches, torch.Tensor) and patches.is_floating_point():
+        x = patches.to(device).float()
+        return x[None] if x.ndim == 3 else x
+    m = meta or ModelMeta(architecture="?", classes=["a", "b"], patch_size=1,
+                          mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    if meta is not None and meta.normalisation:
+        from .inference import stain_transform
+
+        x = torch.from_numpy(np.ascontiguousarray(patches)) if isinstance(patches, np.ndarray) \
+            else patches
+        if x.ndim == 3:
+            x = x[None]
+        x = x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = stain_transform(meta.normalisation, device)(x)
+        return preprocess(x, m, device=device)
+    return preprocess(patches, m, device=device)
+
+
+def gradcam(model: nn.Module, patches: Any, target_layer: nn.Module | None = None, *,
+            class_index: int | None = None, meta: ModelMeta | None = None,
+            device: str | torch.device = "cpu", batch_size: int = 32,
+            out_size: int | None = None, return_probs: bool = False):
+    """Grad-CAM maps of patches, in [0, 1].
+
+    Parameters
+    ----------
+    model
+        A classifier (registry architecture or any CNN), on ``device``.
+    patches
+        uint8 ``(B, H, W, 3)`` (numpy or torch; scaled and normalised with ``meta``'s
+        mean/std and stain normalisation, ImageNet's without ``meta``) or a float tensor
+        ``(B, 3, H, W)`` already normalised.
+    target_layer
+        The module whose activations are weighted; default :func:`find_target_layer`.
+    class_index
+        Class explained; default the tumour class of ``meta`` when it has one, else
+        each patch's predicted class. With a one-logit sigmoid head, class 1 is the
+        logit and class 0 its negative.
+    out_size
+        Side of the returned maps (default the input side).
+    return_probs
+        Also return the ``(B, C)`` class probabilities.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, out_size, out_size)`` float32, each map divided by its maximum (all zeros
+        where no activation supports the class).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dev = torch.device(device)
+    x_all = _as_input(patches, meta, dev)
+    if class_index is None and meta is not None:
+        from ..errors import ModelError
+        from .inference import tumour_index
+
+        try:
+            class_index = tumour_index(meta)
+        except ModelError:
+            class_index = None
+    layer = target_layer or find_target_layer(model, x_all)
+    h, w = x_all.shape[2:]
+    size = (out_size or h, out_size or w)
+    saved: dict[str, torch.Tensor] = {}
+
+    def keep(_mod, _inp, out):
+        saved["a"] = out
+        return out.clone()  # later in-place ops (ReLU(inplace=True)) must not touch it
+
+    was_training = model.training
+    model.eval()
+    handle = layer.register_forward_hook(keep)
+    maps, probs = [], []
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for i in range(0, len(x_all), batch_size):
+                x = x_all[i:i + batch_size].clone().requires_grad_(True)
+                logits = model(x)
+                if logits.ndim == 1:
+                    logits = logits[:, None]
+                if logits.shape[1] == 1:
+                    p = torch.sigmoid(logits)
+                    probs.append(torch.cat([1 - p, p], 1).detach())
+                    sign = -1.0 if class_index == 0 else 1.0
+                    score = sign * logits[:, 0]
+                else:
+                    probs.append(torch.softmax(logits, 1).detach())
+                    idx = (logits.argmax(1) if class_index is None
+                           else torch.full((len(x),), int(class_index), device=dev))
+                    score = logits.gather(1, idx[:, None])[:, 0]
+                act = saved["a"]
+                grad = torch.autograd.grad(score.sum(), act)[0]
+                weights = grad.mean(dim=(2, 3), keepdim=True)
+                cam = F.relu((weights * act).sum(dim=1, keepdim=True))
+                cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
+                mx = cam.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
+                cam = torch.where(mx > 1e-12, cam / mx, torch.zeros_like(cam))
+                maps.append(cam.detach().float().cpu().numpy())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    out = np.clip(np.concatenate(maps), 0.0, 1.0).astype(np.float32)
+    if return_probs:
+        return out, torch.cat(probs).float().cpu().numpy()
+    return out
+
+
+def gradcam_region_job(slide: Slide, model: nn.Module, meta: ModelMeta,
+                       box: tuple[float, float, float, float], *, max_patches: int = 256,
+                       batch_size: int = 16, device: str | torch.device = "cpu",
+                       class_index: int | None = None, cam_px: int = 64
+                       ) -> Job[tuple[np.ndarray, SlideFrame, dict[str, Any]]]:
+    """Grad-CAM over a level-0 box of a slide, as a mosaic of patch maps.
+
+    The box (``(row0, col0, row1, col1)``, clipped to the slide) is tiled with
+    non-overlapping model patches read at the model's µm/px (level 0 when the slide's or
+    the model's µm/px is unknown). When more than ``max_patches`` are needed, a centred
+    sub-box is used (and noted). Each patch's map is reduced to ``cam_px`` pixels a side.
+
+    Returns
+    -------
+    (cam, frame, info)
+        The ``(ny * c, nx * c)`` float32 map, its :class:`SlideFrame` (for
+        :func:`~napari_lnmeta.io.omezarr.layer_transform`), and ``{"n_patches",
+        "grid", "probability" (ny, nx) of the explained class, "notes"}``.
+    """
+    ps = int(meta.patch_size)
+    mpp = meta.mpp if (meta.mpp and slide.mpp) else None
+    ds = mpp / slide.mpp if mpp else 1.0
+    side0 = ps * ds
+    h0, w0 = slide.shape
+    r0, c0 = max(0.0, float(box[0])), max(0.0, float(box[1]))
+    r1, c1 = min(float(h0), float(box[2])), min(float(w0), float(box[3]))
+    if r1 <= r0 or c1 <= c0:
+        raise InputError("the region to explain lies outside the slide")
+    ny = max(1, math.ceil((r1 - r0) / side0))
+    nx = max(1, math.ceil((c1 - c0) / side0))
+    notes = []
+    if ny * nx > max_patches:
+        f = math.sqrt(max_patches / (ny * nx))
+        ny2, nx2 = max(1, int(ny * f)), max(1, int(nx * f))
+        while ny2 * nx2 > max_patches:
+            ny2, nx2 = (ny2 - 1, nx2) if ny2 >= nx2 else (ny2, nx2 - 1)
+        cy, cx = (r0 + r1) / 2, (c0 + c1) / 2
+        r0, c0 = cy - ny2 * side0 / 2, cx - nx2 * side0 / 2
+        notes.append(f"the view needs {ny * nx} patches; the central {ny2}x{nx2} "
+                     f"(max {max_patches}) were explained")
+        ny, nx = ny2, nx2
+    r0, c0 = math.floor(r0), math.floor(c0)
+    cpx = int(min(cam_px, ps))
+    n = ny * nx
+    cam = np.zeros((ny * cpx, nx * cpx), np.float32)
+    prob = np.zeros((ny, nx), np.float32)
+    cells = [(i, j) for i in range(ny) for j in range(nx)]
+    explained = None
+    for k0 in range(0, n, batch_size):
+        chunk = cells[k0:k0 + batch_size]
+        batch = np.stack([
+            slide.read_region((int(round(r0 + i * side0)), int(round(c0 + j * side0))),
+                              (ps, ps), **({"mpp": mpp} if mpp else {"level": 0}))
+            for i, j in chunk])
+        maps, p = gradcam(model, batch, class_index=class_index, meta=meta, device=device,
+                          batch_size=batch_size, out_size=cpx, return_probs=True)
+        if explained is None:
+            explained = class_index
+            if explained is None:
+                from ..errors import ModelError
+                from .inference import tumour_index
+
+                try:
+                    explained = tumour_index(meta)
+                except ModelError:
+                    explained = int(p.shape[1] - 1)
+        for (i, j), m, pp in zip(chunk, maps, p, strict=True):
+            cam[i * cpx:(i + 1) * cpx, j * cpx:(j + 1) * cpx] = m
+            prob[i, j] = pp[explained]
+        yield Progress(min(n, k0 + batch_size), n, "Grad-CAM")
+    frame = SlideFrame(downsample=side0 / cpx, origin=(float(r0), float(c0)),
+                       slide_mpp=slide.mpp, slide=slide.name, slide_shape=tuple(slide.shape))
+    return cam, frame, {"n_patches": n, "grid": [ny, nx], "probability": prob,
+                        "class": meta.classes[explained] if explained is not None and
+                        explained < len(meta.classes) else None, "notes": notes}
+
+
+__all__ = ["PatchSource", "SeparabilityConfig", "SeparabilityResult", "adjusted_rand_index",
+           "cluster_separability", "contingency", "extract_features", "find_target_layer",
+           "gradcam", "gradcam_region_job", "hungarian_accuracy", "kmeans", "load_patch_source",
+           "pca", "separability_figure_png", "separability_job", "silhouette_score",
+           "write_separability"]
