@@ -9,7 +9,7 @@ import pytest
 import torch  # noqa: F401  (before any viewer: torchvision after a viewer can crash Mesa)
 import torchvision  # noqa: F401
 
-from napari_lnmeta._napari.layers import frame_kwargs, slide_layer_data
+from napari_lnmeta._napari.layers import frame_kwargs, slide_layer_data, viewer_camera
 from napari_lnmeta._napari.prediction_layers import LESIONS_LAYER, lesions_layer_data
 from napari_lnmeta._qt.evaluate_widget import (
     DETECTIONS_LAYER,
@@ -17,7 +17,6 @@ from napari_lnmeta._qt.evaluate_widget import (
     MODE_FOLDERS,
     REGIONS_LAYER,
     EvaluateWidget,
-    _camera,
 )
 from napari_lnmeta.core.lesions import Lesions, write_lesions_geojson
 from napari_lnmeta.io.omezarr import SlideFrame, layer_transform
@@ -78,7 +77,7 @@ def test_evaluate_layers_table_and_jump(make_napari_viewer, qtbot, camelyon, mas
     # clicking the FP row centres the view on it and selects it
     rect = t.visualItemRect(t.item(2, 0))
     qtbot.mouseClick(t.viewport(), 1, pos=rect.center())  # Qt.LeftButton
-    cam = _camera(viewer)
+    cam = viewer_camera(viewer)
     np.testing.assert_allclose(cam.center[-2:], np.asarray(FAR) * slide.mpp, rtol=1e-6)
     det = viewer.layers[DETECTIONS_LAYER]
     assert det.selected_data == {2} and viewer.layers.selection.active is det
@@ -149,7 +148,7 @@ def test_evaluate_folders_and_gradcam(make_napari_viewer, qtbot, camelyon, mask,
     assert cam.data.shape[0] * frame.downsample >= 300
     assert "patches explained" in w.cam_info.text()
     # the view: the camera on the tumour
-    _camera(viewer).center = tuple(np.asarray(TUMOUR) * slide.mpp)
-    _camera(viewer).zoom = 2.0
+    viewer_camera(viewer).center = tuple(np.asarray(TUMOUR) * slide.mpp)
+    viewer_camera(viewer).zoom = 2.0
     r0, c0, r1, c1 = w.view_box()
     assert r0 < TUMOUR[0] < r1 and c0 < TUMOUR[1] < c1

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from tests._mil_helpers import crop_features, random_mil_file
 
-from napari_lnmeta._napari.layers import slide_layer_data
-from napari_lnmeta._qt.mil_widget import ATTENTION_SUFFIX, MILWidget, _camera
+from napari_lnmeta._napari.layers import slide_layer_data, viewer_camera
+from napari_lnmeta._qt.mil_widget import ATTENTION_SUFFIX, MILWidget
 from napari_lnmeta.io.slide import open_slide
 from napari_lnmeta.models.clinical import ClinicalEncoder
 
@@ -70,7 +70,7 @@ def test_run_shows_score_aligned_attention_and_gallery(setup, qtbot, tmp_path):
     assert [int(w.gallery.item(r).data(0x0100)) for r in range(5)] == list(top)
     w._go_to_patch(w.gallery.item(0))
     centre = grid.coords[top[0]] + (grid.size0 - 1) / 2
-    np.testing.assert_allclose(_camera(viewer).center[-2:],
+    np.testing.assert_allclose(viewer_camera(viewer).center[-2:],
                                slide_layer.data_to_world(tuple(centre)), atol=1e-6)
     # a second run re-uses the layer
     n_layers = len(viewer.layers)

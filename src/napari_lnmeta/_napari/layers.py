@@ -81,3 +81,9 @@ def add_or_update(viewer: napari.Viewer, data: Any, kwargs: dict[str, Any],
             return layer
         viewer.layers.remove(name)
     return getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+
+
+def viewer_camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera

@@ -46,6 +46,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._napari.layers import viewer_camera
 from ..errors import InputError, LnmetaError
 from .worker import JobPanel
 
@@ -76,12 +77,6 @@ class EvaluateSession:
     report: EvaluationReport | None = None
     shown: SlideResult | None = None
     gradcam: dict[str, Any] = field(default_factory=dict)
-
-
-def _camera(viewer: napari.Viewer):
-    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
 def _level0_points(layer, unit: float | None) -> np.ndarray:
@@ -468,7 +463,7 @@ class EvaluateWidget(QWidget):
             return
         layer = self.viewer.layers[DETECTIONS_LAYER]
         world = layer.data_to_world(tuple(res.coords[row]))
-        cam = _camera(self.viewer)
+        cam = viewer_camera(self.viewer)
         cam.center = tuple(float(v) for v in world)[-2:]
         # about 1 mm (or 2000 px) across the canvas, unless already zoomed in further
         unit_per_px = 1000.0 if res.slide_mpp else 2000.0
@@ -499,7 +494,7 @@ class EvaluateWidget(QWidget):
         from .._napari.layers import META
 
         unit = float(ly.metadata.get(META, {}).get("mpp") or 1.0)
-        cam = _camera(self.viewer)
+        cam = viewer_camera(self.viewer)
         center = np.asarray(cam.center[-2:], dtype=np.float64)
         canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.9; _canvas_size before
         size = getattr(canvas, "size", None) or getattr(self.viewer, "_canvas_size", None) \

@@ -45,6 +45,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._napari.layers import viewer_camera
 from ..errors import InputError, LnmetaError
 from .worker import JobPanel
 
@@ -418,13 +419,7 @@ class MILWidget(QWidget):
         centre = res.grid.coords[i] + (res.grid.size0 - 1) / 2
         if name in self.viewer.layers:
             world = self.viewer.layers[name].data_to_world(tuple(centre))
-            _camera(self.viewer).center = tuple(world)[-2:]
-
-
-def _camera(viewer: napari.Viewer):
-    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+            viewer_camera(self.viewer).center = tuple(world)[-2:]
 
 
 def _devices() -> list[str]:

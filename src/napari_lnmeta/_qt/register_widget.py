@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._napari.layers import viewer_camera
 from ..errors import InputError
 from .worker import JobPanel
 
@@ -115,9 +116,9 @@ def world_to_level0(layer, world: np.ndarray) -> np.ndarray:
 def visible_region(viewer: napari.Viewer, layer, shape: tuple[int, int],
                    max_size: int = VIEW_SIZE) -> tuple[tuple[float, float], tuple[int, int], float]:
     """``(origin, shape, downsample)`` of a grid covering what the canvas shows of ``layer``."""
-    center = np.asarray(viewer.camera.center[-2:], dtype=float)
+    center = np.asarray(viewer_camera(viewer).center[-2:], dtype=float)
     size = getattr(viewer, "_canvas_size", None) or (600, 800)
-    zoom = max(float(viewer.camera.zoom), 1e-9)
+    zoom = max(float(viewer_camera(viewer).zoom), 1e-9)
     half = np.asarray(size[-2:], dtype=float) / zoom / 2
     lo = world_to_level0(layer, center - half)[0]
     hi = world_to_level0(layer, center + half)[0]

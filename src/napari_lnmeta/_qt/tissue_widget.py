@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._napari.layers import viewer_camera
 from ..errors import InputError
 from ..progress import Progress
 from .worker import JobPanel
@@ -69,9 +70,9 @@ class TissueStainSession:
 
 def visible_box(viewer: napari.Viewer, slide: Slide, scale: float) -> tuple[int, int, int, int]:
     """Level-0 ``(y0, x0, h, w)`` of the slide area shown in the canvas (clipped)."""
-    center = np.asarray(viewer.camera.center[-2:], dtype=np.float64)
+    center = np.asarray(viewer_camera(viewer).center[-2:], dtype=np.float64)
     size = getattr(viewer, "_canvas_size", None) or (600, 800)
-    zoom = max(float(viewer.camera.zoom), 1e-9)
+    zoom = max(float(viewer_camera(viewer).zoom), 1e-9)
     half = np.asarray(size[-2:], dtype=np.float64) / zoom / 2
     lo = (center - half) / scale
     hi = (center + half) / scale
