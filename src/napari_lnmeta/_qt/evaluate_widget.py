@@ -30,7 +30,6 @@ from qtpy.QtGui import QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -38,7 +37,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QTabWidget,
@@ -48,7 +46,7 @@ from qtpy.QtWidgets import (
 
 from .._napari.layers import viewer_camera
 from ..errors import InputError, LnmetaError
-from .worker import JobPanel
+from .worker import JobPanel, float_spin, int_spin
 
 if TYPE_CHECKING:
     import napari
@@ -109,14 +107,8 @@ class EvaluateWidget(QWidget):
         self.out_dir.setPlaceholderText("optional: write the report folder here")
         self.lesions = QComboBox()
         self.lesions.addItems(["file", "nms", "components"])
-        self.dilation = QDoubleSpinBox()
-        self.dilation.setRange(0.0, 1000.0)
-        self.dilation.setValue(75.0)
-        self.dilation.setSuffix(" µm")
-        self.itc = QDoubleSpinBox()
-        self.itc.setRange(0.0, 5000.0)
-        self.itc.setValue(200.0)
-        self.itc.setSuffix(" µm")
+        self.dilation = float_spin(0.0, 1000.0, 75.0, suffix=" µm")
+        self.itc = float_spin(0.0, 5000.0, 200.0, suffix=" µm")
         self.panel = JobPanel("Evaluate")
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
@@ -167,13 +159,8 @@ class EvaluateWidget(QWidget):
         self.model_combo.addItems([BUNDLED, FROM_FILE])
         self.model_path = QLineEdit()
         self.model_path.setPlaceholderText("path to a .safetensors patch model")
-        self.max_patches = QSpinBox()
-        self.max_patches.setRange(1, 4096)
-        self.max_patches.setValue(256)
-        self.cam_opacity = QDoubleSpinBox()
-        self.cam_opacity.setRange(0.0, 1.0)
-        self.cam_opacity.setSingleStep(0.1)
-        self.cam_opacity.setValue(0.5)
+        self.max_patches = int_spin(1, 4096, 256)
+        self.cam_opacity = float_spin(0.0, 1.0, 0.5, step=0.1)
         self.cam_panel = JobPanel("Grad-CAM of the view")
         self.cam_info = QLabel("")
         self.cam_info.setWordWrap(True)

@@ -40,14 +40,13 @@ from qtpy.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from .._napari.layers import viewer_camera
 from ..errors import InputError, LnmetaError
-from .worker import JobPanel
+from .worker import JobPanel, int_spin
 
 if TYPE_CHECKING:
     import napari
@@ -102,12 +101,8 @@ class MILWidget(QWidget):
         self.browse.setMaximumWidth(30)
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
-        self.bags = QSpinBox()
-        self.bags.setRange(1, 10_000)
-        self.bags.setValue(32)
-        self.bag_size = QSpinBox()
-        self.bag_size.setRange(0, 100_000)
-        self.bag_size.setSpecialValueText("model's")
+        self.bags = int_spin(1, 10_000, 32)
+        self.bag_size = int_spin(0, 100_000, special="model's")
         self.replace = QCheckBox("sample with replacement")
         self.device = QComboBox()
         self.device.addItems(_devices())
@@ -115,9 +110,7 @@ class MILWidget(QWidget):
         self.cache_dir.setPlaceholderText("feature cache folder (default: user cache)")
         self.out_dir = QLineEdit()
         self.out_dir.setPlaceholderText("optional: write <slide>.mil/ results here")
-        self.top_k = QSpinBox()
-        self.top_k.setRange(1, 256)
-        self.top_k.setValue(12)
+        self.top_k = int_spin(1, 256, 12)
 
         self.clinical_box = QGroupBox("Clinical data")
         self.clinical_form = QFormLayout()

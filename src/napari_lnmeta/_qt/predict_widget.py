@@ -24,21 +24,19 @@ from typing import TYPE_CHECKING, Any
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from ..errors import InputError, LnmetaError
 from ..progress import Progress
-from .worker import JobPanel
+from .worker import JobPanel, float_spin, int_spin
 
 if TYPE_CHECKING:
     import napari
@@ -85,29 +83,14 @@ class PredictWidget(QWidget):
         self.browse.setMaximumWidth(30)
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
-        self.mpp = QDoubleSpinBox()
-        self.mpp.setRange(0.0, 1000.0)
-        self.mpp.setDecimals(3)
-        self.mpp.setSpecialValueText("level 0")
-        self.mpp.setSuffix(" µm/px")
-        self.patch = QSpinBox()
-        self.patch.setRange(8, 4096)
-        self.patch.setValue(256)
-        self.patch.setSuffix(" px")
-        self.stride = QSpinBox()
-        self.stride.setRange(0, 4096)
-        self.stride.setSpecialValueText("= patch")
-        self.stride.setSuffix(" px")
+        self.mpp = float_spin(0.0, 1000.0, decimals=3, special="level 0", suffix=" µm/px")
+        self.patch = int_spin(8, 4096, 256, suffix=" px")
+        self.stride = int_spin(0, 4096, special="= patch", suffix=" px")
         self.tta = QCheckBox("8-direction TTA")
         self.device = QComboBox()
         self.device.addItems(_devices())
-        self.batch = QSpinBox()
-        self.batch.setRange(0, 4096)
-        self.batch.setSpecialValueText("auto")
-        self.opacity = QDoubleSpinBox()
-        self.opacity.setRange(0.0, 1.0)
-        self.opacity.setSingleStep(0.1)
-        self.opacity.setValue(0.7)
+        self.batch = int_spin(0, 4096, special="auto")
+        self.opacity = float_spin(0.0, 1.0, 0.7, step=0.1)
         self.panel = JobPanel("Detect metastases")
         self.save_button = QPushButton("Save results…")
         self.save_button.setEnabled(False)

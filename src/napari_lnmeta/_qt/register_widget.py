@@ -24,7 +24,6 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -38,7 +37,7 @@ from qtpy.QtWidgets import (
 
 from .._napari.layers import viewer_camera
 from ..errors import InputError
-from .worker import JobPanel
+from .worker import JobPanel, float_spin
 
 if TYPE_CHECKING:
     import napari
@@ -497,29 +496,18 @@ class TransferMaskWidget(QWidget):
 
         self.threshold_slider = QSlider(Qt.Horizontal)
         self.threshold_slider.setRange(1, 250)
-        self.threshold_spin = QDoubleSpinBox()
-        self.threshold_spin.setDecimals(3)
-        self.threshold_spin.setRange(0.001, 0.25)
-        self.threshold_spin.setSingleStep(0.002)
-        self.threshold_spin.setValue(0.05)
+        self.threshold_spin = float_spin(0.001, 0.25, 0.05, decimals=3, step=0.002)
         self.threshold_slider.setValue(50)
         self.threshold_slider.valueChanged.connect(
             lambda v: self.threshold_spin.setValue(v / THRESHOLD_SCALE))
         self.threshold_spin.valueChanged.connect(self._threshold_changed)
         self.auto_button = QPushButton("Auto (Otsu)")
         self.auto_button.clicked.connect(self._auto_clicked)
-        self.min_area = QDoubleSpinBox()
-        self.min_area.setRange(0.0, 1e7)
-        self.min_area.setDecimals(0)
-        self.min_area.setValue(200.0)
-        self.min_area.setSuffix(" µm²")
+        self.min_area = float_spin(0.0, 1e7, 200.0, decimals=0, suffix=" µm²")
         self.min_area.valueChanged.connect(self._schedule_preview)
         self.fibrosis = QCheckBox("add fibrosis ring (class 2)")
         self.fibrosis.toggled.connect(self._schedule_preview)
-        self.fibrosis_um = QDoubleSpinBox()
-        self.fibrosis_um.setRange(1.0, 2000.0)
-        self.fibrosis_um.setValue(50.0)
-        self.fibrosis_um.setSuffix(" µm")
+        self.fibrosis_um = float_spin(1.0, 2000.0, 50.0, suffix=" µm")
         self.fibrosis_um.valueChanged.connect(self._schedule_preview)
         self.live = QCheckBox("live preview on the current view")
         self.live.setChecked(True)

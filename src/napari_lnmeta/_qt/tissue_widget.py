@@ -19,13 +19,11 @@ import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -33,7 +31,7 @@ from qtpy.QtWidgets import (
 from .._napari.layers import viewer_camera
 from ..errors import InputError
 from ..progress import Progress
-from .worker import JobPanel
+from .worker import JobPanel, float_spin, int_spin
 
 if TYPE_CHECKING:
     import napari
@@ -123,42 +121,19 @@ class TissueStainWidget(QWidget):
         # tissue
         self.method = QComboBox()
         self.method.addItems(list(METHODS))
-        self.target_mpp = QDoubleSpinBox()
-        self.target_mpp.setRange(0.5, 100.0)
-        self.target_mpp.setValue(10.0)
-        self.target_mpp.setSuffix(" µm/px")
-        self.min_object = QDoubleSpinBox()
-        self.min_object.setRange(0.0, 1e8)
-        self.min_object.setDecimals(0)
-        self.min_object.setValue(20_000.0)
-        self.min_object.setSuffix(" µm²")
+        self.target_mpp = float_spin(0.5, 100.0, 10.0, suffix=" µm/px")
+        self.min_object = float_spin(0.0, 1e8, 20_000.0, decimals=0, suffix=" µm²")
         self.pen = QCheckBox("remove pen marks")
         self.pen.setChecked(True)
         self.tissue_button = QPushButton("Detect tissue")
         self.tissue_button.clicked.connect(self.run_tissue)
 
         # grid
-        self.patch_size = QSpinBox()
-        self.patch_size.setRange(8, 4096)
-        self.patch_size.setValue(256)
-        self.stride = QSpinBox()
-        self.stride.setRange(0, 4096)
-        self.stride.setValue(0)
-        self.stride.setSpecialValueText("= patch size")
-        self.patch_mpp = QDoubleSpinBox()
-        self.patch_mpp.setRange(0.0, 100.0)
-        self.patch_mpp.setDecimals(3)
-        self.patch_mpp.setValue(0.0)
-        self.patch_mpp.setSpecialValueText("level 0")
-        self.min_tissue = QDoubleSpinBox()
-        self.min_tissue.setRange(0.0, 1.0)
-        self.min_tissue.setSingleStep(0.05)
-        self.min_tissue.setValue(0.5)
-        self.entropy_min = QDoubleSpinBox()
-        self.entropy_min.setRange(0.0, 8.0)
-        self.entropy_min.setSingleStep(0.25)
-        self.entropy_min.setValue(0.0)
-        self.entropy_min.setSpecialValueText("off")
+        self.patch_size = int_spin(8, 4096, 256)
+        self.stride = int_spin(0, 4096, 0, special="= patch size")
+        self.patch_mpp = float_spin(0.0, 100.0, 0.0, decimals=3, special="level 0")
+        self.min_tissue = float_spin(0.0, 1.0, 0.5, step=0.05)
+        self.entropy_min = float_spin(0.0, 8.0, 0.0, step=0.25, special="off")
         self.grid_button = QPushButton("Show patch grid")
         self.grid_button.clicked.connect(self.run_grid)
         self.save_grid_button = QPushButton("Save grid…")

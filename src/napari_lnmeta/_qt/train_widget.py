@@ -26,7 +26,6 @@ from qtpy.QtGui import QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -35,14 +34,13 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from ..errors import InputError
 from ..progress import Progress
-from .worker import JobPanel
+from .worker import JobPanel, float_spin, int_spin
 
 if TYPE_CHECKING:
     import napari
@@ -158,22 +156,10 @@ class TrainWidget(QWidget):
         self.names = QLineEdit(DEFAULT_NAMES)
 
         # patches
-        self.patch_size = QSpinBox()
-        self.patch_size.setRange(8, 1024)
-        self.patch_size.setValue(90)
-        self.stride = QSpinBox()
-        self.stride.setRange(0, 1024)
-        self.stride.setValue(0)
-        self.stride.setSpecialValueText("= patch size")
-        self.patch_mpp = QDoubleSpinBox()
-        self.patch_mpp.setRange(0.0, 100.0)
-        self.patch_mpp.setDecimals(3)
-        self.patch_mpp.setValue(0.0)
-        self.patch_mpp.setSpecialValueText("level 0")
-        self.positive_min = QDoubleSpinBox()
-        self.positive_min.setRange(0.01, 0.99)
-        self.positive_min.setSingleStep(0.05)
-        self.positive_min.setValue(0.2)
+        self.patch_size = int_spin(8, 1024, 90)
+        self.stride = int_spin(0, 1024, 0, special="= patch size")
+        self.patch_mpp = float_spin(0.0, 100.0, 0.0, decimals=3, special="level 0")
+        self.positive_min = float_spin(0.01, 0.99, 0.2, step=0.05)
         self.fibrosis = QCheckBox("fibrosis counts as tumour")
 
         # training
@@ -183,21 +169,12 @@ class TrainWidget(QWidget):
         self.augment = QComboBox()
         self.augment.addItems(list(PRESETS))
         self.augment.setCurrentText("flips")
-        self.epochs = QSpinBox()
-        self.epochs.setRange(1, 1000)
-        self.epochs.setValue(10)
-        self.batch_size = QSpinBox()
-        self.batch_size.setRange(1, 4096)
-        self.batch_size.setValue(64)
-        self.lr = QDoubleSpinBox()
-        self.lr.setDecimals(6)
-        self.lr.setRange(1e-6, 1.0)
-        self.lr.setSingleStep(1e-4)
-        self.lr.setValue(1e-3)
+        self.epochs = int_spin(1, 1000, 10)
+        self.batch_size = int_spin(1, 4096, 64)
+        self.lr = float_spin(1e-6, 1.0, 1e-3, decimals=6, step=1e-4)
         self.init_path = QLineEdit()
         self.init_path.setPlaceholderText("optional pretrained .safetensors")
-        self.freeze = QSpinBox()
-        self.freeze.setRange(0, 20)
+        self.freeze = int_spin(0, 20)
         self.out_dir = QLineEdit(str(Path(tempfile.gettempdir()) / "lnmeta-train"))
         self.browse_button = QPushButton("…")
         self.browse_button.clicked.connect(self._browse_out)

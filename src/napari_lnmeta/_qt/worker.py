@@ -110,3 +110,36 @@ class JobPanel(QWidget):
         if self.worker is not None:
             self.status.setText("cancelling…")
             self.worker.quit()
+
+
+def int_spin(lo: int, hi: int, value: int | None = None, *, step: int | None = None,
+             special: str | None = None, suffix: str | None = None):
+    """A ``QSpinBox`` with range, value and the optional texts set in one call."""
+    from qtpy.QtWidgets import QSpinBox
+
+    return _setup(QSpinBox(), lo, hi, value, step=step, special=special, suffix=suffix)
+
+
+def float_spin(lo: float, hi: float, value: float | None = None, *, decimals: int | None = None,
+               step: float | None = None, special: str | None = None,
+               suffix: str | None = None):
+    """A ``QDoubleSpinBox``; ``decimals`` is applied first so that ``value`` is not rounded."""
+    from qtpy.QtWidgets import QDoubleSpinBox
+
+    box = QDoubleSpinBox()
+    if decimals is not None:
+        box.setDecimals(decimals)
+    return _setup(box, lo, hi, value, step=step, special=special, suffix=suffix)
+
+
+def _setup(box, lo, hi, value, *, step, special, suffix):
+    box.setRange(lo, hi)
+    if step is not None:
+        box.setSingleStep(step)
+    if value is not None:
+        box.setValue(value)
+    if special is not None:
+        box.setSpecialValueText(special)
+    if suffix is not None:
+        box.setSuffix(suffix)
+    return box
