@@ -500,6 +500,28 @@ def auto_batch_size(pm: PatchModel, patch_size: int, *, max_batch: int = 1024,
 # --------------------------------------------------------------------------------------
 # Parallel reads with a prefetch queue
 # --------------------------------------------------------------------------------------
+def context_grid(grid: PatchGrid, k: int) -> PatchGrid:
+    """The grid of ``k x k``-patch windows centred on ``grid``'s patches (same order).
+
+    A spatial-context model (seed 004, :mod:`napari_lnmeta.models.spatial`) reads each
+    patch with its neighbours: a ``(k·p) x (k·p)`` window whose centre cell is the patch.
+    The heatmap stays on ``grid`` (one cell per patch); only the reads use this grid.
+    Windows reaching past the slide edge read white there, as patches do.
+    """
+    if k == 1:
+        return grid
+    from ..models.spatial import window_offset
+    from .tiling import PatchGrid
+
+    off = window_offset(grid.size0, k)
+    return PatchGrid(coords=grid.coords - off, index=grid.index, grid_shape=grid.grid_shape,
+                     origin=(grid.origin[0] - off, grid.origin[1] - off),
+                     patch_size=grid.patch_size * k, stride=grid.stride,
+                     downsample=grid.downsample, level=grid.level, mpp=grid.mpp,
+                     slide=grid.slide, slide_shape=grid.slide_shape,
+                     params={**grid.params, "context": k})
+
+
 def read_patches_into(out: np.ndarray, slide: Slide, grid: PatchGrid, idx: np.ndarray, *,
                       max_width: int = 4096) -> np.ndarray:
     """Read patches ``idx`` of ``grid`` into ``out`` (``(len(idx), S, S, 3)`` uint8).
@@ -762,6 +784,11 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
     net, meta, mpath = load_inference_model(cfg, device, model)
     mname = str(mpath) if mpath else "model"
     params, warns = plan_read(slide, meta, cfg, model_path=mname)
+    from ..models.spatial import context_size
+
+    ctx = context_size(meta)  # > 1: the model reads a k x k neighbourhood per patch
+    if ctx > 1:
+        params["context"] = ctx
     stain = stain_transform(meta.normalisation, device, model_path=mname)
     pm = PatchModel(net, meta, device, tumour=params["tumour_index"], tta=cfg.tta, amp=cfg.amp,
                     channels_last=cfg.channels_last, stain=stain, compile=cfg.compile,
@@ -816,15 +843,16 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
                    f"resuming ({resumed} patches done)", partial())
 
     t2 = time.perf_counter()
+    read_grid = context_grid(grid, ctx)
     bs = int(cfg.batch_size) if cfg.batch_size else auto_batch_size(
-        pm, grid.patch_size, max_batch=cfg.max_batch_size)
+        pm, read_grid.patch_size, max_batch=cfg.max_batch_size)
     bs = max(1, min(bs, cfg.max_batch_size))
     timing["batch_probe_s"] = time.perf_counter() - t2
     micro = bs  # forward size; halves on out-of-memory
     ooms = 0
     batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
     cuda = device.type == "cuda"
-    reader = BatchReader(slide, grid, batches, batch_size=bs, workers=cfg.workers,
+    reader = BatchReader(slide, read_grid, batches, batch_size=bs, workers=cfg.workers,
                          depth=cfg.prefetch, pin=cuda)
 
     def forward(x_host: torch.Tensor) -> torch.Tensor:

@@ -240,7 +240,12 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     path = Path(path)
     meta = read_meta(path)
     tensors, _ = read_safetensors(path)
-    model = build_model(meta.architecture, meta.num_outputs)
+    if meta.architecture.startswith("spatial:"):  # seed-004 spatial-context model
+        from .spatial import build_from_meta
+
+        model = build_from_meta(meta, path=path)
+    else:
+        model = build_model(meta.architecture, meta.num_outputs)
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
