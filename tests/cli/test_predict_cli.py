@@ -43,6 +43,16 @@ def test_predict_writes_the_folder_and_refuses_to_overwrite(inputs, tmp_path, ca
     assert s["complete"] is True
     ev = s["evaluation"]
     assert ev["n_positive"] > 0 and ev["n_negative"] > 0 and 0 <= ev["ACC"] <= 1
+    # lesion candidates by NMS (default) and by connected components (CAMELYON16 winner)
+    low = ["--overwrite", "--json", "--lesion-threshold", "0.05"]
+    assert main(argv + low) == 0
+    nms = json.loads(capsys.readouterr().out)["lesions"]
+    assert nms and all("n_cells" not in d for d in nms)
+    assert main(argv + low + ["--lesion-method", "components"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["parameters"]["lesion_method"] == "components"
+    comp = s["lesions"]
+    assert comp and all(d["n_cells"] >= 1 for d in comp)
 
 
 def test_predict_bad_input_is_one_line(inputs, tmp_path, capsys):

@@ -40,6 +40,9 @@ def predict(p):
     p.add_argument("--lesion-threshold", type=float, default=0.5)
     p.add_argument("--lesion-radius", type=float, default=200.0, metavar="UM",
                    help="non-maximum suppression radius in µm")
+    p.add_argument("--lesion-method", choices=("nms", "components"), default="nms",
+                   help="lesion candidates by non-maximum suppression (seed 004) or one per "
+                        "connected component above the threshold (CAMELYON16 winner)")
     p.add_argument("--truth", default=None, metavar="MASK",
                    help="tumour ground truth (OME-Zarr mask, CAMELYON XML/JSON, GeoJSON) for "
                         "patch-level ACC, SEN, SPE, F1, AUC in summary.json")
@@ -67,7 +70,8 @@ def predict(p):
                               workers=args.workers, heatmap_dtype=args.dtype,
                               tumour_class=args.tumour_class, min_tissue=args.min_tissue,
                               lesion_threshold=args.lesion_threshold,
-                              lesion_radius_um=args.lesion_radius, compile=args.compile,
+                              lesion_radius_um=args.lesion_radius,
+                              lesion_method=args.lesion_method, compile=args.compile,
                               amp=not args.no_amp)
         try:
             pred = drive(predict_to_folder(slide, args.out, cfg, overwrite=args.overwrite,

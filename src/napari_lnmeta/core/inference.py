@@ -98,8 +98,10 @@ class InferenceConfig:
         Name of the tumour class in the model's classes (default: recognised by name).
     heatmap_dtype
         Storage type of the written heatmap: ``"float16"`` or ``"uint8"``.
-    lesion_threshold, lesion_radius_um
-        Non-maximum suppression for lesion candidates (seed 004).
+    lesion_threshold, lesion_radius_um, lesion_method
+        Lesion candidates: ``"nms"``, non-maximum suppression with that radius (seed
+        004), or ``"components"``, one per connected component above the threshold
+        (the CAMELYON16 winner's rule).
     top_k
         Cells averaged for the top-k slide score.
     checkpoint_seconds
@@ -128,6 +130,7 @@ class InferenceConfig:
     heatmap_dtype: str = "float16"
     lesion_threshold: float = 0.5
     lesion_radius_um: float = 200.0
+    lesion_method: str = "nms"
     top_k: int = 10
     checkpoint_seconds: float = 10.0
     partial_seconds: float = 1.0

@@ -112,7 +112,8 @@ class Prediction:
                       "normalisation": r.meta.normalisation},
             "parameters": {**_jsonable(r.params), "heatmap_dtype": cfg.heatmap_dtype,
                            "lesion_threshold": cfg.lesion_threshold,
-                           "lesion_radius_um": cfg.lesion_radius_um, "top_k": cfg.top_k,
+                           "lesion_radius_um": cfg.lesion_radius_um,
+                           "lesion_method": cfg.lesion_method, "top_k": cfg.top_k,
                            "amp": cfg.amp, "channels_last": cfg.channels_last,
                            "compile": cfg.compile},
             "frame": r.frame.to_json(),
@@ -143,7 +144,8 @@ def postprocess(result: InferenceResult, *, truth: Any = None,
     cfg = result.config
     prob = np.where(result.scored, result.probability, 0.0).astype(np.float32)
     lesions = find_lesions(prob, result.frame, threshold=cfg.lesion_threshold,
-                           radius_um=cfg.lesion_radius_um, scored=result.scored)
+                           radius_um=cfg.lesion_radius_um, scored=result.scored,
+                           method=cfg.lesion_method)
     pred = Prediction(result=result, binary=binary_map(prob), tiers=tier_map(prob),
                       score=slide_score(prob, result.scored, top_k=cfg.top_k), lesions=lesions)
     if truth is not None:
