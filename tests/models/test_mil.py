@@ -166,3 +166,8 @@ def test_refuses_features_from_another_backbone(tmp_path):
         info.check_features(cache)
     info.backbone = cache.backbone
     info.check_features(cache)  # the right one passes
+    # ... and a MIL model is not a patch classifier
+    from napari_lnmeta.models.io import load_model
+
+    with pytest.raises(ModelError, match="slide-level MIL model, not a patch classifier"):
+        load_model(path)

@@ -240,6 +240,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     path = Path(path)
     meta = read_meta(path)
     tensors, _ = read_safetensors(path)
+    if meta.architecture.startswith("mil:"):
+        raise ModelError(path, "is a slide-level MIL model, not a patch classifier: use it with "
+                         "`lnmeta mil` / the Slide-level MIL widget (models.mil.load_mil)")
     if meta.architecture.startswith("spatial:"):  # seed-004 spatial-context model
         from .spatial import build_from_meta
 
