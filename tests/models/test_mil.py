@@ -140,13 +140,16 @@ def test_model_file_round_trip_and_refusals(tmp_path):
     with pytest.raises(OutputExistsError):
         save_mil(path, model, info)
     # a patch classifier is not a MIL model
-    from napari_lnmeta.models.io import ModelMeta, save_model
+    from napari_lnmeta.models.io import ModelMeta, load_model, save_model
     from napari_lnmeta.models.registry import build_model
 
     patch = save_model(tmp_path / "patch.safetensors", build_model("lnmeta_cnn_small", 2),
                        ModelMeta(architecture="lnmeta_cnn_small", classes=["n", "t"], patch_size=16))
     with pytest.raises(ModelError, match="not a MIL model"):
         load_mil(patch)
+    # ... and a MIL model is not a patch classifier
+    with pytest.raises(ModelError, match="slide-level MIL model, not a patch classifier"):
+        load_model(path)
 
 
 def test_refuses_features_from_another_backbone(tmp_path):
@@ -166,8 +169,3 @@ def test_refuses_features_from_another_backbone(tmp_path):
         info.check_features(cache)
     info.backbone = cache.backbone
     info.check_features(cache)  # the right one passes
-    # ... and a MIL model is not a patch classifier
-    from napari_lnmeta.models.io import load_model
-
-    with pytest.raises(ModelError, match="slide-level MIL model, not a patch classifier"):
-        load_model(path)
