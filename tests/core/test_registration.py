@@ -53,12 +53,15 @@ def median_rtre(transform: Transform, fixed_lm, moving_lm, shape) -> float:
     return float(np.median(err) / np.hypot(*shape[:2]))
 
 
-# Median rTRE measured with the default configuration (docs/registration.md): the
-# non-rigid result, and our own affine result that it must improve on. For reference,
-# the least-squares affine fitted to the landmarks themselves leaves 0.0064 / 0.0086 /
-# 0.0088 / 0.0091. The issue's target, < 0.006 on every pair, is met by CD31 (and
-# about by proSPC) only; the bounds are the measurements plus ~10 % so a regression shows.
-NONRIGID_BOUND = {"CD31-3": 0.0050, "proSPC-4": 0.0068, "Cc10-5": 0.0082, "Ki67-7": 0.0102}
+# The issue's target (#4) is a median rTRE below 0.006 on every pair. Measured with the
+# default configuration (docs/registration.md, 2026-11-25): CD31 0.0044, proSPC 0.0061,
+# Cc10 0.0070, Ki67 0.0082, so only CD31 meets it; the least-squares affine fitted to the
+# landmarks themselves leaves 0.0064 / 0.0086 / 0.0088 / 0.0091, and the two upstream
+# annotators' correspondences for H&E <-> proSPC disagree by a median of 0.0066-0.0070,
+# i.e. the target is below the annotation's own agreement there. The target is asserted
+# where it is met; elsewhere the bound is the measurement plus ~10 % so a regression shows.
+TARGET = 0.006
+NONRIGID_BOUND = {"CD31-3": TARGET, "proSPC-4": 0.0068, "Cc10-5": 0.0078, "Ki67-7": 0.0091}
 
 
 @pytest.mark.parametrize("stain", STAINS)
