@@ -562,19 +562,28 @@ class TiffSlide(Slide):
         """
         th, tw = tile
         lh, lw = self.level_shapes[level]
+        keys = [(level, ty, tx) for ty in range(y // th, (y + h - 1) // th + 1)
+                for tx in range(x // tw, (x + w - 1) // tw + 1)]
+        tiles = {k: self._cache.get(k) for k in keys}
+        missing = [k for k, t in tiles.items() if t is None]
+        if missing:
+            # one read for all missing tiles, so the store decodes them concurrently
+            ty0, ty1 = min(k[1] for k in missing), max(k[1] for k in missing) + 1
+            tx0, tx1 = min(k[2] for k in missing), max(k[2] for k in missing) + 1
+            by, bx = ty0 * th, tx0 * tw
+            block = self._read_direct(arr, level, by, bx, min(ty1 * th, lh) - by,
+                                      min(tx1 * tw, lw) - bx)
+            for k in missing:
+                t = np.ascontiguousarray(block[k[1] * th - by:(k[1] + 1) * th - by,
+                                               k[2] * tw - bx:(k[2] + 1) * tw - bx])
+                self._cache.put(k, t)
+                tiles[k] = t
         out = np.empty((h, w, 3), np.uint8)
-        for ty in range(y // th, (y + h - 1) // th + 1):
-            for tx in range(x // tw, (x + w - 1) // tw + 1):
-                key = (level, ty, tx)
-                t = self._cache.get(key)
-                if t is None:
-                    t = self._read_direct(arr, level, ty * th, tx * tw,
-                                          min(th, lh - ty * th), min(tw, lw - tx * tw))
-                    self._cache.put(key, t)
-                y0, x0 = max(y, ty * th), max(x, tx * tw)
-                y1, x1 = min(y + h, ty * th + t.shape[0]), min(x + w, tx * tw + t.shape[1])
-                out[y0 - y:y1 - y, x0 - x:x1 - x] = t[y0 - ty * th:y1 - ty * th,
-                                                      x0 - tx * tw:x1 - tx * tw]
+        for (_, ty, tx), t in tiles.items():
+            y0, x0 = max(y, ty * th), max(x, tx * tw)
+            y1, x1 = min(y + h, ty * th + t.shape[0]), min(x + w, tx * tw + t.shape[1])
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = t[y0 - ty * th:y1 - ty * th,
+                                                  x0 - tx * tw:x1 - tx * tw]
         return out
 
     def _read_direct(self, arr, level, y, x, h, w):
