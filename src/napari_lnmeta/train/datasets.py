@@ -460,8 +460,10 @@ def class_values(labels: LabelMask, config: PatchConfig) -> tuple[dict[int, list
     return pos, neg
 
 
-def _fractions_of(labels: LabelMask, values: Sequence[int], coords: np.ndarray,
-                  size0: float) -> np.ndarray:
+def fractions_of(labels: LabelMask, values: Sequence[int], coords: np.ndarray,
+                 size0: float) -> np.ndarray:
+    """Fraction of each square patch (top-left ``coords``, side ``size0`` level-0 px)
+    covered by the label ``values`` of ``labels``."""
     from ..core.tissue import box_fractions, integral_image
 
     if not values:
@@ -536,7 +538,7 @@ def patches_from_slide_job(slide: Slide | str | Path, labels: Any, config: Patch
         raise InputError(f"{sl.name}: no patch of {config.patch_size} px has "
                          f">= {config.min_tissue:.0%} tissue")
     size0 = grid.size0
-    fr = np.stack([_fractions_of(lm, pos_values[k], grid.coords, size0)
+    fr = np.stack([fractions_of(lm, pos_values[k], grid.coords, size0)
                    for k in range(1, len(config.classes))], axis=1)
     total = fr.sum(axis=1)
     best = fr.argmax(axis=1) + 1
@@ -546,7 +548,7 @@ def patches_from_slide_job(slide: Slide | str | Path, labels: Any, config: Patch
     if config.negatives == "tissue":
         negmask = total <= config.negative_max + 1e-9
     else:
-        nf = _fractions_of(lm, neg_values, grid.coords, size0)
+        nf = fractions_of(lm, neg_values, grid.coords, size0)
         negmask = (total <= config.negative_max + 1e-9) & (nf >= config.min_tissue)
     label[negmask & (label < 0)] = 0
     yield Progress(3, 4, f"{sl.name}: labelling")

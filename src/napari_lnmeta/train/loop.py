@@ -337,7 +337,8 @@ def _load_state(path: Path, opt, sched) -> dict:
     return meta
 
 
-def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
+def write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    """Write the per-epoch history as ``log.csv`` (the union of the keys as columns)."""
     keys: list[str] = []
     for h in history:
         for k, v in h.items():
@@ -386,7 +387,8 @@ def predict_job(model: nn.Module, ps: PatchSet, meta: ModelMeta, *, device: torc
     return out
 
 
-def _val_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, float]:
+def val_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """Validation loss, accuracy, weighted F1 and AUC (one-vs-rest mean beyond two classes)."""
     eps = 1e-7
     p_true = probs[np.arange(len(y)), y] if probs.shape[1] > 1 else probs[:, 0]
     loss = float(-np.mean(np.log(np.clip(p_true, eps, 1.0))))
@@ -613,7 +615,7 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
                     probs = stop.value
                     break
                 yield Progress(step, total_steps, f"epoch {epoch + 1}: {p.message} {p.done}/{p.total}")
-            row.update(_val_metrics(probs, val_set.labels, classes))
+            row.update(val_metrics(probs, val_set.labels, classes))
         history.append(row)
         value = row.get(monitor, math.nan if monitor != "train_loss" else row["train_loss"])
         improved = not math.isnan(value) and better(value, best_value)
@@ -625,7 +627,7 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
             sched.step(value)
         meta.extra["best"] = {"monitor": monitor, "value": best_value, "epoch": best_epoch}
         checkpoint(epoch + 1, best=improved)
-        _write_log(out / "log.csv", history)
+        write_log(out / "log.csv", history)
         if tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):

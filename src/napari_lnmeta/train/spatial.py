@@ -47,20 +47,20 @@ from ..progress import Job, Progress
 from .datasets import (
     PatchConfig,
     PatchSet,
-    _fractions_of,
     class_values,
+    fractions_of,
     patches_from_slide_job,
 )
 from .loop import (
     TrainConfig,
     TrainResult,
-    _val_metrics,
-    _write_log,
     dataset_stats,
     make_optimizer,
     make_scheduler,
     resolve_device,
     seed_everything,
+    val_metrics,
+    write_log,
 )
 
 AUGMENTS = ("none", "flips", "seed004")
@@ -168,7 +168,7 @@ def label_cells(lm, config: PatchConfig, coords: np.ndarray, size0: float) -> np
     the box lies in regions labelled normal); ``-1`` otherwise.
     """
     pos_values, neg_values = class_values(lm, config)
-    fr = np.stack([_fractions_of(lm, pos_values[c], coords, size0)
+    fr = np.stack([fractions_of(lm, pos_values[c], coords, size0)
                    for c in range(1, len(config.classes))], axis=1)
     total = fr.sum(axis=1)
     label = np.full(len(coords), -1, dtype=np.int64)
@@ -178,7 +178,7 @@ def label_cells(lm, config: PatchConfig, coords: np.ndarray, size0: float) -> np
     label[pos] = best[pos]
     neg = total <= config.negative_max + 1e-9
     if config.negatives == "annotated":
-        neg &= _fractions_of(lm, neg_values, coords, size0) >= config.min_tissue
+        neg &= fractions_of(lm, neg_values, coords, size0) >= config.min_tissue
     label[neg & (label < 0)] = 0
     return label
 
@@ -693,7 +693,7 @@ def train_spatial(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
                     break
                 yield Progress(step, total_steps, f"epoch {epoch + 1}: {p.message} "
                                f"{p.done}/{p.total}")
-            row.update(_val_metrics(probs, val_set.labels, classes))
+            row.update(val_metrics(probs, val_set.labels, classes))
         history.append(row)
         value = row.get(monitor, math.nan)
         improved = not math.isnan(value) and better(value, best_value)
@@ -709,7 +709,7 @@ def train_spatial(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
         save_model(last_p, model, meta, overwrite=True)
         if improved:
             save_model(best_p, model, meta, overwrite=True)
-        _write_log(out / "log.csv", history)
+        write_log(out / "log.csv", history)
         yield Progress(step, total_steps, f"epoch {epoch + 1}/{cfg.epochs} done: "
                        + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                    if k.endswith(("loss", "auc", "acc", "spatial"))),
