@@ -404,6 +404,29 @@ def val_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[st
 # --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
+def optimiser_step(loss, opt, scaler, sched, step: int) -> None:
+    """Backward pass and one optimiser step (through the AMP ``scaler`` when given).
+
+    A non-finite loss stops training with an :class:`InputError` before the weights are
+    touched, so the last good checkpoint stays the last good one. ``sched`` is stepped
+    when it is a per-step schedule (pass ``None`` for per-epoch ones).
+    """
+    import torch
+
+    if not torch.isfinite(loss):
+        raise InputError(f"the loss became {loss.item()} at step {step}; lower the "
+                         "learning rate (the last good checkpoint is kept)")
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    if sched is not None:
+        sched.step()
+
+
 def _latest_state(out: Path, step: int) -> Path | None:
     p = out / f"state-{step}.safetensors"
     return p if p.exists() else None
@@ -568,18 +591,7 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
                 loss = loss_fn(logits, y)
             if cfg.l1:
                 loss = loss + cfg.l1 * sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
-            if not torch.isfinite(loss):
-                raise InputError(f"the loss became {loss.item()} at step {step}; lower the "
-                                 "learning rate (the last good checkpoint is kept)")
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            if sched is not None and sched_unit == "step":
-                sched.step()
+            optimiser_step(loss, opt, scaler, sched if sched_unit == "step" else None, step)
             step += 1
             lv = float(loss.detach())
             running += lv * len(y_np)

@@ -57,6 +57,7 @@ from .loop import (
     dataset_stats,
     make_optimizer,
     make_scheduler,
+    optimiser_step,
     resolve_device,
     seed_everything,
     val_metrics,
@@ -637,18 +638,7 @@ def train_spatial(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
             loss, ce, sp = spatial_objective(logits.float(), g.reshape(len(g), -1),
                                              beta=cfg.beta, head=cfg.head,
                                              ce_cells=cfg.ce_cells)
-            if not torch.isfinite(loss):
-                raise InputError(f"the loss became {loss.item()} at step {step}; lower the "
-                                 "learning rate (the last good checkpoint is kept)")
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            if sched is not None and sched_unit == "step":
-                sched.step()
+            optimiser_step(loss, opt, scaler, sched if sched_unit == "step" else None, step)
             step += 1
             bn = len(x_np)
             lv = float(loss.detach())
