@@ -348,6 +348,7 @@ def train_mil_job(slides: Sequence[MILSlide], config: MILTrainConfig, *,
     from ..io.atomic import write_text_atomic
     from ..models.io import resolve_device
     from ..models.mil import MILConfig, MILInfo, MILModel, save_mil
+    from .loop import optimiser_step
 
     t_start = time.perf_counter()
     classes = [str(c) for c in classes]
@@ -437,8 +438,7 @@ def train_mil_job(slides: Sequence[MILSlide], config: MILTrainConfig, *,
             if config.l1:
                 loss = loss + config.l1 * model.l1_penalty()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimiser_step(loss, opt, None, None, step)
             sched.step(epoch - 1 + (step + 1) / n_steps)
             run_loss += float(loss.detach()) * len(sel)
             n_seen += len(sel)
