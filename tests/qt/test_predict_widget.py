@@ -83,9 +83,14 @@ def test_widget_runs_and_layers_lie_on_the_slide(make_napari_viewer, qtbot, inpu
     # a second run reuses the layers instead of stacking new ones
     n = len(viewer.layers)
     w.stride.setValue(0)  # = patch size
+    w.lesion_method.setCurrentText("components")
+    w.lesion_threshold.setValue(0.05)
     w.panel.run_button.click()
     qtbot.waitUntil(lambda: not w.panel.running, timeout=60_000)
     assert len(viewer.layers) == n
+    lesions = w.session.prediction.lesions
+    assert w.session.prediction.result.config.lesion_method == "components"
+    assert lesions.n_cells is not None and len(lesions) == len(viewer.layers[LESIONS_LAYER].data)
 
 
 def test_widget_cancel_and_bad_input(make_napari_viewer, qtbot, inputs):

@@ -91,6 +91,12 @@ class PredictWidget(QWidget):
         self.device.addItems(_devices())
         self.batch = int_spin(0, 4096, special="auto")
         self.opacity = float_spin(0.0, 1.0, 0.7, step=0.1)
+        self.lesion_threshold = float_spin(0.0, 1.0, 0.5, decimals=2, step=0.05)
+        self.lesion_method = QComboBox()
+        self.lesion_method.addItems(["nms", "components"])
+        self.lesion_method.setToolTip("nms: non-maximum suppression within 200 µm (seed 004); "
+                                      "components: one lesion per connected region above the "
+                                      "threshold (CAMELYON16 winner)")
         self.panel = JobPanel("Detect metastases")
         self.save_button = QPushButton("Save results…")
         self.save_button.setEnabled(False)
@@ -111,6 +117,8 @@ class PredictWidget(QWidget):
         form.addRow("", self.tta)
         form.addRow("Device", self.device)
         form.addRow("Batch size", self.batch)
+        form.addRow("Lesion threshold", self.lesion_threshold)
+        form.addRow("Lesions by", self.lesion_method)
         form.addRow("Heatmap opacity", self.opacity)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
@@ -201,7 +209,9 @@ class PredictWidget(QWidget):
         return InferenceConfig(model=self.model_file(), mpp=mpp, level=level,
                                patch_size=self.patch.value(), stride=self.stride.value() or None,
                                tta=self.tta.isChecked(), device=self.device.currentText(),
-                               batch_size=self.batch.value())
+                               batch_size=self.batch.value(),
+                               lesion_threshold=self.lesion_threshold.value(),
+                               lesion_method=self.lesion_method.currentText())
 
     def selected_slide(self) -> Slide:
         from .._napari.layers import slide_from_layer
