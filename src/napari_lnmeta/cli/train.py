@@ -323,16 +323,7 @@ def train(p: argparse.ArgumentParser):
                 val_set.load_pixels()
         res = drive(train_job(cfg, train_set, val_set, out_dir=args.out, resume=args.resume,
                               overwrite=args.overwrite), TextProgress())
-        last = res.history[-1] if res.history else {}
-        print(f"{res.out_dir}: {res.steps} steps in {res.seconds:.0f} s "
-              f"({res.patches_per_second:.1f} patches/s); last epoch: "
-              + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
-        if args.export:
-            from ..io.atomic import atomic_path
-
-            with atomic_path(args.export, overwrite=args.overwrite) as tmp:
-                shutil.copyfile(res.last, tmp)
-            print(f"{args.export}: exported {res.last.name}")
+        report_and_export(res, args, unit="patches")
         if args.eval and val_set is not None:
             from ..train.evaluate import evaluate_job, write_report
 
@@ -415,3 +406,18 @@ def evaluate(p: argparse.ArgumentParser):
                       f"z={d['z']:.3f}, p={d['p']:.4g}")
 
     return run
+
+
+def report_and_export(res, args, *, unit: str) -> None:
+    """Print a training run's summary line and copy its last model to ``--export``."""
+    last = res.history[-1] if res.history else {}
+    print(f"{res.out_dir}: {res.steps} steps in {res.seconds:.0f} s "
+          f"({res.patches_per_second:.1f} {unit}/s); last epoch: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+    if args.export:
+        from ..io.atomic import atomic_path
+
+        with atomic_path(args.export, overwrite=args.overwrite) as tmp:
+            shutil.copyfile(res.last, tmp)
+        print(f"{args.export}: exported {res.last.name}")
+

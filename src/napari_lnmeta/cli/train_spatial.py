@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -172,16 +171,9 @@ def train_spatial(p: argparse.ArgumentParser):
         res = drive(train_job(tcfg, train_set, val_set, out_dir=args.out,
                               overwrite=args.overwrite, patch_config=pcfg.to_json()),
                     TextProgress())
-        last = res.history[-1] if res.history else {}
-        print(f"{res.out_dir}: {res.steps} steps in {res.seconds:.0f} s "
-              f"({res.patches_per_second:.1f} neighbourhoods/s); last epoch: "
-              + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
-        if args.export:
-            from ..io.atomic import atomic_path
+        from .train import report_and_export
 
-            with atomic_path(args.export, overwrite=args.overwrite) as tmp:
-                shutil.copyfile(res.last, tmp)
-            print(f"{args.export}: exported {res.last.name}")
+        report_and_export(res, args, unit="neighbourhoods")
         if args.eval and val_set is not None:
             from ..io.atomic import write_text_atomic
             from ..train.metrics import evaluate_binary
