@@ -237,7 +237,7 @@ def step_features(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[s
 
 
 def step_mil(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """Slide-level MIL prediction with attention (``lnmeta mil-predict``); needs ``model``."""
+    """Slide-level MIL prediction with attention (``lnmeta mil``); needs ``model``."""
     from .core.mil import MILInferenceConfig, predict_slide_job
     from .progress import run as drive
 
@@ -289,7 +289,9 @@ def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any])
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     params = dict(params)
-    device = worker_device(params.get("device", "auto"), _worker_index(), _gpu_count())
+    index = _worker_index()  # GPUs are counted (torch imported) only inside a worker
+    device = worker_device(params.get("device", "auto"), index,
+                           _gpu_count() if index is not None else 0)
     if device is not None:
         params["device"] = device
     try:

@@ -666,6 +666,13 @@ def split_by_region(ps: PatchSet, box: Sequence[float], *, slide: str | None = N
     both, so no pixel is in both sets. ``slide`` restricts the box to one slide (other
     slides go to training).
     """
+    outside, inside = region_masks(ps, box, slide=slide, margin=margin)
+    return ps.subset(outside), ps.subset(inside)
+
+
+def region_masks(ps: PatchSet, box: Sequence[float], *, slide: str | None = None,
+                 margin: float = 0.0, what: str = "patch set") -> tuple[np.ndarray, np.ndarray]:
+    """``(outside, inside)`` masks of :func:`split_by_region`'s rule over ``ps``'s patches."""
     y0, x0, y1, x1 = (float(v) for v in box)
     if not (y1 > y0 and x1 > x0):
         raise InputError(f"hold-out region must be (row0, col0, row1, col1) with row1 > row0 "
@@ -674,16 +681,16 @@ def split_by_region(ps: PatchSet, box: Sequence[float], *, slide: str | None = N
         if len(ps) else np.zeros(0)
     r, c = ps.coords[:, 0].astype(np.float64), ps.coords[:, 1].astype(np.float64)
     inside = (r >= y0) & (c >= x0) & (r + size0 <= y1) & (c + size0 <= x1)
-    m = margin
+    m = float(margin)
     outside = (r + size0 <= y0 - m) | (r >= y1 + m) | (c + size0 <= x0 - m) | (c >= x1 + m)
     if slide is not None:
         on = np.array([e.name == Path(slide).name or e.path == str(slide) for e in ps.slides])
         if not on.any():
-            raise InputError(f"slide {slide} is not in the patch set")
+            raise InputError(f"slide {slide} is not in the {what}")
         on_p = on[ps.slide_index]
         inside &= on_p
         outside |= ~on_p
-    return ps.subset(outside), ps.subset(inside)
+    return outside, inside
 
 
 def mix(sets: dict[str, PatchSet], proportions: dict[str, float], *, total: int | None = None,

@@ -50,6 +50,7 @@ from .datasets import (
     class_values,
     fractions_of,
     patches_from_slide_job,
+    region_masks,
 )
 from .loop import (
     TrainConfig,
@@ -268,24 +269,8 @@ def split_neighbourhoods(ns: NeighbourhoodSet, *, region=None, region_slide: str
     if region is not None:
         if test_slides is not None or test_fraction is not None:
             raise InputError("choose a hold-out region or held-out slides, not both")
-        y0, x0, y1, x1 = (float(v) for v in region)
-        if not (y1 > y0 and x1 > x0):
-            raise InputError(f"hold-out region must be (row0, col0, row1, col1) with row1 > "
-                             f"row0 and col1 > col0, got {tuple(region)}")
-        size0 = np.array([e.patch_size * e.downsample for e in w.slides])[w.slide_index] \
-            if len(ns) else np.zeros(0)
-        r, c = w.coords[:, 0].astype(np.float64), w.coords[:, 1].astype(np.float64)
-        inside = (r >= y0) & (c >= x0) & (r + size0 <= y1) & (c + size0 <= x1)
-        m = float(margin)
-        outside = (r + size0 <= y0 - m) | (r >= y1 + m) | (c + size0 <= x0 - m) | (c >= x1 + m)
-        if region_slide is not None:
-            on = np.array([e.name == Path(region_slide).name or e.path == str(region_slide)
-                           for e in w.slides])
-            if not on.any():
-                raise InputError(f"slide {region_slide} is not in the neighbourhood set")
-            on_p = on[w.slide_index]
-            inside &= on_p
-            outside |= ~on_p
+        outside, inside = region_masks(w, region, slide=region_slide, margin=margin,
+                                       what="neighbourhood set")
         return ns.subset(outside), ns.subset(inside)
     names = ns.slide_names()
     if test_slides is None and test_fraction is None:
