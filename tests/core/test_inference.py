@@ -154,6 +154,41 @@ def test_tta_of_a_rotation_invariant_model_changes_nothing(synth, small_tissue):
     assert b.params["tta"] is True
 
 
+def test_reads_that_share_tiles_reserve_the_tile_cache(synth, tissue, monkeypatch):
+    """Overlapping patches read the same stored tiles: the engine sizes the decoded-tile
+    cache for the batches in flight; patches far apart share nothing and reserve nothing."""
+    from napari_lnmeta.core.inference import tile_working_set
+    from napari_lnmeta.core.tiling import make_grid
+
+    monkeypatch.setenv("LNMETA_TILE_CACHE_MB", "0.01")  # starts almost empty
+    slide = open_slide(synth.path)
+    assert slide.tile_shape(0) == (128, 128)
+    tile_bytes = 128 * 128 * 3
+
+    def batches(g, n=64):
+        idx = np.arange(len(g))
+        return [idx[i:i + n] for i in range(0, len(idx), n)]
+
+    dense = make_grid(slide, patch_size=PATCH, stride=PATCH // 2, mpp=MPP, tissue=tissue)
+    need = tile_working_set(slide, dense, batches(dense), 4)
+    # 256 overlapping 64-px patches lie in far fewer 128-px tiles than patches
+    assert tile_bytes < need < 256 * tile_bytes / 4
+    sparse = make_grid(slide, patch_size=PATCH, stride=256, mpp=MPP, tissue=tissue)
+    assert tile_working_set(slide, sparse, batches(sparse), 4) == 0
+
+    net, meta = redness_model(synth)
+    res = run(run_inference(slide, InferenceConfig(device="cpu", stride=PATCH // 2,
+                                                   batch_size=64), model=(net, meta),
+                            tissue=tissue))
+    reserved = res.timing["tile_cache_reserved_mb"] * 2**20
+    assert reserved > tile_bytes and slide._cache.capacity == int(reserved)
+    # every stored tile of the tissue was decoded once, not once per overlapping patch
+    assert slide._cache.loads <= len({(int(y) // 128, int(x) // 128)
+                                      for y, x in res.grid.coords
+                                      for y, x in [(y, x), (y + PATCH - 1, x + PATCH - 1),
+                                                   (y, x + PATCH - 1), (y + PATCH - 1, x)]})
+
+
 def test_pipeline_equals_infer_batch_on_a_saved_model(synth, tissue, model_file):
     """Reader + on-device preprocessing give exactly what the model API gives."""
     from napari_lnmeta.core.tiling import read_patches

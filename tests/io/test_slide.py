@@ -101,6 +101,65 @@ def test_tile_cache_reads_equal_direct_reads_and_stay_bounded(camelyon, monkeypa
     assert len(off._cache) == 0
 
 
+@pytest.mark.parametrize("compression", ["jpeg", None, "zlib"])
+def test_direct_tile_reads_equal_the_zarr_store(pyramid_factory, compression, monkeypatch):
+    """Tiles read at their file offsets and decoded in the calling thread give exactly
+    the zarr store's pixels, edge tiles and padding included, on every level."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (1000, 1300, 3), dtype=np.uint8)
+    img[200:600, 300:900] = (200, 80, 160)  # smooth areas: JPEG artefacts differ there
+    path = pyramid_factory(img, levels=3, compression=compression, tile=256)
+    fast = open_slide(path)
+    assert all(fast._tile_decoder(lv) is not None for lv in range(fast.level_count))
+    monkeypatch.setenv("LNMETA_TIFF_DIRECT", "0")
+    store = open_slide(path)
+    assert store._tile_decoder(0) is None
+    for _ in range(80):
+        level = int(rng.integers(0, store.level_count))
+        ds = store.level_downsamples[level]
+        h, w = (int(v) for v in rng.integers(1, 400, 2))
+        y, x = (int(v) for v in rng.integers(-50, 1000, 2))
+        loc = (int(y * ds), int(x * ds))
+        np.testing.assert_array_equal(fast.read_region(loc, (h, w), level=level),
+                                      store.read_region(loc, (h, w), level=level))
+    if compression is None:
+        np.testing.assert_array_equal(fast.read_region((0, 0), (1000, 1300)), img)
+    fast.close()  # file handles go; reads open them again
+    np.testing.assert_array_equal(fast.read_region((5, 6), (7, 8), level=1),
+                                  store.read_region((5, 6), (7, 8), level=1))
+
+
+def test_a_tile_wanted_by_many_threads_is_decoded_once():
+    import threading
+    import time
+
+    from napari_lnmeta.io.slide import TileCache
+
+    cache = TileCache(2**20, 2**22)
+    calls = []
+    start = threading.Barrier(6)
+
+    def load():
+        calls.append(1)
+        time.sleep(0.05)
+        return np.ones((16, 16, 3), np.uint8)
+
+    def want():
+        start.wait()
+        assert cache.get_or_load("t", load).shape == (16, 16, 3)
+
+    threads = [threading.Thread(target=want) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and cache.loads == 1
+    # reserve grows up to the maximum and never shrinks; a disabled cache stays off
+    assert cache.reserve(3 * 2**20) == 3 * 2**20
+    assert cache.reserve(2**30) == 2**22 and cache.reserve(10) == 2**22
+    assert TileCache(0, 2**22).reserve(2**21) == 0
+
+
 def test_subifd_pyramid_with_user_mpp_and_padding(pyramid_factory):
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (700, 900, 3), dtype=np.uint8)
@@ -199,3 +258,14 @@ def _write(path, data):
 def _mkdir(path):
     path.mkdir()
     return path
+
+
+def test_tile_shape_and_cache_hint_on_openslide(cmu1):
+    slide = open_slide(cmu1)
+    assert isinstance(slide, OpenSlideSlide)
+    assert slide.tile_shape(0) == (240, 240)  # the SVS's own JPEG tiles
+    before = slide.read_region((100, 200), (64, 64), level=0)
+    slide.reserve_tile_cache(100 * 2**20)  # a bigger OpenSlide cache, same pixels
+    np.testing.assert_array_equal(slide.read_region((100, 200), (64, 64), level=0), before)
+    again = pickle.loads(pickle.dumps(slide))  # a worker's copy starts with its own cache
+    np.testing.assert_array_equal(again.read_region((100, 200), (64, 64), level=0), before)

@@ -282,6 +282,15 @@ class Slide:
         arr = pyr[idx].compute(scheduler="threads")
         return np.ascontiguousarray(arr), dss[idx]
 
+    # -- decoded-tile cache ------------------------------------------------------------
+    def tile_shape(self, level: int) -> tuple[int, int] | None:
+        """``(rows, cols)`` of the stored tiles of ``level``; None if unknown or untiled."""
+        return None
+
+    def reserve_tile_cache(self, nbytes: int) -> None:  # noqa: B027 - optional hook
+        """Keep up to ``nbytes`` of decoded tiles: a hint from a job that knows how many
+        tiles its reads share (see :func:`napari_lnmeta.core.inference.tile_working_set`)."""
+
     # -- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles (they are re-opened on demand)."""
@@ -393,6 +402,25 @@ class OpenSlideSlide(Slide):
             return _rgba_to_rgb(np.asarray(img))
         return super().read_region(location, size, level=level, mpp=mpp)
 
+    def tile_shape(self, level):
+        try:
+            return (int(self.properties[f"openslide.level[{level}].tile-height"]),
+                    int(self.properties[f"openslide.level[{level}].tile-width"]))
+        except (KeyError, ValueError):
+            return None
+
+    def reserve_tile_cache(self, nbytes):
+        import openslide
+
+        # OpenSlide caches decoded tiles as 4-byte RGBA (default 32 MiB per slide)
+        want = int(nbytes * 4 / 3)
+        if hasattr(openslide, "OpenSlideCache") and want > getattr(self, "_cache_bytes", 32 << 20):
+            try:
+                self._osr.set_cache(openslide.OpenSlideCache(want))
+                self._cache_bytes = want
+            except Exception:  # an OpenSlide without settable caches: keep its own
+                pass
+
     def close(self):
         self._osr.close()
 
@@ -400,6 +428,7 @@ class OpenSlideSlide(Slide):
         state = self.__dict__.copy()
         state.pop("_osr", None)
         state.pop("associated_images", None)
+        state.pop("_cache_bytes", None)  # the new handle starts with OpenSlide's own cache
         return state
 
     def __setstate__(self, state):
@@ -499,6 +528,8 @@ class TiffSlide(Slide):
         tf.close()
         self._local = threading.local()
         self._cache = TileCache.from_env()
+        self._decoders: dict[int, _TileDecoder | None] = {}
+        self._decoders_lock = threading.Lock()
 
     def _read_ome_metadata(self, tf) -> None:
         if not tf.is_ome:
@@ -538,7 +569,28 @@ class TiffSlide(Slide):
             loc.levels = [z] if isinstance(z, zarr.Array) else [z[str(i)] for i in range(self.level_count)]
         return loc.levels
 
+    def tile_shape(self, level):
+        dec = self._tile_decoder(level)
+        if dec is not None:
+            return dec.th, dec.tw
+        return self._tile_shape(self._zarr_levels()[level])
+
+    def reserve_tile_cache(self, nbytes):
+        self._cache.reserve(nbytes)
+
+    def _tile_decoder(self, level: int) -> _TileDecoder | None:
+        """The level's direct tile reader, or None where only the zarr store can read it."""
+        if level not in self._decoders:
+            with self._decoders_lock:
+                if level not in self._decoders:
+                    self._decoders[level] = _TileDecoder.for_level(
+                        self.path, self._series_index, level)
+        return self._decoders[level]
+
     def _read_level(self, level, y, x, h, w):
+        dec = self._tile_decoder(level)
+        if dec is not None and h * w <= 4 * dec.th * dec.tw:
+            return self._read_cached(level, None, (dec.th, dec.tw), y, x, h, w, dec)
         arr = self._zarr_levels()[level]
         tile = self._tile_shape(arr)
         if tile is not None and self._cache.capacity and h * w <= 4 * tile[0] * tile[1]:
@@ -553,12 +605,14 @@ class TiffSlide(Slide):
         c = dict(zip(self._axes, chunks, strict=True))
         return int(c["Y"]), int(c["X"])
 
-    def _read_cached(self, level, arr, tile, y, x, h, w):
+    def _read_cached(self, level, arr, tile, y, x, h, w, dec=None):
         """Small reads (training and inference patches) assembled from decoded tiles.
 
         Neighbouring and overlapping patches share tiles; like OpenSlide's tile cache, a
         bounded LRU of decoded tiles (``LNMETA_TILE_CACHE_MB``, default 64 MB per slide,
-        shared by the reading threads) saves decoding the same JPEG tile again.
+        shared by the reading threads) saves decoding the same JPEG tile again. With a
+        direct tile reader (``dec``) missing tiles are decoded in the calling thread, so
+        reader threads decode in parallel; otherwise they come from one zarr read.
         """
         th, tw = tile
         lh, lw = self.level_shapes[level]
@@ -566,7 +620,10 @@ class TiffSlide(Slide):
                 for tx in range(x // tw, (x + w - 1) // tw + 1)]
         tiles = {k: self._cache.get(k) for k in keys}
         missing = [k for k, t in tiles.items() if t is None]
-        if missing:
+        if missing and dec is not None:
+            for k in missing:
+                tiles[k] = self._cache.get_or_load(k, lambda k=k: dec.tile(k[1], k[2]))
+        elif missing:
             # one read for all missing tiles, so the store decodes them concurrently
             ty0, ty1 = min(k[1] for k in missing), max(k[1] for k in missing) + 1
             tx0, tx1 = min(k[2] for k in missing), max(k[2] for k in missing) + 1
@@ -611,33 +668,172 @@ class TiffSlide(Slide):
             out = out[..., :3]
         return np.ascontiguousarray(out)
 
+    def close(self):
+        with self._decoders_lock:
+            for dec in self._decoders.values():
+                if dec is not None:
+                    dec.close()
+            self._decoders.clear()
+
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_local", None)
-        state.pop("_cache", None)
+        for k in ("_local", "_cache", "_decoders", "_decoders_lock"):
+            state.pop(k, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._local = threading.local()
         self._cache = TileCache.from_env()
+        self._decoders = {}
+        self._decoders_lock = threading.Lock()
+
+
+class _TileDecoder:
+    """Reads and decodes single tiles of one TIFF pyramid level, without the zarr store.
+
+    The compressed bytes of a tile are read at their file offset (``os.pread``: no shared
+    file position, so threads never wait on each other) and decoded by tifffile's decoder
+    for the page (imagecodecs, which releases the GIL) in the calling thread: the reader
+    threads of inference and training decode in parallel. Only plain layouts qualify: one
+    tiled page per level, 8-bit, 3 or 4 interleaved samples, no other dimensions. Set
+    ``LNMETA_TIFF_DIRECT=0`` to read everything through the zarr store instead.
+    """
+
+    def __init__(self, path: Path, page):
+        self.path = path
+        self.th, self.tw = int(page.tilelength), int(page.tilewidth)
+        self.h, self.w = int(page.imagelength), int(page.imagewidth)
+        self.ntx = -(-self.w // self.tw)
+        self.offsets = tuple(int(o) for o in page.dataoffsets)
+        self.counts = tuple(int(c) for c in page.databytecounts)
+        self.spp = int(page.samplesperpixel)
+        self._decode = page.decode
+        self._kw: dict = {"_fullsize": True}
+        if page.jpegtables is not None:
+            self._kw["jpegtables"] = page.jpegtables
+        if getattr(page, "jpegheader", None) is not None:
+            self._kw["jpegheader"] = page.jpegheader
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._local = threading.local()
+
+    @classmethod
+    def for_level(cls, path: Path, series_index: int, level: int) -> _TileDecoder | None:
+        if os.environ.get("LNMETA_TIFF_DIRECT", "1") == "0":
+            return None
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tf:
+                lv = tf.series[series_index].levels[level]
+                pages = [p for p in lv.pages if p is not None]
+                page = lv.keyframe
+                ok = (len(pages) == 1 and page.is_tiled and page.planarconfig == 1
+                      and page.samplesperpixel in (3, 4) and page.dtype == np.uint8
+                      and int(np.prod(lv.shape)) == int(np.prod(page.shape))
+                      and len(page.dataoffsets) == -(-page.imagelength // page.tilelength)
+                      * -(-page.imagewidth // page.tilewidth))
+                if not ok:
+                    return None
+                page.decode  # noqa: B018 - build the decoder while the file is open
+                return cls(Path(path), page)
+        except Exception:
+            return None
+
+    def _read(self, offset: int, count: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(self._fd, count, offset)
+        fh = getattr(self._local, "fh", None)  # Windows: one handle per thread
+        if fh is None:
+            fh = self._local.fh = open(self.path, "rb")  # noqa: SIM115
+        fh.seek(offset)
+        return fh.read(count)
+
+    def tile(self, ty: int, tx: int) -> np.ndarray:
+        """Tile ``(ty, tx)`` as ``(rows, cols, 3)`` uint8, cut to the level's extent."""
+        i = ty * self.ntx + tx
+        rows = min(self.th, self.h - ty * self.th)
+        cols = min(self.tw, self.w - tx * self.tw)
+        count = self.counts[i]
+        if count == 0:  # a tile the writer left out: tifffile's fill value
+            return np.zeros((rows, cols, 3), np.uint8)
+        try:
+            data = self._read(self.offsets[i], count)
+            out = self._decode(data, i, **self._kw)[0]
+        except Exception as e:
+            raise SlideError(self.path, f"cannot decode tile ({ty}, {tx}): {e}") from e
+        out = np.asarray(out).reshape(self.th, self.tw, self.spp)
+        return np.ascontiguousarray(out[:rows, :cols, :3])
+
+    def close(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
 
 class TileCache:
-    """A thread-safe LRU of decoded tiles, bounded in bytes (0 disables it)."""
+    """A thread-safe LRU of decoded tiles, bounded in bytes (0 disables it).
 
-    def __init__(self, capacity_bytes: int):
+    ``LNMETA_TILE_CACHE_MB`` (default 64) sets the starting size per slide; a job that
+    knows its reading pattern may :meth:`reserve` more, up to
+    ``LNMETA_TILE_CACHE_MAX_MB`` (default 1024). A cache set to 0 stays off.
+    """
+
+    def __init__(self, capacity_bytes: int, max_bytes: int | None = None):
         from collections import OrderedDict
 
         self.capacity = int(capacity_bytes)
+        self.max_bytes = self.capacity if max_bytes is None else max(int(max_bytes),
+                                                                     self.capacity)
         self._d: OrderedDict = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
+        self._loading: dict = {}
+        self.loads = 0  # tiles decoded through get_or_load (for benchmarks)
 
     @classmethod
     def from_env(cls) -> TileCache:
         mb = float(os.environ.get("LNMETA_TILE_CACHE_MB", "64"))
-        return cls(int(mb * 2**20))
+        max_mb = float(os.environ.get("LNMETA_TILE_CACHE_MAX_MB", "1024"))
+        return cls(int(mb * 2**20), int(max_mb * 2**20))
+
+    def reserve(self, nbytes: int) -> int:
+        """Grow to hold ``nbytes`` (never shrinks, never past the maximum); the new size."""
+        if self.capacity > 0:
+            self.capacity = max(self.capacity, min(int(nbytes), self.max_bytes))
+        return self.capacity
+
+    def get_or_load(self, key, load):
+        """The cached value, or ``load()``'s: a tile wanted by several threads at once is
+        decoded by the first and waited for by the others."""
+        while True:
+            with self._lock:
+                v = self._d.get(key)
+                if v is not None:
+                    self._d.move_to_end(key)
+                    return v
+                ev = self._loading.get(key)
+                if ev is None:
+                    ev = self._loading[key] = threading.Event()
+                    break
+            ev.wait()
+            with self._lock:
+                v = self._d.get(key)
+                if v is not None:
+                    return v
+            if self.capacity <= 0:
+                break  # nothing is kept: decode it here
+        try:
+            v = load()
+            self.loads += 1
+            self.put(key, v)
+            return v
+        finally:
+            with self._lock:
+                if self._loading.get(key) is ev:
+                    del self._loading[key]
+            ev.set()
 
     def get(self, key):
         with self._lock:
