@@ -38,9 +38,10 @@ from _common import cache_dir, real_tiles
 SLIDE_MPP = 0.25  # level-0 µm/px of the generated slides
 
 
-def tissue_band_pyramid(size: int, fraction: float, *, tile: int = 512,
-                        quality: int = 85) -> Path:
-    """A ``size`` x ``size`` JPEG-tiled OME-TIFF pyramid with real H&E in a vertical band.
+def tissue_band_pyramid(size: int, fraction: float, *, width: int | None = None,
+                        tile: int = 512, quality: int = 85) -> Path:
+    """A ``size`` x ``width`` (default square) JPEG-tiled OME-TIFF pyramid with real H&E
+    in a vertical band.
 
     The band (``fraction`` of the width, centred, aligned to level-0 tiles) is the same
     on every level (coarser levels hold 2x-downsampled tiles and mixed tiles at the band
@@ -52,20 +53,22 @@ def tissue_band_pyramid(size: int, fraction: float, *, tile: int = 512,
     import tifffile
     from PIL import Image
 
-    path = cache_dir() / f"inference_{size}_{round(fraction * 100)}.ome.tif"
+    width = width or size
+    shape = f"{size}" if width == size else f"{size}x{width}"
+    path = cache_dir() / f"inference_{shape}_{round(fraction * 100)}.ome.tif"
     if path.exists():
         return path
     srcs = real_tiles(16, tile)
-    nt0 = -(-size // tile)
+    nt0 = -(-width // tile)
     band = max(1, round(nt0 * fraction))
     lo0 = (nt0 - band) // 2 * tile
     hi0 = lo0 + band * tile
-    sizes = [size]
-    while sizes[-1] > 1024:
-        sizes.append(-(-sizes[-1] // 2))
+    sizes = [(size, width)]
+    while max(sizes[-1]) > 1024:
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
     white = np.full((tile, tile, 3), 243, np.uint8)
 
-    def level_tiles(k: int, n: int):
+    def level_tiles(k: int, n: tuple[int, int]):
         ds = 2 ** k
         # real tiles downsampled by ds, tiled back to a full tile
         texture = []
@@ -76,9 +79,8 @@ def tissue_band_pyramid(size: int, fraction: float, *, tile: int = 512,
         enc_t = [imagecodecs.jpeg_encode(t, level=quality) for t in texture]
         enc_w = imagecodecs.jpeg_encode(white, level=quality)
         lo, hi = lo0 / ds, hi0 / ds
-        ntiles = -(-n // tile)
-        for ty in range(ntiles):
-            for tx in range(ntiles):
+        for ty in range(-(-n[0] // tile)):
+            for tx in range(-(-n[1] // tile)):
                 v = (ty * 7 + tx * 3) % len(srcs)
                 a = int(np.clip(np.floor(lo - tx * tile), 0, tile))
                 b = int(np.clip(np.ceil(hi - tx * tile), 0, tile))
@@ -95,7 +97,7 @@ def tissue_band_pyramid(size: int, fraction: float, *, tile: int = 512,
     with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
         md = {"axes": "YXS", "PhysicalSizeX": SLIDE_MPP, "PhysicalSizeY": SLIDE_MPP}
         for k, n in enumerate(sizes):
-            kw = dict(shape=(n, n, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+            kw = dict(shape=(*n, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
                       compression="jpeg")
             if k == 0:
                 tw.write(level_tiles(k, n), subifds=len(sizes) - 1, metadata=md, **kw)
@@ -198,6 +200,35 @@ def naive_rate(slide_path: Path, grid, model_path: Path, device: str, n: int) ->
     return len(idx) / (time.perf_counter() - t0)
 
 
+def reader_rate(slide_path: Path, grid, batch: int, workers: int, n: int = 8192) -> float:
+    """Patches/s of the batch reader alone (no model) over the first ``n`` patches."""
+    from napari_lnmeta.core.inference import BatchReader, tile_working_set
+    from napari_lnmeta.io.slide import open_slide
+
+    idx = np.arange(min(n, len(grid)))
+    batches = [idx[i:i + batch] for i in range(0, len(idx), batch)]
+    slide = open_slide(slide_path)
+    slide.reserve_tile_cache(tile_working_set(slide, grid, batches, 4))  # as the engine does
+    reader = BatchReader(slide, grid, batches, batch_size=batch, workers=workers)
+    t0 = time.perf_counter()
+    n = 0
+    for i, _, slot in reader:
+        n += len(i)
+        reader.release(slot)
+    reader.close()
+    return n / (time.perf_counter() - t0)
+
+
+def child_predict(slide: Path, cfg: dict, out: Path) -> dict:
+    """``predict_to_folder`` in a fresh process: wall time, timing, peak RSS (and GPU)."""
+    code = RSS_CHILD.format(bench=str(Path(__file__).resolve().parent), cfg=json.dumps(cfg),
+                            slide=str(slide), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_slide(slide_path: Path, cfg):
     from napari_lnmeta.core.inference import run_inference
     from napari_lnmeta.io.slide import open_slide
@@ -220,7 +251,10 @@ t0 = time.perf_counter()
 with PeakRSS(interval=0.01) as rss:
     pred = run(predict_to_folder({slide!r}, {out!r}, cfg, overwrite=True))
 wall = time.perf_counter() - t0
-print(json.dumps({{"peak_rss_mb": rss.peak, "start_rss_mb": rss.start,
+gpu = None
+if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+    gpu = sys.modules["torch"].cuda.max_memory_allocated() / 2**20
+print(json.dumps({{"peak_rss_mb": rss.peak, "start_rss_mb": rss.start, "gpu_peak_mb": gpu,
                   "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "wall_s": wall, "timing": pred.result.timing,
                   "grid_shape": list(pred.result.grid.grid_shape),
@@ -238,6 +272,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="reader threads (0 = default)")
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--wsi", action=argparse.BooleanOptionalAction, default=None,
+                    help="time a 100 000 x 200 000 px slide end to end (default: on CUDA)")
+    ap.add_argument("--wsi-tissue", type=float, default=0.4,
+                    help="tissue fraction of that slide (a centred band)")
     args = ap.parse_args(argv)
 
     import torch
@@ -250,7 +288,7 @@ def main(argv=None) -> int:
     print(f"device: {dev} = {name}; torch {torch.__version__}")
     size = 5120 if args.quick else 10240  # 512-px tiles: a 10 % band is whole tiles
     if dev.type == "cuda":
-        size *= 4  # enough patches to time a GPU
+        size *= 8  # ~33 000 patches: seconds of steady state on a GPU, not a ramp-up
     full = tissue_band_pyramid(size, 1.0)
     tenth = tissue_band_pyramid(size, 0.1)
     work = Path(tempfile.mkdtemp(prefix="lnmeta-bench-", dir=cache_dir()))
@@ -286,6 +324,16 @@ def main(argv=None) -> int:
           f"(target >= 0.9); end to end {t['patches_run'] / wall_full:.1f} patches/s incl. "
           f"tissue {t['tissue_s']:.1f} s")
 
+    # the reader alone, to see whether it or the model sets the pace
+    from napari_lnmeta.core.inference import BatchReader
+
+    default_w = BatchReader.default_workers()
+    ws = sorted({1, default_w, *([default_w // 2] if dev.type == "cuda" else [])})
+    rates = {w: reader_rate(full, res_full.grid, bs, w) for w in ws}
+    print("    reader alone (no model): " + ", ".join(
+        f"{w} thread{'s' if w > 1 else ''} {r:.0f} patches/s" for w, r in rates.items())
+        + f" | default {default_w} threads; reader/bare = {rates[default_w] / bare:.2f}")
+
     # -- 2. vs naive loop ----------------------------------------------------------------
     n_naive = 40 if args.quick else 120
     naive = naive_rate(full, res_full.grid, model, args.device, n_naive)
@@ -303,6 +351,25 @@ def main(argv=None) -> int:
           f"{t10['inference_s'] / t['inference_s']:.3f}, end to end {wall_10 / wall_full:.3f} "
           f"(~0.1 expected)")
 
+    # -- 5. seconds per 100 000 x 200 000 px slide (a GPU measurement) ------------------
+    if args.wsi or (args.wsi is None and dev.type == "cuda"):
+        t0 = time.perf_counter()
+        wsi = tissue_band_pyramid(100_000, args.wsi_tissue, width=200_000)
+        made = time.perf_counter() - t0
+        wcfg = {"model": str(model), "device": args.device, "workers": args.workers}
+        for tta in (False, True) if dev.type == "cuda" else (False,):
+            r = child_predict(wsi, {**wcfg, "tta": tta}, work / f"wsi_out_{int(tta)}")
+            tt = r["timing"]
+            gpu = f", GPU peak {r['gpu_peak_mb']:.0f} MB" if r["gpu_peak_mb"] else ""
+            print(f"[5] 100000x200000 px slide ({wsi.stat().st_size / 2**30:.2f} GiB, "
+                  f"{args.wsi_tissue:.0%} tissue band, ready in {made:.0f} s), {args.arch} "
+                  f"{args.patch} px at {args.mpp} µm/px, stride = patch, TTA {'8x' if tta else 'off'}: "
+                  f"{r['patches']} tissue patches, **{r['wall_s']:.1f} s per slide** end to end "
+                  f"(model {tt['model_s']:.1f} s, tissue {tt['tissue_s']:.1f} s, loop "
+                  f"{tt['inference_s']:.1f} s at {tt['patches_per_s']:.0f} patches/s, read stall "
+                  f"{tt['read_wait_s']:.1f} s, batch {tt['forward_batch_size']}) | peak RSS "
+                  f"{r['ru_maxrss_mb']:.0f} MB{gpu} (goal < 20 s on one H100, bar 60 s)")
+
     # -- 4. peak RSS on a 100 000 x 100 000 px slide -------------------------------------
     if not args.skip_rss:
         t0 = time.perf_counter()
@@ -311,14 +378,11 @@ def main(argv=None) -> int:
         small = make_model("lnmeta_cnn_small", 64, SLIDE_MPP, work / "small.safetensors")
         stride = 2048 if args.quick else 1024
         rss_cfg = {"model": str(small), "device": args.device, "stride": stride}
-        code = RSS_CHILD.format(bench=str(Path(__file__).resolve().parent),
-                                cfg=json.dumps(rss_cfg), slide=str(big),
-                                out=str(work / "big_out"))
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if proc.returncode:
-            print(f"[4] failed: {proc.stderr.strip().splitlines()[-1]}")
+        try:
+            r = child_predict(big, rss_cfg, work / "big_out")
+        except RuntimeError as e:
+            print(f"[4] failed: {e}")
         else:
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
             tt = r["timing"]
             print(f"[4] 100000x100000 px slide ({big.stat().st_size / 2**30:.2f} GiB, ready in "
                   f"{made:.0f} s): lnmeta_cnn_small 64 px at level 0, stride {stride} px, "
