@@ -269,3 +269,23 @@ def test_tile_shape_and_cache_hint_on_openslide(cmu1):
     np.testing.assert_array_equal(slide.read_region((100, 200), (64, 64), level=0), before)
     again = pickle.loads(pickle.dumps(slide))  # a worker's copy starts with its own cache
     np.testing.assert_array_equal(again.read_region((100, 200), (64, 64), level=0), before)
+
+
+def test_dropped_slides_release_their_file_descriptors(camelyon):
+    import gc
+    import os
+    from pathlib import Path
+
+    path = camelyon / "tumor_001_level5.ome.tif"
+    fds = Path("/proc/self/fd")
+
+    def open_fds():
+        return len(os.listdir(fds)) if fds.exists() else 0
+
+    before = open_fds()
+    for _ in range(30):
+        slide = open_slide(path)
+        slide.read_region((100, 100), (300, 300), level=1)  # direct tile reads open the file
+        del slide
+    gc.collect()
+    assert open_fds() <= before + 2

@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import warnings
+import weakref
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -715,6 +716,8 @@ class _TileDecoder:
         if getattr(page, "jpegheader", None) is not None:
             self._kw["jpegheader"] = page.jpegheader
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        # a slide dropped without close() must not leak its descriptors
+        self._finalizer = weakref.finalize(self, _close_fd, self._fd)
         self._local = threading.local()
 
     @classmethod
@@ -766,10 +769,14 @@ class _TileDecoder:
         return np.ascontiguousarray(out[:rows, :cols, :3])
 
     def close(self) -> None:
-        import contextlib
+        self._finalizer()
 
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+
+def _close_fd(fd: int) -> None:
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 class TileCache:
