@@ -219,6 +219,32 @@ def reader_rate(slide_path: Path, grid, batch: int, workers: int, n: int = 8192)
     return n / (time.perf_counter() - t0)
 
 
+def device_decode_rate(slide_path: Path, grid, batch: int, device: str,
+                       n: int = 8192) -> float | None:
+    """Patches/s of whole JPEG tiles decoded on the device (no model), or None."""
+    import torch
+
+    from napari_lnmeta.core.inference import make_reader, resolve_device
+    from napari_lnmeta.io.slide import open_slide
+
+    dev = resolve_device(device)
+    idx = np.arange(min(n, len(grid)))
+    batches = [idx[i:i + batch] for i in range(0, len(idx), batch)]
+    reader, name = make_reader(open_slide(slide_path), grid, batches, batch_size=batch,
+                               device=dev, decode="device")
+    if name == "threads":
+        reader.close()
+        return None
+    t0 = time.perf_counter()
+    m = 0
+    for i, _, _slot in reader:
+        m += len(i)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    reader.close()
+    return m / (time.perf_counter() - t0)
+
+
 def child_predict(slide: Path, cfg: dict, out: Path) -> dict:
     """``predict_to_folder`` in a fresh process: wall time, timing, peak RSS (and GPU)."""
     code = RSS_CHILD.format(bench=str(Path(__file__).resolve().parent), cfg=json.dumps(cfg),
@@ -271,6 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mpp", type=float, default=0.5, help="read µm/px of the model")
     ap.add_argument("--batch-size", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="reader threads (0 = default)")
+    ap.add_argument("--decode", choices=("cpu", "device"), default="cpu",
+                    help="JPEG tiles decoded by the reader threads or on the device")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--wsi", action=argparse.BooleanOptionalAction, default=None,
                     help="time a 100 000 x 200 000 px slide end to end (default: on CUDA)")
@@ -293,7 +321,7 @@ def main(argv=None) -> int:
     tenth = tissue_band_pyramid(size, 0.1)
     work = Path(tempfile.mkdtemp(prefix="lnmeta-bench-", dir=cache_dir()))
     model = make_model(args.arch, args.patch, args.mpp, work / "model.safetensors")
-    cfg_kw = {"batch_size": args.batch_size, "workers": args.workers}
+    cfg_kw = {"batch_size": args.batch_size, "workers": args.workers, "decode": args.decode}
     cfg = InferenceConfig(model=str(model), device=args.device, **cfg_kw)
     print(f"model: {args.arch}, {args.patch} px at {args.mpp} µm/px; slides {size}x{size} px "
           f"at {SLIDE_MPP} µm/px: {full.name}, {tenth.name}")
@@ -318,6 +346,7 @@ def main(argv=None) -> int:
     t = res_full.timing
     pipe = t["patches_per_s"]
     print(f"[1] pipeline loop {pipe:.1f} patches/s ({t['patches_run']} patches, batch {bs}, "
+          f"reader {t['reader']}, "
           f"read stall {t['read_wait_s']:.2f} s of {t['inference_s']:.1f} s) | bare forward "
           f"{bare:.1f} patches/s (before {bare1:.1f}, after {bare2:.1f}), with on-device "
           f"preprocessing {bare_prep:.1f} | ratio pipeline/bare = {pipe / bare:.3f} "
@@ -333,6 +362,11 @@ def main(argv=None) -> int:
     print("    reader alone (no model): " + ", ".join(
         f"{w} thread{'s' if w > 1 else ''} {r:.0f} patches/s" for w, r in rates.items())
         + f" | default {default_w} threads; reader/bare = {rates[default_w] / bare:.2f}")
+    if dev.type == "cuda":
+        dr = device_decode_rate(full, res_full.grid, bs, args.device)
+        print("    JPEG tiles decoded on the device (no model): "
+              + (f"{dr:.0f} patches/s; decoder/bare = {dr / bare:.2f}" if dr else
+                 "not available"))
 
     # -- 2. vs naive loop ----------------------------------------------------------------
     n_naive = 40 if args.quick else 120
@@ -356,7 +390,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         wsi = tissue_band_pyramid(100_000, args.wsi_tissue, width=200_000)
         made = time.perf_counter() - t0
-        wcfg = {"model": str(model), "device": args.device, "workers": args.workers}
+        wcfg = {"model": str(model), "device": args.device, "workers": args.workers,
+                "decode": args.decode}
         for tta in (False, True) if dev.type == "cuda" else (False,):
             r = child_predict(wsi, {**wcfg, "tta": tta}, work / f"wsi_out_{int(tta)}")
             tt = r["timing"]
@@ -367,7 +402,8 @@ def main(argv=None) -> int:
                   f"{r['patches']} tissue patches, **{r['wall_s']:.1f} s per slide** end to end "
                   f"(model {tt['model_s']:.1f} s, tissue {tt['tissue_s']:.1f} s, loop "
                   f"{tt['inference_s']:.1f} s at {tt['patches_per_s']:.0f} patches/s, read stall "
-                  f"{tt['read_wait_s']:.1f} s, batch {tt['forward_batch_size']}) | peak RSS "
+                  f"{tt['read_wait_s']:.1f} s, batch {tt['forward_batch_size']}, reader "
+                  f"{tt['reader']}) | peak RSS "
                   f"{r['ru_maxrss_mb']:.0f} MB{gpu} (goal < 20 s on one H100, bar 60 s)")
 
     # -- 4. peak RSS on a 100 000 x 100 000 px slide -------------------------------------

@@ -21,7 +21,7 @@ def test_predict_writes_the_folder_and_refuses_to_overwrite(inputs, tmp_path, ca
     synth, model = inputs
     out = tmp_path / "out"
     argv = ["predict", str(synth.path), "-o", str(out), "--model", str(model), "--stride", "24",
-            "--device", "cpu", "--batch-size", "32", "--dtype", "uint8"]
+            "--device", "cpu", "--batch-size", "32", "--dtype", "uint8", "--decode", "device"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "score:" in text and "patches/s" in text
@@ -29,6 +29,8 @@ def test_predict_writes_the_folder_and_refuses_to_overwrite(inputs, tmp_path, ca
         assert (out / name).exists(), name
     s = json.loads((out / "summary.json").read_text())
     assert s["parameters"]["stride"] == 24 and s["parameters"]["heatmap_dtype"] == "uint8"
+    # zlib tiles cannot be decoded as JPEG elsewhere: the reader threads decode them
+    assert s["parameters"]["decode"] == "device" and s["timing"]["reader"] == "threads"
     assert s["model"]["architecture"] == "lnmeta_cnn_small"
     # an existing result: refused in one line, exit 2
     assert main(argv) == 2

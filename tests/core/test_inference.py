@@ -397,3 +397,99 @@ def test_cuda_pipeline_matches_cpu(synth, tissue, model_file):
     auto = run(run_inference(slide, InferenceConfig(model=str(model_file), device="cuda"),
                              tissue=tissue))
     assert auto.batch_size >= 8  # chosen from free device memory
+
+
+# --------------------------------------------------------------------------------------
+# Whole JPEG tiles decoded by torchvision (nvJPEG on a GPU)
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def jpeg_slide(tmp_path_factory, camelyon):
+    """A JPEG-tiled OME-TIFF (1000 x 1300 px, 256-px tiles, 2 levels) of real tissue."""
+    from tests.conftest import write_pyramid_tiff
+
+    from napari_lnmeta.io.slide import open_slide as open_
+
+    src = open_(camelyon / "tumor_001_level5.ome.tif").read_region((2000, 500), (1000, 1300),
+                                                                   level=0)
+    path = write_pyramid_tiff(tmp_path_factory.mktemp("jpeg") / "jpeg.ome.tif", src,
+                              levels=2, mpp=MPP, tile=256, compression="jpeg")
+    return path
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_whole_jpeg_tiles_give_the_threads_pixels(jpeg_slide, level):
+    """DeviceTileReader (run here with torchvision's CPU decoder) cuts exactly the
+    patches the reader threads read, at the edges and outside the slide too."""
+    import torch
+
+    from napari_lnmeta.core.inference import BatchReader, make_reader
+    from napari_lnmeta.core.tiling import make_grid
+
+    slide = open_slide(jpeg_slide)
+    assert slide.jpeg_tiles(level) is not None
+    grid = make_grid(slide, patch_size=100, stride=70, level=level, origin=(-60, -90))
+    idx = np.arange(len(grid))
+    batches = [idx[i:i + 40] for i in range(0, len(idx), 40)]
+    reader, name = make_reader(slide, grid, batches, batch_size=40,
+                               device=torch.device("cpu"), decode="device")
+    assert name == "jpeg-cpu"
+    ref = BatchReader(open_slide(jpeg_slide), grid, batches, batch_size=40, workers=2)
+    n = 0
+    for (i1, x1, _), (i2, x2, slot) in zip(reader, ref, strict=True):
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(x1.numpy(), x2.numpy())
+        ref.release(slot)
+        n += len(i1)
+    reader.close()
+    ref.close()
+    assert n == len(grid)
+    assert (x1.numpy()[-1, -30:, -30:] == 255).all()  # the last patch hangs off the slide
+
+
+def test_jpeg_decoding_falls_back_to_the_threads(jpeg_slide, synth, monkeypatch):
+    import torch
+    import torchvision.io
+
+    from napari_lnmeta.core.inference import make_reader
+    from napari_lnmeta.core.tiling import make_grid
+
+    cpu = torch.device("cpu")
+    synth_slide = open_slide(synth.path)  # zlib tiles: nothing to decode elsewhere
+    g = make_grid(synth_slide, patch_size=PATCH, level=0)
+    _, name = make_reader(synth_slide, g, [np.arange(4)], batch_size=4, device=cpu,
+                          decode="device")
+    assert name == "threads"
+    slide = open_slide(jpeg_slide)
+    g = make_grid(slide, patch_size=64, level=0)
+    _, name = make_reader(slide, g, [np.arange(4)], batch_size=4, device=cpu)
+    assert name == "threads"  # the default
+
+    def broken(*a, **k):
+        raise RuntimeError("nvJPEG is not available")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", broken)
+    with pytest.warns(RuntimeWarning, match="decoding on the CPU"):
+        reader, name = make_reader(slide, g, [np.arange(4)], batch_size=4, device=cpu,
+                                   decode="device")
+    assert name == "threads"
+    reader.close()
+    with pytest.raises(ValueError, match="decode must be"):
+        make_reader(slide, g, [np.arange(4)], batch_size=4, device=cpu, decode="auto")
+
+
+@pytest.mark.gpu
+def test_jpeg_tiles_decoded_on_the_gpu_match_the_cpu_run(jpeg_slide, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    slide = open_slide(jpeg_slide)
+    model = small_model_file(tmp_path / "m.safetensors", patch_size=32, mpp=MPP)
+    kw = {"model": str(model), "batch_size": 64, "stride": 24, "min_tissue": 0.0}
+    cpu = run(run_inference(slide, InferenceConfig(device="cpu", **kw)))
+    gpu = run(run_inference(slide, InferenceConfig(device="cuda", decode="device", **kw)))
+    assert gpu.timing["reader"] == "jpeg-cuda"
+    assert cpu.timing["reader"] == "threads"
+    np.testing.assert_allclose(gpu.probability, cpu.probability, atol=2e-2)
+    default = run(run_inference(slide, InferenceConfig(device="cuda", **kw)))
+    assert default.timing["reader"] == "threads"

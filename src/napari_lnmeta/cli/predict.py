@@ -32,6 +32,9 @@ def predict(p):
     p.add_argument("--batch-size", type=int, default=0,
                    help="patches per forward pass (0 = from free memory)")
     p.add_argument("--workers", type=int, default=0, help="reader threads (0 = one per core)")
+    p.add_argument("--decode", choices=("cpu", "device"), default="cpu",
+                   help="decode JPEG tiles in the reader threads (default) or whole tiles "
+                        "on the GPU (nvJPEG; pays when few CPU cores feed a fast GPU)")
     p.add_argument("--dtype", choices=("float16", "uint8"), default="float16",
                    help="storage type of the heatmap")
     p.add_argument("--tumour-class", default=None, help="name of the tumour class of the model")
@@ -67,7 +70,8 @@ def predict(p):
         cfg = InferenceConfig(model=args.model, mpp=args.patch_mpp, level=args.level,
                               patch_size=args.patch_size, stride=args.stride, tta=args.tta,
                               device=args.device, batch_size=args.batch_size,
-                              workers=args.workers, heatmap_dtype=args.dtype,
+                              workers=args.workers, decode=args.decode,
+                              heatmap_dtype=args.dtype,
                               tumour_class=args.tumour_class, min_tissue=args.min_tissue,
                               lesion_threshold=args.lesion_threshold,
                               lesion_radius_um=args.lesion_radius,

@@ -115,7 +115,7 @@ class Prediction:
                            "lesion_radius_um": cfg.lesion_radius_um,
                            "lesion_method": cfg.lesion_method, "top_k": cfg.top_k,
                            "amp": cfg.amp, "channels_last": cfg.channels_last,
-                           "compile": cfg.compile},
+                           "compile": cfg.compile, "decode": cfg.decode},
             "frame": r.frame.to_json(),
             "lesions": self.lesions.to_json(),
             "lesion_notes": self.lesions.notes,

@@ -292,6 +292,11 @@ class Slide:
         """Keep up to ``nbytes`` of decoded tiles: a hint from a job that knows how many
         tiles its reads share (see :func:`napari_lnmeta.core.inference.tile_working_set`)."""
 
+    def jpeg_tiles(self, level: int):
+        """A reader of the level's tiles as JPEG streams, where it has plain YCbCr JPEG
+        tiles (TIFF/OME-TIFF); None otherwise."""
+        return None
+
     # -- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles (they are re-opened on demand)."""
@@ -579,6 +584,12 @@ class TiffSlide(Slide):
     def reserve_tile_cache(self, nbytes):
         self._cache.reserve(nbytes)
 
+    def jpeg_tiles(self, level: int) -> _TileDecoder | None:
+        """The level's tile reader when its tiles are plain YCbCr JPEG (whole tiles can be
+        decoded on a GPU: see :class:`napari_lnmeta.core.inference.DeviceTileReader`)."""
+        dec = self._tile_decoder(level)
+        return dec if dec is not None and dec.jpeg_ycbcr else None
+
     def _tile_decoder(self, level: int) -> _TileDecoder | None:
         """The level's direct tile reader, or None where only the zarr store can read it."""
         if level not in self._decoders:
@@ -709,6 +720,11 @@ class _TileDecoder:
         self.offsets = tuple(int(o) for o in page.dataoffsets)
         self.counts = tuple(int(c) for c in page.databytecounts)
         self.spp = int(page.samplesperpixel)
+        # plain baseline JPEG in YCbCr: whole tiles can be decoded elsewhere (on a GPU)
+        self.jpeg_ycbcr = (int(page.compression) == 7 and int(page.photometric) == 6
+                           and self.spp == 3
+                           and getattr(page, "jpegheader", None) is None)
+        self.jpegtables = bytes(page.jpegtables) if page.jpegtables is not None else None
         self._decode = page.decode
         self._kw: dict = {"_fullsize": True}
         if page.jpegtables is not None:
@@ -751,6 +767,19 @@ class _TileDecoder:
             fh = self._local.fh = open(self.path, "rb")  # noqa: SIM115
         fh.seek(offset)
         return fh.read(count)
+
+    def jpeg(self, ty: int, tx: int) -> bytes | None:
+        """Tile ``(ty, tx)`` as a complete JPEG stream (the file's shared tables merged
+        in), or None for a tile the writer left out. Only for ``jpeg_ycbcr`` levels."""
+        i = ty * self.ntx + tx
+        count = self.counts[i]
+        if count == 0:
+            return None
+        data = self._read(self.offsets[i], count)
+        if self.jpegtables is not None and len(self.jpegtables) > 4:
+            # tables stream = SOI tables EOI; tile stream = SOI frame EOI
+            data = self.jpegtables[:-2] + data[2:]
+        return data
 
     def tile(self, ty: int, tx: int) -> np.ndarray:
         """Tile ``(ty, tx)`` as ``(rows, cols, 3)`` uint8, cut to the level's extent."""
