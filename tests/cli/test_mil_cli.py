@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from tests._mil_helpers import BACKBONE, PATCH, crop_features
 
 from napari_lnmeta.cli import main
@@ -15,13 +14,7 @@ from napari_lnmeta.io.slide import open_slide
 from napari_lnmeta.models.extractor import load_extractor
 from napari_lnmeta.progress import run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_extract_features_reuses_the_cache(tmp_path, capsys):

@@ -25,13 +25,7 @@ from napari_lnmeta.io.slide import open_slide
 from napari_lnmeta.models.extractor import Preprocessor, load_extractor
 from napari_lnmeta.progress import run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_cache_content_and_metadata():

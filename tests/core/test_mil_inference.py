@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from tests._mil_helpers import crop_features, random_mil_file
 
 from napari_lnmeta.core.mil import MILInferenceConfig, MILResult, extractor_for, predict_slide_job
@@ -18,13 +17,7 @@ from napari_lnmeta.models.clinical import ClinicalEncoder, clinical_row
 from napari_lnmeta.models.extractor import BackboneInfo
 from napari_lnmeta.progress import run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cell_centres_um(frame, index):

@@ -140,17 +140,6 @@ def test_target_json_roundtrip(he_tiles, tmp_path):
         S.StainTarget.load(tmp_path / "bad.json")
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny batched ops: one thread avoids oversubscribing a shared 2-core machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("method", S.NORMALISERS)
 def test_torch_normaliser_matches_numpy(he_tiles, method, one_torch_thread):
     import torch

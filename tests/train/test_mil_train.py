@@ -13,7 +13,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from tests._mil_helpers import benchmark_bags, camelyon_instances
 
 from napari_lnmeta.errors import InputError
@@ -27,13 +26,7 @@ from napari_lnmeta.train.mil import (
     train_mil_job,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 #: the small benchmark's training settings (regularised more than the seed-002 defaults:

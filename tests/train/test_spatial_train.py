@@ -28,14 +28,7 @@ from napari_lnmeta.train.spatial import (
 HOLDOUT = (4050, 0, 7168, 3072)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads competing with
-    another process stall each step (0.17 s vs 0.3-2.7 s per step measured here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------

@@ -315,12 +315,7 @@ def train(p: argparse.ArgumentParser):
                           amp=not args.no_amp, workers=args.workers, max_steps=args.max_steps,
                           val_every=args.val_every, checkpoint_every=args.checkpoint_every, save_dtype=args.save_dtype,
                           tensorboard=args.tensorboard)
-        print(f"train: {train_set}" + (f"\nval:   {val_set}" if val_set is not None else ""),
-              file=sys.stderr)
-        if args.in_memory:
-            train_set.load_pixels()
-            if val_set is not None:
-                val_set.load_pixels()
+        announce_sets(train_set, val_set, in_memory=args.in_memory)
         res = drive(train_job(cfg, train_set, val_set, out_dir=args.out, resume=args.resume,
                               overwrite=args.overwrite), TextProgress())
         report_and_export(res, args, unit="patches")
@@ -406,6 +401,16 @@ def evaluate(p: argparse.ArgumentParser):
                       f"z={d['z']:.3f}, p={d['p']:.4g}")
 
     return run
+
+
+def announce_sets(train_set, val_set, *, in_memory: bool) -> None:
+    """Print the training and validation sets; load their pixels for ``--in-memory``."""
+    print(f"train: {train_set}" + (f"\nval:   {val_set}" if val_set is not None else ""),
+          file=sys.stderr)
+    if in_memory:
+        train_set.load_pixels()
+        if val_set is not None:
+            val_set.load_pixels()
 
 
 def report_and_export(res, args, *, unit: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from . import add_mpp, add_overwrite, command
@@ -162,17 +161,12 @@ def train_spatial(p: argparse.ArgumentParser):
                                                   margin=args.holdout_margin, test_slides=vs,
                                                   test_fraction=args.val_fraction,
                                                   seed=args.seed)
-        print(f"train: {train_set}" + (f"\nval:   {val_set}" if val_set is not None else ""),
-              file=sys.stderr)
-        if args.in_memory:
-            train_set.load_pixels()
-            if val_set is not None:
-                val_set.load_pixels()
+        from .train import announce_sets, report_and_export
+
+        announce_sets(train_set, val_set, in_memory=args.in_memory)
         res = drive(train_job(tcfg, train_set, val_set, out_dir=args.out,
                               overwrite=args.overwrite, patch_config=pcfg.to_json()),
                     TextProgress())
-        from .train import report_and_export
-
         report_and_export(res, args, unit="neighbourhoods")
         if args.eval and val_set is not None:
             from ..io.atomic import write_text_atomic

@@ -576,6 +576,14 @@ def read_patches_into(out: np.ndarray, slide: Slide, grid: PatchGrid, idx: np.nd
     return out
 
 
+def level_origins(grid: PatchGrid, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left ``(rows, cols)`` of patches ``idx`` in pixels of the grid's read level
+    (as :meth:`Slide.read_region` maps level-0 locations)."""
+    ds = float(grid.downsample)
+    return (np.floor(grid.coords[idx, 0] / ds).astype(np.int64),
+            np.floor(grid.coords[idx, 1] / ds).astype(np.int64))
+
+
 def tile_working_set(slide: Slide, grid: PatchGrid, batches: list[np.ndarray],
                      window: int) -> int:
     """Bytes of decoded tiles that ``window`` consecutive batches share, or 0.
@@ -592,14 +600,11 @@ def tile_working_set(slide: Slide, grid: PatchGrid, batches: list[np.ndarray],
     if not ts:
         return 0
     th, tw = ts
-    ds = float(grid.downsample)
     s = grid.patch_size
     starts = sorted({0, max(0, len(batches) // 2 - window // 2), max(0, len(batches) - window)})
     need, touches, unique = 0, 0, 0
     for a in starts:
-        idx = np.concatenate(batches[a:a + window])
-        ly = np.floor(grid.coords[idx, 0] / ds).astype(np.int64)
-        lx = np.floor(grid.coords[idx, 1] / ds).astype(np.int64)
+        ly, lx = level_origins(grid, np.concatenate(batches[a:a + window]))
         ty0, ty1 = ly // th, (ly + s - 1) // th
         tx0, tx1 = lx // tw, (lx + s - 1) // tw
         keys = []
@@ -651,8 +656,8 @@ class BatchReader:
         """Reader threads when none are asked for: one per core, at most 16.
 
         JPEG decoding releases the GIL but the per-patch Python around it does not, so
-        threads help less than cores: on a 16-core GPU host 16 threads read 1.5x as fast
-        as 8 (docs/performance.md)."""
+        threads help less than cores: on a 16-core GPU host 16 threads read 1.3-1.7x as
+        fast as 8 (docs/inference.md)."""
         return min(16, os.cpu_count() or 1)
 
     def _fill(self, slot: int, idx: np.ndarray, part: slice) -> None:
@@ -774,9 +779,7 @@ class DeviceTileReader:
         th, tw = self.tiles.th, self.tiles.tw
         lh, lw = self.level_shape
         s = g.patch_size
-        ds = float(g.downsample)
-        ly = np.floor(g.coords[idx, 0] / ds).astype(np.int64)
-        lx = np.floor(g.coords[idx, 1] / ds).astype(np.int64)
+        ly, lx = level_origins(g, idx)
         ty0 = np.clip(ly, 0, lh - 1) // th
         ty1 = np.clip(ly + s - 1, 0, lh - 1) // th
         tx0 = np.clip(lx, 0, lw - 1) // tw
@@ -828,22 +831,18 @@ class DeviceTileReader:
         over a few tiles of the first batch (0 when they agree exactly)."""
         import torch
 
-        idx = self.batches[0][:4]
-        ds = float(self.grid.downsample)
-        worst = 0.0
         th, tw = self.tiles.th, self.tiles.tw
-        for k in idx:
-            ty = int(np.floor(self.grid.coords[k, 0] / ds)) // th
-            tx = int(np.floor(self.grid.coords[k, 1] / ds)) // tw
-            ty = min(max(ty, 0), (self.level_shape[0] - 1) // th)
-            tx = min(max(tx, 0), (self.level_shape[1] - 1) // tw)
-            if self.tiles.jpeg(ty, tx) is None:
-                continue
-            self._prev = None
-            dev = self._decode([(ty, tx)])[0].cpu().numpy()
-            cpu = self.tiles.tile(ty, tx)
+        ly, lx = level_origins(self.grid, self.batches[0][:4])
+        keys = sorted({(int(y), int(x)) for y, x in
+                       zip(np.clip(ly, 0, self.level_shape[0] - 1) // th,
+                           np.clip(lx, 0, self.level_shape[1] - 1) // tw, strict=True)})
+        self._prev = None
+        dev = self._decode(keys).cpu().numpy()
+        worst = 0.0
+        for k, d in zip(keys, dev, strict=True):
+            cpu = self.tiles.tile(*k)  # a missing tile is zeros on both sides
             h, w = cpu.shape[:2]
-            diff = np.abs(dev[:h, :w].astype(np.int16) - cpu.astype(np.int16)).mean()
+            diff = np.abs(d[:h, :w].astype(np.int16) - cpu.astype(np.int16)).mean()
             worst = max(worst, float(diff))
         self._prev = None
         if self.stream is not None:

@@ -768,30 +768,30 @@ class _TileDecoder:
         fh.seek(offset)
         return fh.read(count)
 
+    def _raw(self, ty: int, tx: int) -> bytes | None:
+        """The stored bytes of tile ``(ty, tx)``; None for a tile the writer left out."""
+        i = ty * self.ntx + tx
+        count = self.counts[i]
+        return self._read(self.offsets[i], count) if count else None
+
     def jpeg(self, ty: int, tx: int) -> bytes | None:
         """Tile ``(ty, tx)`` as a complete JPEG stream (the file's shared tables merged
         in), or None for a tile the writer left out. Only for ``jpeg_ycbcr`` levels."""
-        i = ty * self.ntx + tx
-        count = self.counts[i]
-        if count == 0:
-            return None
-        data = self._read(self.offsets[i], count)
-        if self.jpegtables is not None and len(self.jpegtables) > 4:
+        data = self._raw(ty, tx)
+        if data is not None and self.jpegtables is not None and len(self.jpegtables) > 4:
             # tables stream = SOI tables EOI; tile stream = SOI frame EOI
             data = self.jpegtables[:-2] + data[2:]
         return data
 
     def tile(self, ty: int, tx: int) -> np.ndarray:
         """Tile ``(ty, tx)`` as ``(rows, cols, 3)`` uint8, cut to the level's extent."""
-        i = ty * self.ntx + tx
         rows = min(self.th, self.h - ty * self.th)
         cols = min(self.tw, self.w - tx * self.tw)
-        count = self.counts[i]
-        if count == 0:  # a tile the writer left out: tifffile's fill value
-            return np.zeros((rows, cols, 3), np.uint8)
         try:
-            data = self._read(self.offsets[i], count)
-            out = self._decode(data, i, **self._kw)[0]
+            data = self._raw(ty, tx)
+            if data is None:  # a tile the writer left out: tifffile's fill value
+                return np.zeros((rows, cols, 3), np.uint8)
+            out = self._decode(data, ty * self.ntx + tx, **self._kw)[0]
         except Exception as e:
             raise SlideError(self.path, f"cannot decode tile ({ty}, {tx}): {e}") from e
         out = np.asarray(out).reshape(self.th, self.tw, self.spp)
