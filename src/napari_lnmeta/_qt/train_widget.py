@@ -173,7 +173,8 @@ class TrainWidget(QWidget):
         self.batch_size = int_spin(1, 4096, 64)
         self.lr = float_spin(1e-6, 1.0, 1e-3, decimals=6, step=1e-4)
         self.init_path = QLineEdit()
-        self.init_path.setPlaceholderText("optional pretrained .safetensors")
+        self.init_path.setPlaceholderText("optional: imagenet, uni, hf-hub:ORG/NAME, a folder "
+                                          "or .safetensors")
         self.freeze = int_spin(0, 20)
         self.out_dir = QLineEdit(str(Path(tempfile.gettempdir()) / "lnmeta-train"))
         self.browse_button = QPushButton("…")
@@ -300,15 +301,21 @@ class TrainWidget(QWidget):
     def train_config(self):
         from ..train.loop import TrainConfig
 
-        return TrainConfig(architecture=self.arch.currentText(), epochs=self.epochs.value(),
+        from ..models.backbones import architecture_for, is_named
+
+        init = self.init_path.text().strip() or None
+        return TrainConfig(architecture=architecture_for(init, self.arch.currentText()),
+                           epochs=self.epochs.value(),
                            batch_size=self.batch_size.value(), lr=self.lr.value(),
                            augment=self.augment.currentText(), freeze=self.freeze.value(),
-                           init=self.init_path.text().strip() or None,
-                           normalise="imagenet" if self.init_path.text().strip() else "dataset",
+                           init=init,
+                           normalise=("pretrained" if is_named(init) else
+                                      "imagenet" if init else "dataset"),
                            sampler="balanced")
 
     # -- jobs ---------------------------------------------------------------------------
     def run_train(self) -> None:
+        from ..errors import LnmetaError
         from ..train.pipeline import TrainingRequest, train_from_labels_job
 
         try:
@@ -321,7 +328,7 @@ class TrainWidget(QWidget):
             req = TrainingRequest(items=self._items(pairs), patches=self.patch_config(),
                                   train=self.train_config(), out_dir=Path(self.out_dir.text()),
                                   val_items=self._items(val))
-        except InputError as e:
+        except LnmetaError as e:  # bad input, or a pretrained init missing from the cache
             self._error(e)
             return
         self.session.steps, self.session.epochs = [], []

@@ -18,11 +18,14 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("features")
     g.add_argument("--backbone", default="resnet18",
                    help="registry architecture (resnet18, vgg16_bn, densenet121, "
-                        "lnmeta_cnn_small, ...) or a trained patch-model .safetensors file "
+                        "lnmeta_cnn_small, ...), a pretrained name from the local cache "
+                        "(uni, virchow2, hf-hub:ORG/NAME, timm:MODEL.TAG, a folder; see "
+                        "`lnmeta models list`) or a trained patch-model .safetensors file "
                         "(its penultimate layer); default resnet18")
     g.add_argument("--init", default=None,
-                   help="safetensors weights for a registry backbone (e.g. converted ImageNet "
-                        "weights); without it the backbone is randomly initialised from --seed")
+                   help="weights for a registry backbone: imagenet (torchvision weights from "
+                        "the torch cache), torchvision:ARCH.WEIGHTS or a .safetensors file; "
+                        "without it the backbone is randomly initialised from --seed")
     g.add_argument("--backbone-seed", type=int, default=0,
                    help="seed of a random backbone initialisation (default 0)")
     g.add_argument("--patch-size", type=int, default=None,
@@ -37,7 +40,8 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
                    help="drop patches whose grey-level entropy (bits) is lower (seed 003)")
     g.add_argument("--tissue-mpp", type=float, default=10.0,
                    help="µm/px of tissue detection (default 10)")
-    g.add_argument("--batch-size", type=int, default=64, help="patches per forward pass")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="patches per forward pass; 0 = as many as fit the free GPU memory")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     g.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     g.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32")
@@ -220,10 +224,11 @@ def train_mil(p):
             caches.append(cache)
             instances.append(idx)
             names.append(Path(r.get(low.get("slide", ""), "") or cache.slide_name).name)
-        ids = {c.backbone.id for c in caches}
-        if len(ids) > 1:
-            raise InputError(f"{table}: the features come from different backbones "
-                             f"({', '.join(sorted(ids))}); extract them all with one backbone")
+        kinds = {c.backbone.features_key(): c.backbone for c in caches}
+        if len(kinds) > 1:
+            raise InputError(f"{table}: the features come from different backbones or "
+                             "inputs (" + "; ".join(sorted(b.describe() for b in kinds.values()))
+                             + "); extract them all with one backbone")
         backbone: BackboneInfo = caches[0].backbone
         # the grid settings new slides must be cut with (stored in the model)
         fmeta = dict(caches[0].attrs.get("config") or {})

@@ -39,12 +39,55 @@ splits are by slide (--val-slides, --val-fraction) or by a region of a slide
 (--holdout-region ROW0,COL0,ROW1,COL1 in level-0 px), never by patch. Outputs in --out:
 last.safetensors, best.safetensors, log.csv, config.json (+ eval/ with --eval).
 
-seed presets: seed 000 = --arch resnet50 --freeze-convs 3 --optimizer sgd --lr 2e-2
-  --scheduler cosine --weight-decay 1e-4 --batch-size 128 --epochs 18 (--augment seed000);
-seed 001 = --optimizer adam --lr 1e-4 --weight-decay 1e-3 --scheduler plateau
-  --early-stopping 20 --head sigmoid.
-weights are never downloaded: start from pretrained weights with --init FILE.safetensors.
+recipes (--recipe; options given explicitly win):
+  seed000 = --arch resnet50 --freeze-convs 3 --optimizer sgd --lr 2e-2 --scheduler cosine
+    --weight-decay 1e-4 --batch-size 128 --epochs 18 --augment seed000;
+  seed001 = --arch resnet50 --optimizer adam --lr 1e-4 --weight-decay 1e-3
+    --scheduler plateau --early-stopping 20 --head sigmoid.
+  Both start from ImageNet weights (--init imagenet) when they are in the torch cache,
+  and say so when they are not (then: random initialisation).
+pretrained weights (--init): imagenet (torchvision weights of --arch from the torch cache),
+torchvision:ARCH.WEIGHTS, timm:MODEL.TAG, hf-hub:ORG/NAME, a short name of `lnmeta
+models list`, a folder (config.json + model.safetensors) or a .safetensors file. Nothing
+is downloaded here: fetch once with `lnmeta models pull NAME`. A timm / Hub init decides
+the architecture (--arch may be left out).
 """
+
+RECIPES = {
+    "seed000": {"arch": "resnet50", "freeze_convs": 3, "optimizer": "sgd", "lr": 2e-2,
+                "scheduler": "cosine", "weight_decay": 1e-4, "batch_size": 128, "epochs": 18,
+                "augment": "seed000"},
+    "seed001": {"arch": "resnet50", "optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-3,
+                "scheduler": "plateau", "early_stopping": 20, "head": "sigmoid"},
+}
+
+
+def apply_recipe(args, parser: argparse.ArgumentParser) -> None:
+    """Fill options left at their defaults from ``--recipe``; pick the init.
+
+    The recipe's init is ImageNet when its weights are in the local torch cache; when
+    they are not, a line says so (and how to fetch them) and training starts from a
+    random initialisation.
+    """
+    from ..errors import ModelError
+    from ..models.backbones import resolve
+
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
+    if args.init is None:
+        try:
+            src = resolve("imagenet", args.arch)
+        except ModelError as e:
+            print(f"recipe {args.recipe}: ImageNet weights are not cached, starting from a "
+                  f"random initialisation ({e.problem})", file=sys.stderr)
+        else:
+            args.init = "imagenet"
+            if args.normalise == parser.get_default("normalise"):
+                args.normalise = "imagenet"
+            print(f"recipe {args.recipe}: init from {src.id} ({src.weights_file})",
+                  file=sys.stderr)
+
 
 
 def _floats(text: str, n: int, what: str) -> list[float]:
@@ -233,10 +276,16 @@ def train(p: argparse.ArgumentParser):
     p.add_argument("--in-memory", action="store_true",
                    help="read every patch into memory first (fast when the set fits in RAM)")
     m = p.add_argument_group("model")
-    m.add_argument("--arch", default="resnet18", choices=list_architectures(), metavar="ARCH",
-                   help="backbone: " + ", ".join(list_architectures()) + " (default resnet18)")
+    m.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="a seed's settings (see below); explicit options win")
+    m.add_argument("--arch", default="resnet18", metavar="ARCH",
+                   help="backbone: " + ", ".join(list_architectures())
+                        + " or timm:MODEL (default resnet18)")
     m.add_argument("--head", choices=["softmax", "sigmoid"], default="softmax")
-    m.add_argument("--init", default=None, help="initial weights (.safetensors), e.g. ImageNet")
+    m.add_argument("--init", default=None,
+                   help="initial weights: imagenet, torchvision:ARCH.WEIGHTS, timm:MODEL.TAG, "
+                        "hf-hub:ORG/NAME, a known name (lnmeta models list), a folder or a "
+                        ".safetensors file")
     m.add_argument("--freeze", type=int, default=0, help="freeze the first N stages")
     m.add_argument("--freeze-convs", type=int, default=0,
                    help="freeze the first N conv layers (seed 000: 3)")
@@ -260,7 +309,10 @@ def train(p: argparse.ArgumentParser):
     o.add_argument("--sampler", choices=["shuffle", "balanced"], default="shuffle",
                    help="balanced: equal patches per class each epoch (negatives re-drawn)")
     o.add_argument("--epoch-size", type=int, default=None, help="patches per epoch")
-    o.add_argument("--normalise", choices=["dataset", "imagenet"], default="dataset")
+    o.add_argument("--normalise", choices=["dataset", "imagenet", "pretrained"],
+                   default="dataset",
+                   help="input mean/std: of the training patches, ImageNet's, or the named "
+                        "--init's own (foundation models)")
     o.add_argument("--l1", type=float, default=0.0)
     o.add_argument("--label-smoothing", type=float, default=0.0)
     o.add_argument("--max-steps", type=int, default=None)
@@ -284,11 +336,21 @@ def train(p: argparse.ArgumentParser):
 
     def run(args):
         from ..errors import InputError
+        from ..models.backbones import architecture_for
+        from ..models.registry import get_arch
         from ..progress import TextProgress
         from ..progress import run as drive
         from ..train.datasets import mix
         from ..train.loop import TrainConfig, train_job
 
+        if args.recipe:
+            apply_recipe(args, p)
+        arch = get_arch(args.arch).name
+        args.arch = architecture_for(args.init, arch)
+        if args.arch != arch and arch != p.get_default("arch") \
+                and args.arch.split("{")[0] != arch.split("{")[0]:
+            raise InputError(f"--init {args.init} is a {args.arch}, not a {arch}; leave "
+                             "--arch out")
         ps = _load_sets(args.patches, args.cache)
         train_set, val_set = _split(ps, args)
         if args.val:
@@ -319,6 +381,7 @@ def train(p: argparse.ArgumentParser):
         res = drive(train_job(cfg, train_set, val_set, out_dir=args.out, resume=args.resume,
                               overwrite=args.overwrite), TextProgress())
         report_and_export(res, args, unit="patches")
+        _print_init(res.last)
         if args.eval and val_set is not None:
             from ..train.evaluate import evaluate_job, write_report
 
@@ -328,6 +391,15 @@ def train(p: argparse.ArgumentParser):
             _print_metrics(ev.metrics)
 
     return run
+
+
+def _print_init(model_path) -> None:
+    """The provenance of a pretrained init (id + weights hash) of a written model."""
+    from ..models.io import read_meta
+
+    init = read_meta(model_path).extra.get("init")
+    if init:
+        print(f"init: {init['id']} (sha256 {init['weights_sha256'][:16]})")
 
 
 def _print_metrics(m: dict) -> None:

@@ -208,12 +208,20 @@ class FeatureCache:
         ``expected`` is a backbone id (``"resnet18:random-seed0"``) or a
         :meth:`BackboneInfo.to_json` dict.
         """
+        from ..models.extractor import BackboneInfo
+
         exp = expected["id"] if isinstance(expected, dict) else str(expected)
         have = self.backbone.id
         if exp != have:
             raise ModelError(self.path, f"features come from backbone {have!r} but {what} "
                              f"expects {exp!r}; extract the features again with that backbone "
                              f"(lnmeta extract-features --backbone ...)")
+        if isinstance(expected, dict):
+            want = BackboneInfo.from_json(expected)
+            if want.features_key() != self.backbone.features_key():
+                raise ModelError(self.path, f"features come from {self.backbone.describe()} "
+                                 f"but {what} expects {want.describe()}; extract the features "
+                                 "again with the same input size and normalisation")
 
 
 def open_features(path: str | Path) -> FeatureCache:
@@ -284,7 +292,9 @@ def extract_features_job(slide: Slide, grid: PatchGrid, path: str | Path, *,
     extractor
         ``(module, info)`` from :func:`napari_lnmeta.models.extractor.load_extractor`.
     batch_size, device, amp
-        Forward passes of ``batch_size`` patches on ``device`` (``"auto"``: CUDA when
+        Forward passes of ``batch_size`` patches (``0``: as many as fit the free memory
+        of the GPU, :func:`~napari_lnmeta.models.extractor.auto_batch_size`) on
+        ``device`` (``"auto"``: CUDA when
         available); ``amp`` autocasts to float16 on CUDA. Reading the next batch overlaps
         the forward pass of the current one.
     dtype, chunk
@@ -354,6 +364,12 @@ def extract_features_job(slide: Slide, grid: PatchGrid, path: str | Path, *,
     model.to(dev)
     model.eval()
     prep = Preprocessor(info, dev)
+    if int(batch_size) <= 0:  # as many patches as fit the free GPU memory (64 on CPU)
+        from ..models.extractor import auto_batch_size
+
+        batch_size = auto_batch_size(model, info, dev, requested=1024) \
+            if dev.type == "cuda" else 64
+    batch_size = int(batch_size)
     feats, done_arr = root["features"], root["done"]
     done = np.asarray(done_arr[:], dtype=bool)
     n = len(grid)

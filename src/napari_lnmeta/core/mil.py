@@ -185,6 +185,7 @@ def _jsonable(o: Any) -> Any:
 # --------------------------------------------------------------------------------------
 def extractor_for(backbone: BackboneInfo, *, device: Any = "cpu"):
     """Rebuild the feature extractor a MIL model was trained on, or say why not."""
+    from ..models.backbones import is_named
     from ..models.extractor import load_extractor
 
     w = backbone.weights
@@ -192,6 +193,8 @@ def extractor_for(backbone: BackboneInfo, *, device: Any = "cpu"):
         seed = int(w[len("random-seed"):].split("-")[0])
         ext = load_extractor(backbone.name, seed=seed, patch_size=backbone.patch_size,
                              device=device)
+    elif backbone.source and is_named(backbone.source):  # a cached pretrained backbone
+        ext = load_extractor(backbone.source, patch_size=backbone.patch_size, device=device)
     else:
         src = backbone.source
         if not src or not Path(src).is_file():

@@ -8,11 +8,18 @@ the classification head, i.e. the backbone's penultimate layer:
 * DenseNet: the pooled features before ``classifier`` (1024 for DenseNet-121);
 * VGG / AlexNet: the output of the second fully connected layer (4096), the layer
   before the last ``Linear`` of ``classifier``;
-* EfficientNet / MobileNet / ConvNeXt: the input of the last ``Linear``.
+* EfficientNet / MobileNet / ConvNeXt: the input of the last ``Linear``;
+* timm models (ViTs and pathology foundation models): timm's pooled features
+  (``num_classes=0``), the class token for most ViTs.
+
+A backbone may also be a pretrained name (:mod:`napari_lnmeta.models.backbones`:
+``imagenet`` with an architecture, ``timm:...``, ``hf-hub:...``, ``uni``, a folder): it is
+loaded from the local cache, at its own input size, mean/std and µm/px.
 
 Every extractor has an identity, :attr:`BackboneInfo.id`: the architecture plus its
 weights, ``"random-seed0-<8 hex>"`` for a seeded random initialisation (the hex digits
-are a digest of the weights) or ``"sha256:<16 hex>"`` of the weights file. It is stored
+are a digest of the weights) or ``"sha256:<16 hex>"`` of the weights file (a cached
+pretrained checkpoint included; its name is kept in :attr:`BackboneInfo.source`). It is stored
 with cached features and with MIL models, so features computed with one backbone are
 never fed to a model trained on another.
 """
@@ -96,6 +103,20 @@ class BackboneInfo:
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "id": self.id}
 
+    def features_key(self) -> tuple:
+        """What makes two feature sets interchangeable: the backbone id and the input
+        (patch size, mean/std, stain normalisation). The read µm/px is checked with the
+        patch grid."""
+        return (self.id, int(self.patch_size), tuple(round(float(v), 6) for v in self.mean),
+                tuple(round(float(v), 6) for v in self.std),
+                None if not self.normalisation else repr(sorted(self.normalisation.items())))
+
+    def describe(self) -> str:
+        """One line for messages: id, input size and normalisation."""
+        return (f"{self.id} ({self.patch_size} px, mean {[round(v, 3) for v in self.mean]}, "
+                f"std {[round(v, 3) for v in self.std]}"
+                + (", stain-normalised" if self.normalisation else "") + ")")
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> BackboneInfo:
         keys = ("name", "weights", "feature_dim", "patch_size", "mpp", "mean", "std",
@@ -108,6 +129,8 @@ def feature_dim_of(model: nn.Module, architecture: str) -> int:
     from .registry import get_arch
 
     fam = get_arch(architecture).family
+    if fam == "timm":
+        return int(getattr(model, "head_hidden_size", None) or model.num_features)
     if fam in ("resnet", "regnet", "shufflenet", "inception", "lnmeta"):
         return int(model.fc.in_features)
     if fam == "densenet":
@@ -122,7 +145,9 @@ def strip_head(model: nn.Module, architecture: str) -> nn.Module:
     from .registry import get_arch
 
     fam = get_arch(architecture).family
-    if fam in ("resnet", "regnet", "shufflenet", "inception", "lnmeta"):
+    if fam == "timm":
+        model.reset_classifier(0)
+    elif fam in ("resnet", "regnet", "shufflenet", "inception", "lnmeta"):
         model.fc = nn.Identity()
     elif fam == "densenet":
         model.classifier = nn.Identity()
@@ -146,6 +171,8 @@ def state_digest(model: nn.Module, n: int = 8) -> str:
 
 def _is_file(backbone: str | Path) -> bool:
     s = str(backbone)
+    if Path(s).is_dir():
+        return False
     return s.endswith(".safetensors") or os.sep in s or Path(s).is_file()
 
 
@@ -157,12 +184,14 @@ def load_extractor(backbone: str | Path, *, init: str | Path | None = None, seed
     Parameters
     ----------
     backbone
-        A registry architecture name, or a trained patch-model ``.safetensors`` file
-        (its penultimate layer is used, at the model's patch size and µm/px).
+        A registry architecture name (``timm:MODEL`` included), a pretrained name
+        (``hf-hub:ORG/NAME``, ``timm:MODEL.TAG``, ``uni``, a folder; see
+        :mod:`~napari_lnmeta.models.backbones`) or a trained patch-model ``.safetensors``
+        file (its penultimate layer is used, at the model's patch size and µm/px).
     init
-        Safetensors weights for a registry backbone (e.g. converted ImageNet weights).
-        Without it the backbone is randomly initialised from ``seed`` (reproducible, but
-        only useful as a baseline or for tests: this product downloads no weights).
+        Weights for a registry backbone: a safetensors file or a pretrained name
+        (``imagenet``...). Without it a registry backbone is randomly initialised from
+        ``seed`` (reproducible; a baseline, or for tests).
     patch_size
         Input side; defaults to the model file's or :data:`DEFAULT_PATCH_SIZE`.
 
@@ -190,26 +219,80 @@ def load_extractor(backbone: str | Path, *, init: str | Path | None = None, seed
                             mpp=meta.mpp, mean=list(meta.mean), std=list(meta.std),
                             normalisation=meta.normalisation, source=str(path))
     else:
+        from .backbones import is_named, resolve
+        from .registry import INIT_ATTR
+
         name = str(backbone)
+        src = None
+        if is_named(name) and name != "imagenet":
+            if init is not None:
+                raise ModelError(name, "is pretrained already; give --init only with a "
+                                 "registry architecture")
+            src = resolve(name)
+            init, name = name, src.architecture
+        elif is_named(init):
+            src = resolve(str(init), name)
         arch = get_arch(name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             model = build_model(name, 1, init=init)
         dim = feature_dim_of(model, name)
         strip_head(model, name)
-        weights = (f"sha256:{file_digest(init)}" if init is not None
+        prov = getattr(model, INIT_ATTR, None)
+        weights = (f"sha256:{prov['weights_sha256'][:16]}" if prov is not None
                    else f"random-seed{int(seed)}-{state_digest(model)}")
-        ps = int(patch_size or DEFAULT_PATCH_SIZE)
+        default_ps = src.input_size if src is not None else (
+            _timm_input_size(model) if arch.family == "timm" else DEFAULT_PATCH_SIZE)
+        ps = int(patch_size or default_ps)
         if ps < arch.min_size:
             raise ModelError(name, f"patches of {ps} px are too small for {name} "
                              f"(at least {arch.min_size} px)")
+        kw = {}
+        if src is not None:
+            kw = {"mean": list(src.mean), "std": list(src.std), "mpp": src.mpp}
+        elif arch.family == "timm":
+            cfg = getattr(model, "pretrained_cfg", {}) or {}
+            if cfg.get("mean"):
+                kw = {"mean": [float(v) for v in cfg["mean"]],
+                      "std": [float(v) for v in cfg["std"]]}
         info = BackboneInfo(name=name, weights=weights, feature_dim=dim, patch_size=ps,
-                            source=None if init is None else str(init))
+                            source=(src.id if src is not None
+                                    else None if init is None else str(init)), **kw)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(torch.device(device))
     return model, info
+
+
+def _timm_input_size(model) -> int:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return int((cfg.get("input_size") or (3, 224, 224))[-1])
+
+
+def auto_batch_size(model: nn.Module, info: BackboneInfo, device, *, requested: int,
+                    fraction: float = 0.6) -> int:
+    """A forward batch that fits the free memory of a CUDA device (``requested`` on CPU).
+
+    Estimates the activation memory per patch from one probing forward pass of two
+    patches (peak allocated bytes minus the weights), then takes ``fraction`` of the
+    free memory; never more than ``requested``, never less than 1. For a ViT the token
+    activations and attention maps dominate, which the probe measures as they are.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return int(requested)
+    free, _ = torch.cuda.mem_get_info(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    x = torch.zeros(2, 3, info.patch_size, info.patch_size, device=dev)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        model(x)
+    per = max(1, (torch.cuda.max_memory_allocated(dev) - base) // 2)
+    fit = int(free * fraction // per)
+    return int(max(1, min(int(requested), fit)))
 
 
 class Preprocessor:
@@ -242,5 +325,5 @@ class Preprocessor:
         return ((x - self.mean) / self.std).contiguous()
 
 
-__all__ = ["DEFAULT_PATCH_SIZE", "BackboneInfo", "Preprocessor", "feature_dim_of", "file_digest",
+__all__ = ["DEFAULT_PATCH_SIZE", "BackboneInfo", "Preprocessor", "auto_batch_size", "feature_dim_of", "file_digest",
            "load_extractor", "state_digest", "strip_head"]

@@ -254,7 +254,7 @@ class MILInfo:
     def check_features(self, cache: Any, *, what: str | None = None) -> None:
         """Refuse a feature cache made by another backbone (or of another length)."""
         what = what or (f"the MIL model {Path(self.path).name}" if self.path else "the MIL model")
-        cache.check_backbone(self.backbone.id, what=what)
+        cache.check_backbone(self.backbone.to_json(), what=what)
         if int(cache.dim) != self.config.feature_dim:
             raise ModelError(cache.path, f"features have {cache.dim} dimensions but {what} "
                              f"expects {self.config.feature_dim}")

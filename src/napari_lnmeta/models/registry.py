@@ -1,13 +1,23 @@
 """Backbone registry: torchvision architectures with a new head, optional init, frozen stages.
 
-Every model is built with ``weights=None`` (this product never downloads anything); to
-start from pretrained weights, the user gives a safetensors file (for example ImageNet
-weights they converted once, or one of our own model files) to ``init``.
+Every model is built with ``weights=None``; pretrained weights come from ``init``: a
+safetensors file (converted weights, one of our own model files) or a name resolved from
+the local caches by :mod:`napari_lnmeta.models.backbones` (``imagenet``,
+``torchvision:resnet50.IMAGENET1K_V2``, ``hf-hub:ORG/NAME``, a folder...). Nothing is
+downloaded here.
+
+Besides the torchvision architectures, any timm model is an architecture named
+``timm:MODEL`` (optionally followed by a JSON object of constructor arguments, e.g.
+``timm:vit_large_patch16_224{"dynamic_img_size":true,"init_values":1e-05}``): the string
+alone rebuilds the network, so model files that store it reload without extra state.
+timm is optional (``pip install napari-lnmeta[foundation]``).
 
 A *stage* is a group of early layers that freezing treats as one unit: for a ResNet the
 stem (``conv1`` + ``bn1``) then ``layer1`` ... ``layer4``; for VGG and AlexNet the blocks
 between max-pools; for DenseNet the stem then each dense block with its transition; for
-EfficientNet / MobileNet / ConvNeXt each entry of ``features``. Frozen stages get
+EfficientNet / MobileNet / ConvNeXt each entry of ``features``; for a timm ViT the patch
+embedding (with the class / register tokens and position embedding) then each
+transformer block; for other timm models the stem then each stage. Frozen stages get
 ``requires_grad=False`` and keep their batch-norm statistics fixed (see
 :func:`set_train_mode`).
 """
@@ -77,11 +87,59 @@ def list_architectures() -> list[str]:
 
 
 def get_arch(architecture: str) -> Arch:
+    if isinstance(architecture, str) and architecture.startswith("timm:"):
+        name, _ = split_timm(architecture)
+        return Arch(architecture, "timm", 16, f"timm {name}")
     try:
         return ARCHITECTURES[architecture]
     except KeyError:
         raise ModelError(architecture, "unknown architecture; choose one of "
                          + ", ".join(list_architectures())) from None
+
+
+# --------------------------------------------------------------------------------------
+# timm architectures
+# --------------------------------------------------------------------------------------
+def split_timm(architecture: str) -> tuple[str, dict]:
+    """``"timm:NAME{json}"`` -> ``(NAME, kwargs)``."""
+    import json
+
+    body = architecture[len("timm:"):]
+    name, brace, rest = body.partition("{")
+    args = {}
+    if brace:
+        try:
+            args = json.loads("{" + rest)
+        except json.JSONDecodeError as e:
+            raise ModelError(architecture, f"bad timm constructor arguments ({e})") from None
+    if not name:
+        raise ModelError(architecture, "timm: needs a model name, e.g. timm:vit_base_patch16_224")
+    return name, args
+
+
+def _build_timm(architecture: str, num_classes: int):
+    from .backbones import _require
+
+    timm = _require("timm", architecture)
+    name, args = split_timm(architecture)
+    layers = {"swiglu_packed": "SwiGLUPacked", "swiglu": "SwiGLU", "mlp": "Mlp",
+              "gluMlp": "GluMlp"}
+    if isinstance(args.get("mlp_layer"), str):
+        args["mlp_layer"] = getattr(timm.layers, layers.get(args["mlp_layer"], args["mlp_layer"]))
+    if not timm.is_model(name):
+        raise ModelError(architecture, f"timm has no model {name!r}")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=int(num_classes), **args)
+    except (TypeError, ValueError) as e:
+        raise ModelError(architecture, f"timm cannot build it ({e})") from e
+
+
+def _timm_head_name(model) -> str:
+    head = model.get_classifier()
+    for n, m in model.named_modules():
+        if m is head:
+            return n
+    return "head"
 
 
 # --------------------------------------------------------------------------------------
@@ -151,7 +209,7 @@ def _replace_head(model, family: str, num_classes: int) -> None:
     elif family in ("vgg", "alexnet", "features"):
         last = model.classifier[-1]
         model.classifier[-1] = nn.Linear(last.in_features, num_classes)
-    elif family == "lnmeta":
+    elif family in ("lnmeta", "timm"):
         pass  # built with the right number of classes
     else:  # pragma: no cover - registry and this function are kept in step
         raise AssertionError(family)
@@ -167,6 +225,14 @@ def stages(model, architecture: str) -> list[list[nn.Module]]:
                 [model.layer4]]
     if fam == "lnmeta":
         return [[model.stem], [model.layer1], [model.layer2], [model.layer3], [model.layer4]]
+    if fam == "timm":
+        if hasattr(model, "blocks") and hasattr(model, "patch_embed"):  # ViT-like
+            return [[model.patch_embed]] + [[b] for b in model.blocks]
+        if hasattr(model, "stages"):
+            stem = [m for n, m in model.named_children() if n.startswith("stem")]
+            return ([stem] if stem else []) + [[m] for m in model.stages]
+        head = _timm_head_name(model).split(".")[0]
+        return [[m] for n, m in model.named_children() if n != head]
     if fam in ("vgg", "alexnet"):
         out, cur = [], []
         for m in model.features:
@@ -203,6 +269,9 @@ def stages(model, architecture: str) -> list[list[nn.Module]]:
 def head_parameter_names(model, architecture: str) -> set[str]:
     """Names (state-dict keys) of the classification head's parameters."""
     fam = get_arch(architecture).family
+    if fam == "timm":
+        pre = _timm_head_name(model) + "."
+        return {k for k in model.state_dict() if k.startswith(pre)}
     prefix = {"resnet": "fc.", "regnet": "fc.", "shufflenet": "fc.", "inception": "fc.",
               "lnmeta": "fc.", "densenet": "classifier."}.get(fam)
     if prefix is None:  # vgg, alexnet, features: the last Linear of classifier
@@ -224,9 +293,12 @@ def build_model(architecture: str, num_classes: int, *, init: str | Path | None 
     num_classes
         Output logits (1 for a sigmoid binary head, else the number of classes).
     init
-        Optional safetensors file with initial weights: a plain torchvision state dict
-        or an lnmeta model file. Tensors whose name and shape match are loaded; the head
-        is skipped when its shape differs. ``ModelError`` when nothing matches.
+        Optional initial weights: a safetensors file (a plain state dict or an lnmeta
+        model file) or a pretrained name resolved from the local caches by
+        :func:`napari_lnmeta.models.backbones.resolve` (``imagenet``, ``timm:...``,
+        ``hf-hub:...``, a folder). Tensors whose name and shape match are loaded; the head
+        is skipped when its shape differs. ``ModelError`` when nothing matches. The
+        provenance of a named init is recorded in ``model._lnmeta_init``.
     freeze
         Freeze the first ``freeze`` stages (see module docstring).
     freeze_convs
@@ -246,6 +318,8 @@ def build_model(architecture: str, num_classes: int, *, init: str | Path | None 
         raise ModelError(architecture, f"num_classes must be >= 1, got {num_classes}")
     if arch.family == "lnmeta":
         model = _small_cnn(int(num_classes))
+    elif arch.family == "timm":
+        model = _build_timm(architecture, int(num_classes))
     else:
         kwargs = {"weights": None}
         if arch.family == "inception":
@@ -258,11 +332,45 @@ def build_model(architecture: str, num_classes: int, *, init: str | Path | None 
     return model
 
 
+#: attribute set on a model built from a named init: its provenance dict
+INIT_ATTR = "_lnmeta_init"
+
+
 def load_init(model, architecture: str, path: str | Path) -> list[str]:
-    """Load matching tensors from a safetensors file into ``model``; return their names."""
+    """Load matching tensors from a safetensors file or a pretrained name (see
+    :mod:`napari_lnmeta.models.backbones`) into ``model``; return their names."""
+    from .backbones import is_named, resolve
     from .io import read_safetensors
 
+    if is_named(path):
+        src = resolve(str(path), architecture)
+        if src.architecture != architecture and not (
+                src.architecture.split("{")[0] == architecture.split("{")[0]):
+            raise ModelError(str(path), f"is a {src.architecture}, not a {architecture}; "
+                             f"use --arch {src.architecture} (or leave --arch out)")
+        tensors = src.state_dict()
+        names = load_init_tensors(model, architecture, tensors, str(path))
+        head = head_parameter_names(model, architecture)
+        missing = [k for k in model.state_dict() if k not in head and k not in names
+                   and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise ModelError(str(path), f"the checkpoint {src.weights_file} lacks {len(missing)} "
+                             f"tensors of {architecture}, e.g. {', '.join(missing[:3])} "
+                             "(another model under this name?)")
+        object.__setattr__(model, INIT_ATTR, src.provenance())
+        return names
     tensors, _ = read_safetensors(path)
+    names = load_init_tensors(model, architecture, tensors, path)
+    from .extractor import file_digest
+
+    object.__setattr__(model, INIT_ATTR, {"id": f"file:{Path(path).name}",
+                                          "weights_sha256": file_digest(path, 64),
+                                          "architecture": architecture, "file": str(path)})
+    return names
+
+
+def load_init_tensors(model, architecture: str, tensors: dict, path: str | Path) -> list[str]:
+    """Load the tensors of ``tensors`` whose name and shape fit ``model`` (head excepted)."""
     own = model.state_dict()
     head = head_parameter_names(model, architecture)
     loaded, skipped = {}, []
@@ -297,6 +405,12 @@ def freeze_model(model, architecture: str, *, stages_: int = 0, convs: int = 0) 
                          f"got {stages_}")
     for group in st[:stages_]:
         frozen.extend(group)
+    if stages_ and get_arch(architecture).family == "timm":
+        # a ViT's class / register tokens and position embedding belong to its first stage
+        for n in ("cls_token", "reg_token", "pos_embed"):
+            prm = getattr(model, n, None)
+            if prm is not None and hasattr(prm, "requires_grad_"):
+                prm.requires_grad_(False)
     if convs:
         mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
         n = 0
@@ -331,6 +445,6 @@ def count_parameters(model, *, trainable_only: bool = False) -> int:
                if p.requires_grad or not trainable_only)
 
 
-__all__ = ["ARCHITECTURES", "Arch", "build_model", "count_parameters", "freeze_model",
-           "get_arch", "head_parameter_names", "list_architectures", "load_init",
+__all__ = ["ARCHITECTURES", "INIT_ATTR", "Arch", "build_model", "count_parameters", "freeze_model",
+           "get_arch", "head_parameter_names", "list_architectures", "load_init", "load_init_tensors", "split_timm",
            "set_train_mode", "stages"]

@@ -93,7 +93,9 @@ class TrainConfig:
         class each epoch, negatives re-drawn); ``epoch_size`` patches per epoch.
     normalise
         ``"dataset"``: per-channel mean / std of the training patches (seed 000);
-        ``"imagenet"``: ImageNet statistics (use with pretrained ``init``).
+        ``"imagenet"``: ImageNet statistics (use with pretrained ``init``);
+        ``"pretrained"``: the mean / std of the named ``init``'s own preprocessing config
+        (a foundation model's, see :mod:`napari_lnmeta.models.backbones`).
     l1, label_smoothing
         L1 weight penalty (seed 003: 1e-6) and cross-entropy label smoothing.
     seed, deterministic, device, amp, workers
@@ -156,8 +158,9 @@ class TrainConfig:
             raise InputError(f"head must be softmax or sigmoid, got {self.head!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise InputError("epochs and batch size must be >= 1")
-        if self.normalise not in ("dataset", "imagenet"):
-            raise InputError(f"normalise must be 'dataset' or 'imagenet', got {self.normalise!r}")
+        if self.normalise not in ("dataset", "imagenet", "pretrained"):
+            raise InputError(f"normalise must be 'dataset', 'imagenet' or 'pretrained', got "
+                             f"{self.normalise!r}")
         if self.monitor not in ("val_loss", "val_auc", "val_acc", "val_f1", "train_loss"):
             raise InputError(f"unknown monitor {self.monitor!r}")
 
@@ -483,6 +486,14 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
         from ..models.io import IMAGENET_MEAN, IMAGENET_STD
 
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    elif cfg.normalise == "pretrained":
+        from ..models.backbones import is_named, resolve
+
+        if not is_named(cfg.init):
+            raise InputError("normalise='pretrained' needs a named pretrained init "
+                             "(--init imagenet, hf-hub:..., a folder)")
+        src = resolve(cfg.init, cfg.architecture)
+        mean, std = list(src.mean), list(src.std)
     else:
         mean, std = dataset_stats(train_set, seed=cfg.seed)
     meta = ModelMeta(architecture=cfg.architecture, classes=classes,
@@ -494,6 +505,8 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
                             "train_counts": dict(zip(classes, train_set.counts().tolist(), strict=True))})
     model = build_model(cfg.architecture, n_out, init=cfg.init, freeze=cfg.freeze,
                         freeze_convs=cfg.freeze_convs)
+    if getattr(model, "_lnmeta_init", None):  # provenance: backbone id + weights hash
+        meta.extra["init"] = dict(model._lnmeta_init)
     model.to(dev)
     augment = make_augment(cfg.augment).to(dev)
     loader = BatchLoader(train_set, cfg.batch_size, sampler=cfg.sampler, seed=cfg.seed,
