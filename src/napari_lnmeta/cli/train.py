@@ -62,6 +62,28 @@ RECIPES = {
 }
 
 
+_RECIPE_KEYS = {k for r in RECIPES.values() for k in r} | {"normalise"}
+
+
+def _track_explicit(p: argparse.ArgumentParser) -> None:
+    """Let ``run`` tell options given on the command line from defaults (for recipes):
+    the recipe keys default to ``None`` and get their real default in
+    :func:`_fill_defaults`; ``args._explicit`` names those the user gave."""
+    real = {}
+    for a in p._actions:
+        if a.dest in _RECIPE_KEYS:
+            real[a.dest] = a.default
+            a.default = None
+    p.set_defaults(_real_defaults=real)
+
+
+def _fill_defaults(args) -> None:
+    args._explicit = {k for k in args._real_defaults if getattr(args, k) is not None}
+    for k, v in args._real_defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
 def apply_recipe(args, parser: argparse.ArgumentParser) -> None:
     """Fill options left at their defaults from ``--recipe``; pick the init.
 
@@ -73,7 +95,7 @@ def apply_recipe(args, parser: argparse.ArgumentParser) -> None:
     from ..models.backbones import resolve
 
     for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key) == parser.get_default(key):
+        if key not in args._explicit:
             setattr(args, key, value)
     if args.init is None:
         try:
@@ -83,7 +105,7 @@ def apply_recipe(args, parser: argparse.ArgumentParser) -> None:
                   f"random initialisation ({e.problem})", file=sys.stderr)
         else:
             args.init = "imagenet"
-            if args.normalise == parser.get_default("normalise"):
+            if "normalise" not in args._explicit:
                 args.normalise = "imagenet"
             print(f"recipe {args.recipe}: init from {src.id} ({src.weights_file})",
                   file=sys.stderr)
@@ -313,6 +335,7 @@ def train(p: argparse.ArgumentParser):
                    default="dataset",
                    help="input mean/std: of the training patches, ImageNet's, or the named "
                         "--init's own (foundation models)")
+    _track_explicit(p)
     o.add_argument("--l1", type=float, default=0.0)
     o.add_argument("--label-smoothing", type=float, default=0.0)
     o.add_argument("--max-steps", type=int, default=None)
@@ -343,6 +366,7 @@ def train(p: argparse.ArgumentParser):
         from ..train.datasets import mix
         from ..train.loop import TrainConfig, train_job
 
+        _fill_defaults(args)
         if args.recipe:
             apply_recipe(args, p)
         arch = get_arch(args.arch).name

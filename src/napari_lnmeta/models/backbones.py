@@ -201,13 +201,19 @@ class Source:
         if self.id.startswith("torchvision:"):
             weights = _tv_weights(self.id[len("torchvision:"):], self.spec)
             # torchvision's weights API; the file is in the cache, so nothing downloads
-            sd = weights.get_state_dict(progress=False, weights_only=True,
-                                        model_dir=str(p.parent))
+            try:
+                sd = weights.get_state_dict(progress=False, weights_only=True,
+                                            model_dir=str(p.parent))
+            except Exception as e:  # unsafe pickle / corrupt zip: refuse, never unpickle
+                raise ModelError(p, "cannot load this checkpoint with weights_only=True "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                                 ) from e
         else:
             try:
                 sd = torch.load(str(p), map_location="cpu", weights_only=True)
             except Exception as e:  # an unsafe or corrupt pickle: refuse, never unpickle fully
-                raise ModelError(p, f"cannot load this checkpoint with weights_only=True ({e})"
+                raise ModelError(p, "cannot load this checkpoint with weights_only=True "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
                                  ) from e
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]

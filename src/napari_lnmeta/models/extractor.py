@@ -170,8 +170,10 @@ def state_digest(model: nn.Module, n: int = 8) -> str:
 
 
 def _is_file(backbone: str | Path) -> bool:
+    from .backbones import is_named
+
     s = str(backbone)
-    if Path(s).is_dir():
+    if is_named(s):
         return False
     return s.endswith(".safetensors") or os.sep in s or Path(s).is_file()
 
