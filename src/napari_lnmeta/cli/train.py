@@ -371,7 +371,7 @@ def train(p: argparse.ArgumentParser):
             apply_recipe(args, p)
         arch = get_arch(args.arch).name
         args.arch = architecture_for(args.init, arch)
-        if args.arch != arch and arch != p.get_default("arch") \
+        if args.arch != arch and "arch" in args._explicit \
                 and args.arch.split("{")[0] != arch.split("{")[0]:
             raise InputError(f"--init {args.init} is a {args.arch}, not a {arch}; leave "
                              "--arch out")
