@@ -18,7 +18,8 @@ a CSV ``path,label[,slide]``
 A :class:`~napari_lnmeta.train.datasets.PatchSet` refers to slides, so each group
 (slide, patient) becomes one *mosaic*: a lossless tiled OME-TIFF next to the patch-set
 file (``OUT.mosaics/<group>.ome.tif``) holding that group's patches on a grid, one patch
-per tile, with the patches' µm/px. Training, caching, ``--in-memory``, splits by slide
+per tile, with the patches' µm/px (a non-square image is cut to its centred square).
+Training, caching, ``--in-memory``, splits by slide
 (``--val-slides GROUP,...``) and ``--mix`` by source work on it unchanged. Patches of
 another size are resized (and their µm/px scaled) so that sets can be mixed.
 """
@@ -244,11 +245,30 @@ def _load_image(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
+            w, h = im.size
+            if w != h:  # e.g. BreakHis 700 x 460: the centred square
+                k = min(w, h)
+                im = im.crop(((w - k) // 2, (h - k) // 2, (w - k) // 2 + k, (h - k) // 2 + k))
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path}: not a readable image ({e})") from e
+
+
+def _check_images(items: Sequence[Item]) -> int:
+    """Open every image's header before any work (cheap); the first one's side."""
+    from PIL import Image, UnidentifiedImageError
+
+    native = None
+    for it in items:
+        try:
+            with Image.open(it.path) as im:
+                w, h = im.size
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"{it.path}: not a readable image ({e})") from e
+        native = native or int(min(w, h))
+    return int(native)
 
 
 def _resize(a: np.ndarray, size: int) -> np.ndarray:
@@ -338,10 +358,7 @@ def import_patches_job(items: Sequence[Item], out: str | Path, *, source: str,
         if fx is not None:
             native = int(fx["x"].shape[1])
         else:
-            from PIL import Image
-
-            with Image.open(items[0].path) as im:
-                native = int(im.size[0])
+            native = _check_images(items)
         size = int(patch_size or native)
         if size < 8:
             raise InputError(f"patch size must be at least 8 px, got {size}")
