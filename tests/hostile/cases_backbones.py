@@ -15,7 +15,7 @@ def _empty_caches(ws: Workspace) -> dict[str, str]:
 
 def _lc_csv(ws: Workspace, n_per_group: int = 2) -> tuple:
     root = ws.shared / "lc25000_lung_224"
-    rows = list(csv.DictReader(open(root / "labels.csv")))
+    rows = list(csv.DictReader((root / "labels.csv").read_text().splitlines()))
     groups = ["lung_n_g071", "lung_aca_g108"]
     table = ws.path("t.csv")
     with open(table, "w", newline="") as fh:

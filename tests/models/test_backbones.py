@@ -8,8 +8,7 @@ import socket
 
 import numpy as np
 import pytest
-from tests._backbone_helpers import (REV, hf_cache_repo, local_folder, tiny_vit,
-                                     torch_cache_file)
+from tests._backbone_helpers import REV, hf_cache_repo, local_folder, tiny_vit, torch_cache_file
 
 from napari_lnmeta.cli import main
 from napari_lnmeta.errors import ModelError
@@ -197,7 +196,7 @@ def test_seed_recipe_init_from_cache_or_says_so(caches, tmp_path, capsys, shared
 
     from napari_lnmeta.models.io import read_meta
 
-    rows = list(csv.DictReader(open(shared_data / "lc25000_lung_224" / "labels.csv")))
+    rows = list(csv.DictReader((shared_data / "lc25000_lung_224" / "labels.csv").read_text().splitlines()))
     pick = [r for g in ("lung_n_g071", "lung_aca_g108", "lung_n_g173", "lung_aca_g158")
             for r in [r for r in rows if r["group"] == g][:3]]
     table = tmp_path / "t.csv"

@@ -68,7 +68,7 @@ def test_train_from_a_cached_vit_then_predict(uni_cache, cmu1, shared_data, tmp_
     from napari_lnmeta.models.io import read_meta
 
     root = shared_data / "lc25000_lung_224"
-    rows = list(csv.DictReader(open(root / "labels.csv")))
+    rows = list(csv.DictReader((root / "labels.csv").read_text().splitlines()))
     groups = ["lung_n_g071", "lung_n_g173", "lung_aca_g108", "lung_aca_g158"]
     table = tmp_path / "t.csv"
     with open(table, "w", newline="") as fh:

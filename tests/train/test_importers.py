@@ -22,7 +22,7 @@ def lc(shared_data):
     """Six images of each of the first four groups of every class of LC25000 (rows of
     labels.csv); the last two groups of each class are held out."""
     root = shared_data / "lc25000_lung_224"
-    rows = list(csv.DictReader(open(root / "labels.csv")))
+    rows = list(csv.DictReader((root / "labels.csv").read_text().splitlines()))
     by = OrderedDict()
     for r in rows:
         by.setdefault(r["group"], []).append(r)
@@ -89,7 +89,7 @@ def test_pcam_hdf5_import_train_evaluate(pcam, lc, tmp_path, capsys, one_torch_t
     # one slide per wsi of the meta CSV; pixels and labels survive exactly
     assert sorted(ps.slide_names()) == sorted({r["group"] for r in lc[1]})
     order = []
-    for e_i, e in enumerate(ps.slides):
+    for e in ps.slides:
         order += [i for i, r in enumerate(lc[1]) if r["group"] == e.name]
     got = ps.read(np.arange(len(ps)))
     np.testing.assert_array_equal(got, x[order])

@@ -299,9 +299,8 @@ class TrainWidget(QWidget):
                            fibrosis_as_tumour=self.fibrosis.isChecked())
 
     def train_config(self):
-        from ..train.loop import TrainConfig
-
         from ..models.backbones import architecture_for, is_named
+        from ..train.loop import TrainConfig
 
         init = self.init_path.text().strip() or None
         return TrainConfig(architecture=architecture_for(init, self.arch.currentText()),

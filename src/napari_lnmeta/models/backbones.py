@@ -284,8 +284,12 @@ def _hf_file(repo: str, filename: str, revision: str | None, spec: str, *,
              download: bool) -> Path | None:
     """A file of a Hub repository from the cache (or fetched when ``download``)."""
     hub = _require("huggingface_hub", spec)
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(hub.hf_hub_download(repo, filename, revision=revision,

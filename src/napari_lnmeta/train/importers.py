@@ -355,10 +355,7 @@ def import_patches_job(items: Sequence[Item], out: str | Path, *, source: str,
 
     fx = _h5(h5_x, "x") if h5_x is not None else None
     try:
-        if fx is not None:
-            native = int(fx["x"].shape[1])
-        else:
-            native = _check_images(items)
+        native = int(fx["x"].shape[1]) if fx is not None else _check_images(items)
         size = int(patch_size or native)
         if size < 8:
             raise InputError(f"patch size must be at least 8 px, got {size}")
