@@ -222,3 +222,33 @@ def test_seed_recipe_init_from_cache_or_says_so(caches, tmp_path, capsys, shared
     assert meta.extra["init"]["id"] == "torchvision:resnet18.IMAGENET1K_V1"
     assert meta.extra["train"]["freeze_convs"] == 3 and meta.extra["train"]["optimizer"] == "sgd"
     assert meta.mean == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_mil_recipes_pick_the_seed_backbones(caches, capsys):
+    import argparse
+
+    from napari_lnmeta.cli.mil import _apply_recipe
+
+    def ns(**kw):
+        base = {"recipe": "seed002", "backbone": None, "init": None, "patch_size": None}
+        return argparse.Namespace(**{**base, **kw})
+
+    a = ns()
+    _apply_recipe(a)
+    assert (a.backbone, a.patch_size, a.init) == ("vgg16_bn", 256, None)
+    err = capsys.readouterr().err
+    assert "ImageNet weights are not cached" in err and "vgg16_bn-6c64b313.pth" in err
+    # cached (an empty file is enough to be found; it is not loaded here)
+    ck = caches / "torch" / "hub" / "checkpoints"
+    ck.mkdir(parents=True)
+    (ck / "vgg13_bn-abd245e5.pth").write_bytes(b"")
+    b = ns(recipe="seed003")
+    _apply_recipe(b)
+    assert (b.backbone, b.init) == ("vgg13_bn", "imagenet")
+    assert "init from torchvision:vgg13_bn.IMAGENET1K_V1" in capsys.readouterr().err
+    c = ns(recipe="seed003", backbone="resnet18")  # explicit options win
+    _apply_recipe(c)
+    assert (c.backbone, c.init) == ("resnet18", None)
+    d = ns(recipe=None)
+    _apply_recipe(d)
+    assert d.backbone == "resnet18"

@@ -94,3 +94,5 @@ def test_train_from_a_cached_vit_then_predict(uni_cache, cmu1, shared_data, tmp_
                  "--device", "cpu", "--json"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["patches"] > 0 and 0.0 <= summary["score"]["max"] <= 1.0
+    assert summary["model"]["init"]["id"] == "hf-hub:MahmoodLab/UNI"
+    assert summary["model"]["init"]["weights_sha256"] == meta.extra["init"]["weights_sha256"]

@@ -16,7 +16,11 @@ from . import add_mpp, add_overwrite, command
 
 def _add_feature_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("features")
-    g.add_argument("--backbone", default="resnet18",
+    g.add_argument("--recipe", choices=sorted(MIL_RECIPES), default=None,
+                   help="seed002: VGG16-BN ImageNet features of 256 px patches; seed003: "
+                        "VGG13-BN ImageNet features. ImageNet weights are used when they are "
+                        "in the torch cache (else it says so); explicit options win")
+    g.add_argument("--backbone", default=None,
                    help="registry architecture (resnet18, vgg16_bn, densenet121, "
                         "lnmeta_cnn_small, ...), a pretrained name from the local cache "
                         "(uni, virchow2, hf-hub:ORG/NAME, timm:MODEL.TAG, a folder; see "
@@ -47,9 +51,42 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32")
 
 
+#: the MIL seeds' backbones (seed 002: VGG16-BN, 256 px patches; seed 003: VGG13-BN)
+MIL_RECIPES = {"seed002": {"backbone": "vgg16_bn", "patch_size": 256},
+               "seed003": {"backbone": "vgg13_bn"}}
+
+
+def _apply_recipe(args) -> None:
+    """``--recipe``: the seed's backbone (and patch size) unless given; ImageNet init when
+    the weights are cached, else one line saying they are not (random initialisation)."""
+    from ..errors import ModelError
+    from ..models.backbones import resolve
+
+    if args.recipe is None:
+        if args.backbone is None:
+            args.backbone = "resnet18"
+        return
+    rec = MIL_RECIPES[args.recipe]
+    if args.backbone is None:
+        args.backbone = rec["backbone"]
+    if args.patch_size is None and "patch_size" in rec:
+        args.patch_size = rec["patch_size"]
+    if args.init is None and args.backbone == rec["backbone"]:
+        try:
+            src = resolve("imagenet", args.backbone)
+        except ModelError as e:
+            print(f"recipe {args.recipe}: ImageNet weights are not cached, using a random "
+                  f"initialisation ({e.problem})", file=sys.stderr)
+        else:
+            args.init = "imagenet"
+            print(f"recipe {args.recipe}: init from {src.id} ({src.weights_file})",
+                  file=sys.stderr)
+
+
 def _feature_config(args):
     from ..core.features import FeatureConfig
 
+    _apply_recipe(args)
     return FeatureConfig(backbone=args.backbone, init=args.init, seed=args.backbone_seed,
                          patch_size=args.patch_size, stride=args.stride, mpp=args.patch_mpp,
                          level=args.level, min_tissue=args.min_tissue,

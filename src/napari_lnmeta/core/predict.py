@@ -109,7 +109,9 @@ class Prediction:
             "model": {"path": r.model_path, "architecture": r.meta.architecture,
                       "classes": r.meta.classes, "patch_size": r.meta.patch_size,
                       "mpp": r.meta.mpp, "head": r.meta.head,
-                      "normalisation": r.meta.normalisation},
+                      "normalisation": r.meta.normalisation,
+                      # provenance of a pretrained start: backbone id + weights hash
+                      "init": (r.meta.extra or {}).get("init")},
             "parameters": {**_jsonable(r.params), "heatmap_dtype": cfg.heatmap_dtype,
                            "lesion_threshold": cfg.lesion_threshold,
                            "lesion_radius_um": cfg.lesion_radius_um,
