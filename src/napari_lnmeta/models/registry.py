@@ -349,6 +349,8 @@ def load_init(model, architecture: str, path: str | Path) -> list[str]:
             raise ModelError(str(path), f"is a {src.architecture}, not a {architecture}; "
                              f"use --arch {src.architecture} (or leave --arch out)")
         tensors = src.state_dict()
+        if get_arch(architecture).family == "timm":
+            tensors = _timm_filter(model, tensors, str(path))
         names = load_init_tensors(model, architecture, tensors, str(path))
         head = head_parameter_names(model, architecture)
         missing = [k for k in model.state_dict() if k not in head and k not in names
@@ -367,6 +369,21 @@ def load_init(model, architecture: str, path: str | Path) -> list[str]:
                                           "weights_sha256": file_digest(path, 64),
                                           "architecture": architecture, "file": str(path)})
     return names
+
+
+def _timm_filter(model, tensors: dict, what: str) -> dict:
+    """timm's own checkpoint conversion for the model's family (what ``pretrained=True``
+    applies: e.g. a ViT's position embedding resampled to the model's grid)."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if fn is None:
+        return tensors
+    try:
+        return fn(tensors, model)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise ModelError(what, f"timm cannot convert this checkpoint for "
+                         f"{type(model).__name__} ({type(e).__name__}: {e})") from e
 
 
 def load_init_tensors(model, architecture: str, tensors: dict, path: str | Path) -> list[str]:
