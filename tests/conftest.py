@@ -8,7 +8,9 @@ build them locally (tests/_backbone_helpers.py).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 # Empty, private model caches and no Hub networking for the whole test session (set
 # before anything imports huggingface_hub, which reads them at import).
 _CACHES = Path(tempfile.mkdtemp(prefix="lnmeta-test-caches-"))
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
 os.environ["TORCH_HOME"] = str(_CACHES / "torch")
 os.environ["HF_HOME"] = str(_CACHES / "huggingface")
 os.environ.pop("HF_HUB_CACHE", None)
