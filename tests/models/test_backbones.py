@@ -252,3 +252,22 @@ def test_mil_recipes_pick_the_seed_backbones(caches, capsys):
     d = ns(recipe=None)
     _apply_recipe(d)
     assert d.backbone == "resnet18"
+
+
+def test_without_the_foundation_extra_names_say_what_to_install(caches, monkeypatch):
+    import sys
+
+    from napari_lnmeta.models.registry import build_model
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    for name in ("uni", "timm:vit_base_patch16_224.augreg2_in21k_ft_in1k"):
+        with pytest.raises(ModelError, match=r"napari-lnmeta\[foundation\]"):
+            bb.resolve(name)
+    with pytest.raises(ModelError, match=r"napari-lnmeta\[foundation\]"):
+        build_model("timm:vit_base_patch16_224", 2)
+    # torchvision names and the known list work without them
+    torch_cache_file(caches / "torch", "resnet18")
+    assert bb.resolve("imagenet-resnet18").id == "torchvision:resnet18.IMAGENET1K_V1"
+    rows = {r["name"]: r for r in bb.cached_sources()}
+    assert rows["imagenet-resnet18"]["cached"] and not rows["uni"]["cached"]
