@@ -9,7 +9,8 @@ memory and time are bounded by that level whatever the size of level 0. On it:
    ``method="otsu"``), optical density with Otsu (``method="od"``, the only choice for a
    grayscale image), or fixed HSV thresholds (seed 001, ``method="hsv"``: saturation
    above ``0.07`` and brightness below ``0.8`` by default);
-3. green/blue pen marks are removed (cheap hue test) when ``pen=True``;
+3. pen marks are removed when ``pen=True``: black ink by darkness (cores far darker
+   than H&E and their blurred rims), green/blue ink by hue;
 4. holes smaller than ``max_hole_um2`` are filled and objects smaller than
    ``min_object_um2`` are dropped.
 
@@ -241,6 +242,39 @@ def ink_pixels(rgb: np.ndarray) -> np.ndarray:
     return green | blue
 
 
+#: black ink: the brightest channel is below this at the core of a mark ...
+BLACK_INK_CORE = 60
+#: ... and below this on the blurred rim around the core
+BLACK_INK_RIM = 150
+
+
+def black_ink(rgb: np.ndarray, *, min_core_px: int = 12, rim_px: int = 3) -> np.ndarray:
+    """Black (or very dark) marker-pen pixels of an ``(H, W, 3)`` low-resolution image.
+
+    Ink is far darker than H&E at 8-16 µm/px (its brightest channel stays below
+    :data:`BLACK_INK_CORE`, where dense tumour is above 70): connected cores of at least
+    ``min_core_px`` such pixels are ink, and so is the ink's blurred rim, the pixels
+    within ``rim_px`` of a core whose brightest channel is below :data:`BLACK_INK_RIM`.
+    Thin strokes and crosses alike: only darkness and adjacency are used.
+    """
+    from scipy import ndimage as ndi
+
+    val, _ = _max_min(np.asarray(rgb))
+    core = val < BLACK_INK_CORE
+    if not core.any():
+        return core
+    lab, n = ndi.label(core)
+    sizes = np.bincount(lab.ravel())
+    big = sizes >= min_core_px
+    big[0] = False
+    core = big[lab]
+    if not core.any() or rim_px <= 0:
+        return core
+    yy, xx = np.mgrid[-rim_px:rim_px + 1, -rim_px:rim_px + 1]
+    near = ndi.binary_dilation(core, structure=(yy ** 2 + xx ** 2) <= rim_px ** 2 + rim_px * 0.5)
+    return core | (near & (val < BLACK_INK_RIM))
+
+
 def _max_min(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # channel-wise maximum/minimum: much faster than reducing over a length-3 last axis
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
@@ -329,7 +363,9 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: str = "otsu",
     dark
         Pixels whose brightest channel is below this are padding or ink, not tissue.
     pen
-        Drop saturated green/blue pixels (marker pen): H&E is pink/purple.
+        Drop marker pen: black ink (:func:`black_ink`, dark cores and their rims,
+        also left out of the threshold's sample) and saturated green/blue pixels
+        (:func:`ink_pixels`; H&E is pink/purple).
     valid
         Optional bool mask of pixels that may be tissue (e.g. the scanned area).
     blur_sigma
@@ -358,6 +394,8 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: str = "otsu",
     allowed = val >= dark
     if valid is not None:
         allowed &= np.asarray(valid, dtype=bool)
+    if pen:  # black ink is neither tissue nor part of the threshold's sample
+        allowed &= ~black_ink(rgb)
     # a grayscale image with content (not a blank/black one: that is "no tissue" below)
     if method in ("otsu", "hsv") and int((val - mn).max()) <= 2 and \
             float((allowed & (val < 230)).mean()) > 0.001:
@@ -444,32 +482,9 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def low_res(slide: Slide, target_mpp: float | None, *,
             max_size: int = 4096) -> tuple[np.ndarray, float]:
-    """:meth:`Slide.low_res`, reading a file level directly when that is the one chosen.
-
-    Picks the same level as :meth:`Slide.low_res` (the nearest to ``target_mpp`` among
-    the file's levels and the 2x levels the lazy pyramid adds below the coarsest). When
-    it is a level of the file, it is read in one call, without building the dask
-    pyramid (and importing dask) at all; otherwise ``Slide.low_res`` does the work.
-    """
-    from ..io.slide import MIN_PYRAMID_SIZE
-
-    shapes = list(slide.level_shapes)
-    h0, w0 = slide.shape
-    dss = [(h0 / h + w0 / w) / 2 for h, w in shapes]
-    while max(shapes[-1]) > MIN_PYRAMID_SIZE:  # the synthetic levels of Slide.pyramid()
-        h, w = shapes[-1]
-        shapes.append(((h + 1) // 2, (w + 1) // 2))
-        dss.append((h0 / shapes[-1][0] + w0 / shapes[-1][1]) / 2)
-    if target_mpp is not None and slide.mpp is not None:
-        want = target_mpp / slide.mpp
-        idx = min(range(len(shapes)), key=lambda i: abs(math.log(dss[i] / want)))
-    else:
-        idx = next((i for i, s in enumerate(shapes) if max(s) <= max_size), len(shapes) - 1)
-    while max(shapes[idx]) > max_size * 2 and idx + 1 < len(shapes):
-        idx += 1
-    if idx >= slide.level_count or shapes[idx][0] * shapes[idx][1] > 64_000_000:
-        return slide.low_res(target_mpp, max_size=max_size)
-    return np.ascontiguousarray(slide.read_level(idx)), float(slide.level_downsamples[idx])
+    """:meth:`Slide.low_res`: a file level near ``target_mpp``, or a synthetic level
+    built once per open, tile by tile, when the file has none (never level 0 whole)."""
+    return slide.low_res(target_mpp, max_size=max_size)
 
 
 def tissue_mask(slide: Slide, *, target_mpp: float = 10.0, method: str = "otsu",

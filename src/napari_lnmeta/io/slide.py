@@ -31,16 +31,36 @@ from ..errors import SlideError
 if TYPE_CHECKING:
     import dask.array as da
 
-#: Suffixes OpenSlide is asked about first (vendor formats).
+#: Suffixes of the vendor formats OpenSlide reads (the format itself is decided by content).
 OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
                       ".bif", ".svslide", ".dcm")
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8", ".qptiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
+#: The one list of file names taken for slides when a folder is scanned (cohorts, batch).
+#: Only a hint for finding files: what a file is, is decided by its content (:func:`sniff`).
+SLIDE_SUFFIXES = tuple(dict.fromkeys(OPENSLIDE_SUFFIXES + TIFF_SUFFIXES + IMAGE_SUFFIXES
+                                     + ZARR_SUFFIXES))
 
 DEFAULT_TILE = 1024
 #: Synthetic levels are added until the coarsest is at most this many pixels wide/high.
 MIN_PYRAMID_SIZE = 1024
+#: Largest level 0 accepted (pixels, width x height): 10^11, beyond any scanner's slide
+#: (a 25 x 75 mm area at 0.25 µm/px is 3 x 10^10). ``LNMETA_MAX_SLIDE_PIXELS`` changes it.
+MAX_SLIDE_PIXELS = 10**11
+#: Largest strip or tile accepted (pixels): reading any window decodes a whole one.
+MAX_CHUNK_PIXELS = 2**28
+#: Synthetic levels (2x, 4x, ... below the coarsest level of the file) are built once per
+#: open and kept in memory from the first one with at most this many pixels down to a
+#: few pixels; ``LNMETA_SYNTHETIC_LEVEL_PIXELS`` changes it.
+SYNTHETIC_LEVEL_PIXELS = 32 * 2**20
+#: Side (pixels of the file level) of the blocks a synthetic level is built from.
+_BUILD_BLOCK = 2048
+
+
+def max_slide_pixels() -> int:
+    """The level-0 size limit in force (:data:`MAX_SLIDE_PIXELS` or the environment's)."""
+    return int(float(os.environ.get("LNMETA_MAX_SLIDE_PIXELS", MAX_SLIDE_PIXELS)))
 
 
 class MppWarning(UserWarning):
@@ -243,18 +263,28 @@ class Slide:
         """Lazy RGB levels, level 0 first, chunked ``tile`` x ``tile``.
 
         When the file's coarsest level is still larger than ``min_size``, coarser levels
-        are added by lazy 2x2 averaging so a viewer never has to touch level 0 to show
-        the whole slide.
+        are added (2x2 means, see :meth:`synthetic_shapes`) so a viewer never has to
+        touch level 0 to show the whole slide. Those small enough are built once per
+        open, in one tile-by-tile pass over the file's coarsest level, the first time
+        any of them is read, and kept (:meth:`synthetic_level`); larger ones stay lazy.
         """
         import dask.array as da
 
-        levels = [da.from_array(_LevelArray(self, i), chunks=(tile, tile, 3),
-                                asarray=False, fancy=False, lock=False,
-                                meta=np.empty((0, 0, 0), np.uint8),
-                                name=f"lnmeta-{self.path.name}-{id(self):x}-L{i}-{tile}")
-                  for i in range(self.level_count)]
-        while max(levels[-1].shape[:2]) > min_size:
-            levels.append(downsample2x(levels[-1], tile))
+        def wrap(arr, name):
+            return da.from_array(arr, chunks=(tile, tile, 3), asarray=False, fancy=False,
+                                 lock=False, meta=np.empty((0, 0, 0), np.uint8),
+                                 name=f"lnmeta-{self.path.name}-{id(self):x}-{name}-{tile}")
+
+        levels = [wrap(_LevelArray(self, i), f"L{i}") for i in range(self.level_count)]
+        shapes = self.synthetic_shapes()
+        kept = self._first_kept_synthetic()
+        k = 0
+        while max(levels[-1].shape[:2]) > min_size and k < len(shapes):
+            k += 1
+            if k >= kept:
+                levels.append(wrap(_SyntheticLevelArray(self, k), f"S{k}"))
+            else:
+                levels.append(downsample2x(levels[-1], tile))
         return levels
 
     def pyramid_downsamples(self, tile: int = DEFAULT_TILE) -> list[float]:
@@ -262,26 +292,110 @@ class Slide:
         h0, w0 = self.shape
         return [(h0 / p.shape[0] + w0 / p.shape[1]) / 2 for p in self.pyramid(tile)]
 
+    # -- synthetic levels --------------------------------------------------------------
+    def synthetic_shapes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of the synthetic levels 1, 2, ...: level ``k`` is the file's
+        coarsest level reduced ``2**k`` times by 2x2 means (odd edges averaged with
+        themselves), down to one no larger than 16 px on its long side."""
+        h, w = self.level_shapes[-1]
+        out = []
+        while max(h, w) > 16:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            out.append((h, w))
+        return out
+
+    def _first_kept_synthetic(self) -> int:
+        """The finest synthetic level small enough to be kept in memory (1-based)."""
+        limit = int(float(os.environ.get("LNMETA_SYNTHETIC_LEVEL_PIXELS",
+                                         SYNTHETIC_LEVEL_PIXELS)))
+        shapes = self.synthetic_shapes()
+        return next((k + 1 for k, (h, w) in enumerate(shapes) if h * w <= limit),
+                    len(shapes) + 1)
+
+    def synthetic_level(self, k: int) -> np.ndarray:
+        """Synthetic level ``k`` (see :meth:`synthetic_shapes`) as an in-memory array.
+
+        All kept levels are built together on the first call, by one pass over the
+        file's coarsest level in blocks of 2048 px (read in parallel threads; memory:
+        the kept levels plus one block per thread), and cached on this slide: every
+        later call (tissue detection, a viewer, an overview) is a lookup.
+        """
+        shapes = self.synthetic_shapes()
+        first = self._first_kept_synthetic()
+        if not first <= k <= len(shapes):
+            raise ValueError(f"synthetic level {k} is not kept in memory "
+                             f"(kept: {first}..{len(shapes)})")
+        with _SYNTH_LOCK:
+            lock = _SYNTH_BUILD_LOCKS.setdefault(self, threading.Lock())
+        with lock:
+            cache = _SYNTH_CACHE.get(self)
+            if cache is None:
+                cache = self._build_synthetic(first, len(shapes))
+                _SYNTH_CACHE[self] = cache
+        return cache[k]
+
+    def _build_synthetic(self, first: int, last: int) -> dict[int, np.ndarray]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        src = self.level_count - 1
+        lh, lw = self.level_shapes[src]
+        f = 2 ** first
+        step = f * max(1, -(-_BUILD_BLOCK // f))  # a multiple of 2**first: blocks align
+        sh, sw = self.synthetic_shapes()[first - 1]
+        out = np.empty((sh, sw, 3), np.uint8)
+
+        def one(yx):
+            y, x = yx
+            block = self._read_level(src, y, x, min(step, lh - y), min(step, lw - x))
+            for _ in range(first):
+                block = half(block)
+            out[y // f:y // f + block.shape[0], x // f:x // f + block.shape[1]] = block
+
+        blocks = [(y, x) for y in range(0, lh, step) for x in range(0, lw, step)]
+        workers = max(1, min(4, os.cpu_count() or 1, len(blocks)))
+        with ThreadPoolExecutor(workers) as ex:
+            for _ in ex.map(one, blocks):
+                pass
+        levels = {first: out}
+        for k in range(first + 1, last + 1):
+            levels[k] = half(levels[k - 1])
+        return levels
+
     def low_res(self, target_mpp: float | None = 8.0, *,
                 max_size: int = 4096) -> tuple[np.ndarray, float]:
         """A whole-slide image near ``target_mpp`` (coarser is preferred).
 
         Returns the RGB array and its downsample relative to level 0 (so its µm/px is
-        ``downsample * slide.mpp``). Without a known µm/px the level whose longest side
-        is closest to ``max_size`` is used. Memory is bounded by that level.
+        ``downsample * slide.mpp``). The candidates are the file's levels and the
+        synthetic 2x levels below its coarsest (:meth:`synthetic_level`, built once per
+        open, tile by tile): level 0 is never read whole to get a small image. Without
+        a known µm/px the level whose longest side is at most ``max_size`` is used.
+        Memory is bounded by that level (at most 64 Mpx for a file level).
         """
-        pyr = self.pyramid()
-        dss = [(self.shape[0] / p.shape[0] + self.shape[1] / p.shape[1]) / 2 for p in pyr]
+        shapes = list(self.level_shapes)
+        n_file = len(shapes)
+        shapes += self.synthetic_shapes()
+        h0, w0 = self.shape
+        dss = [(h0 / h + w0 / w) / 2 for h, w in shapes]
+        dss[:n_file] = [float(d) for d in self.level_downsamples]
+        first = self._first_kept_synthetic()
+
+        def usable(i):
+            h, w = shapes[i]
+            return (i < n_file and h * w <= 64_000_000) or i >= n_file + first - 1
+
         if target_mpp is not None and self.mpp is not None:
             want = target_mpp / self.mpp
-            idx = min(range(len(pyr)), key=lambda i: abs(math.log(dss[i] / want)))
+            idx = min(range(len(shapes)), key=lambda i: abs(math.log(dss[i] / want)))
         else:
-            idx = next((i for i, p in enumerate(pyr) if max(p.shape[:2]) <= max_size),
-                       len(pyr) - 1)
-        while max(pyr[idx].shape[:2]) > max_size * 2 and idx + 1 < len(pyr):
+            idx = next((i for i, s in enumerate(shapes) if max(s) <= max_size), len(shapes) - 1)
+        while (max(shapes[idx]) > max_size * 2 or not usable(idx)) and idx + 1 < len(shapes):
             idx += 1
-        arr = pyr[idx].compute(scheduler="threads")
-        return np.ascontiguousarray(arr), dss[idx]
+        if idx < n_file:
+            arr = self.read_level(idx)
+        else:
+            arr = self.synthetic_level(idx - n_file + 1)
+        return np.ascontiguousarray(arr), float(dss[idx])
 
     # -- decoded-tile cache ------------------------------------------------------------
     def tile_shape(self, level: int) -> tuple[int, int] | None:
@@ -330,21 +444,67 @@ def downsample2x(level: da.Array, tile: int = DEFAULT_TILE) -> da.Array:
     return (out + 0.5).astype(np.uint8).rechunk((tile, tile, 3))
 
 
+def half(img: np.ndarray) -> np.ndarray:
+    """2x2 mean of an ``(h, w, 3)`` uint8 image, rounded like :func:`downsample2x`
+    (odd edges are averaged with themselves), so cached and lazy levels agree."""
+    h, w = img.shape[:2]
+    if h % 2 or w % 2:
+        img = np.pad(img, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    s = img[0::2, 0::2].astype(np.uint16)
+    s += img[1::2, 0::2]
+    s += img[0::2, 1::2]
+    s += img[1::2, 1::2]
+    s += 2
+    s >>= 2
+    return s.astype(np.uint8)
+
+
+class _SyntheticLevelArray:
+    """A numpy-sliceable view of a kept synthetic level (built on first access)."""
+
+    ndim = 3
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, slide: Slide, k: int):
+        self.slide = slide
+        self.k = k
+        h, w = slide.synthetic_shapes()[k - 1]
+        self.shape = (h, w, 3)
+
+    def __getitem__(self, key):
+        return self.slide.synthetic_level(self.k)[key]
+
+
+#: kept synthetic levels per open slide (outside the object: never pickled to workers)
+_SYNTH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SYNTH_BUILD_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SYNTH_LOCK = threading.Lock()
+
+
 # --------------------------------------------------------------------------------------
 # OpenSlide
 # --------------------------------------------------------------------------------------
 class OpenSlideSlide(Slide):
-    """Vendor formats through OpenSlide (thread-safe C library; one handle is enough)."""
+    """Vendor formats and DICOM through OpenSlide (thread-safe C library; one handle is
+    enough). ``path`` may be a folder holding a DICOM series."""
+
+    @property
+    def _openslide_path(self) -> Path:
+        if self.path.is_dir():
+            f = dicom_series_file(self.path)
+            if f is None:
+                raise SlideError(self.path, "a folder without DICOM files")
+            return f
+        return self.path
 
     def __init__(self, path, *, mpp=None):
         super().__init__(path, mpp=mpp)
         import openslide
 
         try:
-            self._osr = openslide.OpenSlide(str(self.path))
+            self._osr = openslide.OpenSlide(str(self._openslide_path))
         except openslide.OpenSlideUnsupportedFormatError as e:
-            with open(self.path, "rb") as fh:
-                head = fh.read(4)
+            head = _head(self._openslide_path, 4)
             if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
                 raise SlideError(self.path, "TIFF header present but the file cannot be parsed: "
                                  "truncated or corrupt") from e
@@ -441,7 +601,7 @@ class OpenSlideSlide(Slide):
         import openslide
 
         self.__dict__.update(state)
-        self._osr = openslide.OpenSlide(str(self.path))
+        self._osr = openslide.OpenSlide(str(self._openslide_path))
 
 
 def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -1008,84 +1168,153 @@ def _is_zarr_dir(p: Path) -> bool:
     return p.is_dir() and any((p / n).exists() for n in (".zgroup", ".zarray", "zarr.json"))
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _head(p: Path, n: int = 132) -> bytes:
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
+
+
+def _is_dicom(p: Path) -> bool:
+    """A DICOM Part-10 file: 128-byte preamble then ``DICM``."""
+    return _head(p)[128:132] == b"DICM"
+
+
+def dicom_series_file(folder: Path) -> Path | None:
+    """The file OpenSlide is given for a DICOM series folder: the largest DICOM file
+    (the full-resolution level); OpenSlide finds the other levels of the same series
+    beside it. None when the folder holds no DICOM file."""
+    try:
+        files = [f for f in folder.iterdir() if f.is_file() and _is_dicom(f)]
+    except OSError:
+        return None
+    if not files:
+        return None
+    return max(files, key=lambda f: (f.stat().st_size, f.name))
+
+
+def _openslide_format(p: Path) -> str | None:
+    import openslide
+
+    try:
+        return openslide.OpenSlide.detect_format(str(p))
+    except Exception:
+        return None
+
+
 def sniff(path: str | Path) -> str | None:
     """Which backend would open ``path`` ('openslide', 'tiff', 'zarr', 'image'), or None.
 
-    Looks only at the name, the directory layout and the first bytes: no pixels.
+    Decided by content, never by the name: the directory layout (zarr store, DICOM
+    series), the first bytes (DICOM, TIFF, PNG/JPEG/BMP) and OpenSlide's format
+    detection for everything else (MIRAX, Hamamatsu VMS/VMU...). No pixels are read.
     """
     p = Path(path)
-    name = p.name.lower()
     if p.is_dir():
         if _is_zarr_dir(p):
             return "zarr"
-        if name.endswith(ZARR_SUFFIXES):
-            return None
-        return None
+        return "openslide" if dicom_series_file(p) is not None else None
     if not p.is_file():
         return None
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(16)
-    except OSError:
-        return None
-    is_tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-    if name.endswith(IMAGE_SUFFIXES):
-        if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8") or head.startswith(b"BM"):
-            return "image"
-        return None
-    if name.endswith((".mrxs", ".vms", ".vmu", ".ndpi", ".svs", ".scn", ".bif", ".svslide")):
+    head = _head(p)
+    if head[128:132] == b"DICM":
         return "openslide"
-    if name.endswith(TIFF_SUFFIXES):
-        return "tiff" if is_tiff else None
+    if head[:4] in _TIFF_MAGIC:
+        return "tiff"  # OpenSlide or tifffile: decided by _open_tiff
+    if _openslide_format(p) is not None:
+        return "openslide"
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM")):
+        return "image"
     return None
 
 
 def open_slide(path: str | Path, *, mpp: float | None = None,
                backend: str | None = None) -> Slide:
-    """Open a slide, choosing the backend from its name and first bytes.
+    """Open a slide, choosing the backend from its content (see :func:`sniff`).
 
-    OME-TIFF goes to tifffile (OpenSlide sees only its first level); other TIFFs go to
-    OpenSlide when it recognises a vendor format or pyramid, else to tifffile.
+    DICOM (a ``.dcm`` file or a folder holding a series) and vendor formats go to
+    OpenSlide; OME-TIFF and SubIFD pyramids to tifffile (OpenSlide sees only their first
+    level); other TIFFs to OpenSlide when it recognises them, else to tifffile; zarr
+    stores and PNG/JPEG/BMP to their own readers. A level 0 larger than
+    :func:`max_slide_pixels` is refused before anything is read.
 
     Raises
     ------
     SlideError
         One line naming the file and the problem (missing, empty, truncated,
-        unsupported, not a zarr store...).
+        unsupported, not a zarr store, too large...).
     """
     p = Path(path)
     if not p.exists():
         raise SlideError(p, "no such file or directory")
     if p.is_file() and p.stat().st_size == 0:
         raise SlideError(p, "the file is empty")
-    if p.is_dir() and not _is_zarr_dir(p):
-        raise SlideError(p, "a directory that is not a zarr store (no .zgroup/.zarray/zarr.json)")
+    if p.is_dir() and not _is_zarr_dir(p) and dicom_series_file(p) is None:
+        raise SlideError(p, "a directory that is not a zarr store (no .zgroup/.zarray/"
+                         "zarr.json) nor a DICOM series (no DICOM file)")
     kind = backend or sniff(p)
     if kind is None:
         if p.is_file():
-            with open(p, "rb") as fh:
-                head = fh.read(8)
-            if p.name.lower().endswith(TIFF_SUFFIXES) or head[:4] in (b"II*\x00", b"MM\x00*"):
+            head = _head(p)
+            if head[128:132] == b"DICM":
+                raise SlideError(p, "a DICOM file that is not a whole-slide image OpenSlide "
+                                 "can read (VL Whole Slide Microscopy, TILED_FULL)")
+            if p.name.lower().endswith(TIFF_SUFFIXES):
                 raise SlideError(p, "not a TIFF file (bad magic bytes)")
-        raise SlideError(p, "unsupported file type (expected a whole-slide image, OME-TIFF, "
-                         "OME-Zarr or PNG/JPEG)")
+        raise SlideError(p, "unsupported file type (expected a whole-slide image, DICOM, "
+                         "OME-TIFF, OME-Zarr or PNG/JPEG)")
     if kind == "zarr":
         slide: Slide = ZarrSlide(p, mpp=mpp)
     elif kind == "image":
         slide = ImageSlide(p, mpp=mpp)
     elif kind == "openslide":
+        if p.is_file() and _is_dicom(p) and _openslide_format(p) is None:
+            raise SlideError(p, "a DICOM file that is not a whole-slide image OpenSlide "
+                             "can read (VL Whole Slide Microscopy, TILED_FULL)")
         slide = OpenSlideSlide(p, mpp=mpp)
     elif kind == "tiff":
         slide = _open_tiff(p, mpp)
     else:
         raise ValueError(f"unknown backend {kind!r}")
+    _check_size(slide)
     if slide.mpp is None:
         warnings.warn(f"{p}: physical pixel size unknown; showing pixel units "
                       "(pass --mpp / mpp=... to set it)", MppWarning, stacklevel=2)
     return slide
 
 
+def _check_size(slide: Slide) -> None:
+    """Refuse an empty level or a level 0 beyond :func:`max_slide_pixels`."""
+    if not slide.level_shapes or min(min(s) for s in slide.level_shapes) < 1:
+        slide.close()
+        raise SlideError(slide.path, f"declares an empty level ({slide.level_dimensions})")
+    h, w = slide.shape
+    limit = max_slide_pixels()
+    if h * w > limit:
+        slide.close()
+        raise SlideError(slide.path, f"declares {w} x {h} px ({h * w:.3g} px), beyond the "
+                         f"limit of {limit:.3g} px for one slide (LNMETA_MAX_SLIDE_PIXELS)")
+    for level in range(slide.level_count):
+        try:
+            tile = slide.tile_shape(level)
+        except Exception:  # a layout the reader cannot describe: its reads will say why
+            tile = None
+        if tile and tile[0] * tile[1] > MAX_CHUNK_PIXELS:
+            slide.close()
+            raise SlideError(slide.path, f"level {level} is stored as one piece of "
+                             f"{tile[1]} x {tile[0]} px (a strip or tile beyond "
+                             f"{MAX_CHUNK_PIXELS:.3g} px): it cannot be read in bounded "
+                             "memory; convert it to a tiled TIFF")
+
+
 def _open_tiff(p: Path, mpp: float | None) -> Slide:
+    fmt = _openslide_format(p)
+    if fmt is not None and fmt != "generic-tiff":
+        return OpenSlideSlide(p, mpp=mpp)  # a vendor TIFF (Aperio, Philips, Ventana...)
     import tifffile
 
     try:
@@ -1094,16 +1323,9 @@ def _open_tiff(p: Path, mpp: float | None) -> Slide:
             has_subifds = bool(tf.pages[0].subifds)
     except Exception as e:
         raise SlideError(p, f"not a readable TIFF ({type(e).__name__}: {e})") from e
-    if not is_ome and not has_subifds:
-        import openslide
-
+    if fmt is not None and not is_ome and not has_subifds:
         try:
-            fmt = openslide.OpenSlide.detect_format(str(p))
-        except Exception:
-            fmt = None
-        if fmt is not None:
-            try:
-                return OpenSlideSlide(p, mpp=mpp)
-            except SlideError:
-                pass
+            return OpenSlideSlide(p, mpp=mpp)
+        except SlideError:
+            pass
     return TiffSlide(p, mpp=mpp)
