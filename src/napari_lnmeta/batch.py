@@ -42,8 +42,15 @@ from .progress import Progress
 
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "cohort_summary.csv"
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide",
-                  ".png", ".jpg", ".jpeg", ".btf", ".qptiff")
+
+
+def _is_slide_entry(f: Path) -> bool:
+    """A file named like a slide (:data:`io.slide.SLIDE_SUFFIXES`) or a DICOM series folder."""
+    from .io.slide import SLIDE_SUFFIXES, dicom_series_file
+
+    if f.is_file():
+        return f.name.lower().endswith(SLIDE_SUFFIXES)
+    return f.is_dir() and dicom_series_file(f) is not None
 
 
 # --------------------------------------------------------------------------------------
@@ -103,8 +110,7 @@ def load_cohort(source: str | Path) -> list[CohortItem]:
     else:
         p = Path(src)
         if p.is_dir() and not (p / ".zattrs").exists() and not (p / "zarr.json").exists():
-            paths = sorted(str(f) for f in p.iterdir()
-                           if f.is_file() and f.name.lower().endswith(SLIDE_SUFFIXES))
+            paths = sorted(str(f) for f in p.iterdir() if _is_slide_entry(f))
         else:
             paths = sorted(glob.glob(src)) if any(c in src for c in "*?[") else [src]
         if not paths:

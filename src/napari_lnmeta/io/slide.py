@@ -1322,7 +1322,8 @@ def _open_tiff(p: Path, mpp: float | None) -> Slide:
             is_ome = tf.is_ome
             has_subifds = bool(tf.pages[0].subifds)
     except Exception as e:
-        raise SlideError(p, f"not a readable TIFF ({type(e).__name__}: {e})") from e
+        raise SlideError(p, "TIFF header present but the file cannot be parsed: truncated "
+                         f"or corrupt ({type(e).__name__}: {e})") from e
     if fmt is not None and not is_ome and not has_subifds:
         try:
             return OpenSlideSlide(p, mpp=mpp)
