@@ -143,6 +143,70 @@ def test_pen_marks_removed():
     assert not mask[101:105, 0:30].any()  # ink outside the tissue is not tissue
 
 
+def _dark_marks(rgb: np.ndarray) -> list[tuple[slice, slice]]:
+    """Bounding boxes of the large near-black connected marks of a low-resolution image,
+    found independently of the detector (brightest channel < 50, > 2000 px)."""
+    from scipy import ndimage as ndi
+
+    lab, _ = ndi.label(rgb.max(axis=-1) < 50)
+    sizes = np.bincount(lab.ravel())
+    return [box for i, box in enumerate(ndi.find_objects(lab), start=1)
+            if box is not None and sizes[i] > 2000]
+
+
+def test_black_pen_crosses_on_tumor001_are_removed(camelyon, camelyon_tissue, tumour_mask):
+    """tumor_001 has two black pen crosses above the tissue: with pen removal (the
+    default) none of their pixels is tissue; without it they are; the annotated tumour
+    keeps all its tissue either way."""
+    slide, tm = camelyon_tissue
+    rgb = slide.read_level(0)
+    marks = _dark_marks(rgb)
+    assert len(marks) == 2  # the two crosses
+    for box in marks:
+        ys, xs = box
+        assert ys.stop < 700 and 100 < (xs.stop - xs.start) < 400  # top of the slide
+    ds = tm.downsample
+
+    def tissue_on(mask, box, grow=8):
+        ys, xs = box
+        return mask[max(int((ys.start - grow) / ds), 0):int((ys.stop + grow) / ds),
+                    max(int((xs.start - grow) / ds), 0):int((xs.stop + grow) / ds)].mean()
+
+    assert all(tissue_on(tm.mask, b) == 0 for b in marks)
+    kept = tissue_mask(slide, pen=False)
+    assert all(tissue_on(kept.mask, b) > 0.15 for b in marks)
+    assert _coverage(tm, tumour_mask) == 1.0
+    # the same on the OpenSlide pyramid without µm/px (a coarser analysis level)
+    pyr = _open(camelyon / "tumor_001_level5_pyramid.tif")
+    tm2 = tissue_mask(pyr)
+    ds = tm2.downsample
+    assert ds > 1 and all(tissue_on(tm2.mask, b) == 0 for b in marks)
+    assert _coverage(tm2, tumour_mask) == 1.0
+
+
+def test_black_ink_strokes_removed_but_dark_he_kept():
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(2)
+    img = np.full((240, 240, 3), 245, np.uint8)
+    he = (np.array([150, 80, 170]) + rng.integers(-20, 20, (160, 160, 3))).clip(0, 255)
+    img[40:200, 40:200] = he  # dense purple tissue, brightest channel ~150
+    img[60:80, 60:80] = (85, 40, 110)  # very dense nuclei: still brighter than ink
+    img[10:14, 0:240] = (40, 34, 38)  # a thin black stroke above the tissue
+    img[120:123, 0:240] = (40, 34, 38)  # and one across it
+    img[200:230, 100:104] = (40, 34, 38)  # a cross below the tissue
+    img[213:217, 85:120] = (40, 34, 38)
+    # the optics blur every edge at low resolution
+    img = ndi.gaussian_filter(img.astype(np.float32), (1.2, 1.2, 0)).round().astype(np.uint8)
+    # fixed HSV thresholds (saturation > 0.07): the ink's tint alone would pass
+    mask, _ = tissue_mask_from_rgb(img, method="hsv", pen=True)
+    assert not mask[10:14].any() and not mask[205:230, 95:110].any()
+    assert not mask[120:123, 0:40].any()
+    assert mask[60:80, 60:80].all() and mask[50:110, 50:190].mean() > 0.95
+    inked, _ = tissue_mask_from_rgb(img, method="hsv", pen=False)
+    assert inked[11:13].all() and inked[205:230, 101:103].mean() > 0.5
+
+
 def test_scanned_area_bounds(tmp_path):
     img = np.full((256, 256, 3), 255, np.uint8)
     img[:, :] = (180, 100, 160)  # "tissue" everywhere...

@@ -244,35 +244,59 @@ def ink_pixels(rgb: np.ndarray) -> np.ndarray:
 
 #: black ink: the brightest channel is below this at the core of a mark ...
 BLACK_INK_CORE = 60
+#: ... or below this with a saturation under BLACK_INK_GREY_SAT % (dark grey) ...
+BLACK_INK_GREY = 120
+BLACK_INK_GREY_SAT = 12
 #: ... and below this on the blurred rim around the core
 BLACK_INK_RIM = 150
 
 
-def black_ink(rgb: np.ndarray, *, min_core_px: int = 12, rim_px: int = 3) -> np.ndarray:
+def black_ink(rgb: np.ndarray, *, min_core_px: int = 12, rim_px: int = 3,
+              val: np.ndarray | None = None) -> np.ndarray:
     """Black (or very dark) marker-pen pixels of an ``(H, W, 3)`` low-resolution image.
 
     Ink is far darker than H&E at 8-16 µm/px (its brightest channel stays below
-    :data:`BLACK_INK_CORE`, where dense tumour is above 70): connected cores of at least
+    :data:`BLACK_INK_CORE`, where dense tumour is above 70) or, for thin strokes blurred
+    with the glass, dark and grey (below :data:`BLACK_INK_GREY` with a saturation under
+    12 %, where H&E that dark is strongly tinted): connected cores of at least
     ``min_core_px`` such pixels are ink, and so is the ink's blurred rim, the pixels
     within ``rim_px`` of a core whose brightest channel is below :data:`BLACK_INK_RIM`.
-    Thin strokes and crosses alike: only darkness and adjacency are used.
+    Thin strokes and crosses alike: only darkness and adjacency are used. ``val`` is
+    the brightest channel when the caller has it already.
     """
     from scipy import ndimage as ndi
 
-    val, _ = _max_min(np.asarray(rgb))
+    if val is None:
+        val, _ = _max_min(np.asarray(rgb))
+    # very dark, or dark grey (a thin stroke blurred with the glass): H&E this dark is
+    # strongly tinted (haematoxylin), ink and its blur are not
     core = val < BLACK_INK_CORE
+    dark = val < BLACK_INK_GREY
+    if dark.any():
+        rgb = np.asarray(rgb)
+        v = val[dark].astype(np.int32)
+        mn = np.minimum(np.minimum(rgb[..., 0][dark], rgb[..., 1][dark]), rgb[..., 2][dark])
+        core[dark] |= (v - mn) * 100 < BLACK_INK_GREY_SAT * v
+    out = np.zeros(val.shape, dtype=bool)
     if not core.any():
-        return core
+        return out
     lab, n = ndi.label(core)
-    sizes = np.bincount(lab.ravel())
-    big = sizes >= min_core_px
-    big[0] = False
-    core = big[lab]
-    if not core.any() or rim_px <= 0:
-        return core
+    sizes = np.bincount(lab[core], minlength=n + 1)
     yy, xx = np.mgrid[-rim_px:rim_px + 1, -rim_px:rim_px + 1]
-    near = ndi.binary_dilation(core, structure=(yy ** 2 + xx ** 2) <= rim_px ** 2 + rim_px * 0.5)
-    return core | (near & (val < BLACK_INK_RIM))
+    disk = (yy ** 2 + xx ** 2) <= rim_px ** 2 + rim_px * 0.5
+    h, w = val.shape
+    # each mark on its own bounding box (plus the rim): work ~ ink area, not image area
+    for i, box in enumerate(ndi.find_objects(lab), start=1):
+        if box is None or sizes[i] < min_core_px:
+            continue
+        y0, y1 = max(box[0].start - rim_px, 0), min(box[0].stop + rim_px, h)
+        x0, x1 = max(box[1].start - rim_px, 0), min(box[1].stop + rim_px, w)
+        c = lab[y0:y1, x0:x1] == i
+        if rim_px > 0:
+            c = c | (ndi.binary_dilation(c, structure=disk)
+                     & (val[y0:y1, x0:x1] < BLACK_INK_RIM))
+        out[y0:y1, x0:x1] |= c
+    return out
 
 
 def _max_min(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -395,7 +419,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: str = "otsu",
     if valid is not None:
         allowed &= np.asarray(valid, dtype=bool)
     if pen:  # black ink is neither tissue nor part of the threshold's sample
-        allowed &= ~black_ink(rgb)
+        allowed &= ~black_ink(rgb, val=val)
     # a grayscale image with content (not a blank/black one: that is "no tissue" below)
     if method in ("otsu", "hsv") and int((val - mn).max()) <= 2 and \
             float((allowed & (val < 230)).mean()) > 0.001:
