@@ -13,7 +13,13 @@ Prints, in one run:
 The pyramid is generated once (pre-compressed JPEG tiles, tifffile) under
 ``~/.cache/lnmeta-bench`` or ``$LNMETA_BENCH_CACHE``, never in the repository.
 
-Run: ``python benchmarks/bench_tissue.py [--quick] [--device cuda]``.
+* single-level files (CMU-1-Small-Region.svs, the single-level tumor_001 TIFF, the same
+  CMU-1 pixels as a PNG): open, tissue detection (first call, which builds the kept
+  synthetic levels, and a second), and the coarsest pyramid level a viewer shows
+  first, twice; beside the same work done the way it was before synthetic levels were
+  kept (the lazy 2x2-mean chain recomputed from level 0 each time), with the ratio.
+
+Run: ``python benchmarks/bench_tissue.py [--quick] [--device cuda] [--single-only]``.
 """
 
 from __future__ import annotations
@@ -53,6 +59,82 @@ def bench_tissue_grid(size: int, repeats: int) -> None:
     best = min(times)
     print(f"tissue + grid on {slide.shape[1]}x{slide.shape[0]} px: best {best:.2f} s "
           f"(target < 5 s: ratio {best / 5.0:.2f})")
+
+
+def _lazy_chain_level(slide, want_ds: float):
+    """The level at ``want_ds`` the way it was made before: from level 0, through the lazy
+    dask 2x2-mean chain, recomputed on every call."""
+    import dask.array as da
+
+    from napari_lnmeta.io.slide import DEFAULT_TILE, _LevelArray, downsample2x
+
+    lvl = da.from_array(_LevelArray(slide, 0), chunks=(DEFAULT_TILE, DEFAULT_TILE, 3),
+                        asarray=False, fancy=False, lock=False,
+                        meta=np.empty((0, 0, 0), np.uint8))
+    ds = 1
+    while ds < want_ds:
+        lvl = downsample2x(lvl)
+        ds *= 2
+    return lvl.compute(scheduler="threads")
+
+
+def bench_single_level(repeats: int) -> None:
+    import warnings
+
+    from PIL import Image
+
+    from _common import SHARED, cache_dir
+    from napari_lnmeta.core.tissue import tissue_mask
+    from napari_lnmeta.io.slide import MppWarning, open_slide
+
+    cmu1 = SHARED / "cmu1_small_region_svs" / "CMU-1-Small-Region.svs"
+    png = cache_dir() / "cmu1_level0.png"
+    if not png.exists():
+        Image.fromarray(open_slide(cmu1).read_level(0)).save(png)
+    files = [(cmu1, None),
+             (SHARED / "camelyon16_tumor001_lowres" / "tumor_001_level5.tif", 7.776),
+             (png, 0.499)]
+    print("single-level files (best of %d runs; 'before' = the lazy chain from level 0, "
+          "recomputed on each use):" % repeats)
+    for path, mpp in files:
+        best: dict[str, float] = {}
+
+        def keep(k, t, best=best):
+            best[k] = min(best.get(k, float("inf")), t)
+
+        for _ in range(repeats):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", MppWarning)
+                t0 = time.perf_counter()
+                slide = open_slide(path, mpp=mpp)
+                keep("open", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            tm = tissue_mask(slide)
+            keep("tissue1", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            tissue_mask(slide)
+            keep("tissue2", time.perf_counter() - t0)
+            pyr = slide.pyramid()
+            t0 = time.perf_counter()
+            pyr[-1].compute()
+            pyr[-1].compute()
+            keep("view2", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            old = _lazy_chain_level(slide, tm.downsample)
+            keep("old_tissue", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for _ in range(2):
+                _lazy_chain_level(slide, slide.shape[0] / pyr[-1].shape[0])
+            keep("old_view2", time.perf_counter() - t0)
+        h, w = slide.shape
+        print(f"  {path.name} ({w}x{h}, 1 level): open {best['open'] * 1e3:.0f} ms; "
+              f"tissue at {tm.mpp:.1f} µm/px ({tm.mask.shape[1]}x{tm.mask.shape[0]}) "
+              f"first {best['tissue1']:.3f} s, again {best['tissue2']:.3f} s; "
+              f"coarsest view level twice {best['view2']:.3f} s")
+        print(f"    before: reading the {old.shape[1]}x{old.shape[0]} level from level 0 "
+              f"{best['old_tissue']:.3f} s per use, view level twice {best['old_view2']:.3f} s "
+              f"(ratio now/before: tissue first call {best['tissue1'] / best['old_tissue']:.2f}, "
+              f"view {best['view2'] / best['old_view2']:.2f})", flush=True)
 
 
 def _rate(fn, n_patches: int, repeats: int) -> float:
@@ -102,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", action="append", default=None,
                    help="torch device(s) for the normaliser (default: cpu, and cuda if present)")
     p.add_argument("--size", type=int, default=None, help="slide side in px (default 100000)")
+    p.add_argument("--single-only", action="store_true",
+                   help="only the single-level files (no torch, no big pyramid)")
     args = p.parse_args(argv)
+    bench_single_level(1 if args.quick else 3)
+    if args.single_only:
+        return 0
     import torch
 
     size = args.size or (25_000 if args.quick else 100_000)
