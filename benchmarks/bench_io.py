@@ -4,9 +4,13 @@ Prints, in one run:
 * time to open the slide and draw a first view in a real napari viewer (target < 1 s);
 * peak RSS growth for that (target < 300 MB);
 * random 512 px level-0 tile reads/s through ``Slide.read_region`` vs OpenSlide's own
-  ``read_region`` on the same file (target ratio >= 0.9).
+  ``read_region`` on the same file (target ratio >= 0.9);
+* single-level files (CMU-1-Small-Region.svs, the single-level tumor_001 TIFF) in one
+  napari viewer: open + first view, then a zoomed view and the whole view again, with
+  the kept synthetic levels vs the lazy chain from level 0 they replaced (ratio).
 
-Run: ``python benchmarks/bench_io.py [--quick]`` (under xvfb-run when headless).
+Run: ``python benchmarks/bench_io.py [--quick] [--single-only]`` (under xvfb-run when
+headless).
 """
 
 from __future__ import annotations
@@ -38,6 +42,70 @@ def first_view(path) -> tuple[float, float]:
     return dt, rss.growth
 
 
+def _old_pyramid(slide, tile=1024):
+    """The pyramid a single-level file got before synthetic levels were kept: every
+    coarser level a lazy 2x2-mean chain from level 0, recomputed on each use."""
+    import dask.array as da
+
+    from napari_lnmeta.io.slide import MIN_PYRAMID_SIZE, _LevelArray, downsample2x
+
+    levels = [da.from_array(_LevelArray(slide, 0), chunks=(tile, tile, 3), asarray=False,
+                            fancy=False, lock=False, meta=np.empty((0, 0, 0), np.uint8))]
+    while max(levels[-1].shape[:2]) > MIN_PYRAMID_SIZE:
+        levels.append(downsample2x(levels[-1], tile))
+    return levels
+
+
+def single_level_views(viewer_cls) -> None:
+    """Open + first view, then two more views (zoomed in on the centre, whole slide
+    again) of single-level files in one napari viewer: kept synthetic levels vs the
+    lazy chain from level 0 they replace."""
+    import warnings
+
+    from qtpy.QtWidgets import QApplication
+
+    from _common import SHARED
+    from napari_lnmeta._napari.layers import slide_layer_data
+    from napari_lnmeta.io.slide import MppWarning, open_slide
+
+    viewer = viewer_cls(show=True)
+    QApplication.processEvents()
+    with warnings.catch_warnings():  # one-off imports and GL set-up, paid by neither side
+        warnings.simplefilter("ignore", MppWarning)
+        wdata, wkw, _ = slide_layer_data(open_slide(SHARED / "skimage_ihc_dab" / "ihc.png"))
+        warm = viewer.add_image(wdata, **wkw)
+    viewer.screenshot(canvas_only=True, flash=False)
+    viewer.layers.remove(warm)
+    files = [SHARED / "cmu1_small_region_svs" / "CMU-1-Small-Region.svs",
+             SHARED / "camelyon16_tumor001_lowres" / "tumor_001_level5.tif"]
+    for path in files:
+        res = {}
+        for how in ("before", "now"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", MppWarning)
+                t0 = time.perf_counter()
+                slide = open_slide(path)
+                data, kw, _ = slide_layer_data(slide)
+                if how == "before":
+                    data = _old_pyramid(slide)
+                layer = viewer.add_image(data, **kw)
+                viewer.reset_view()
+                viewer.screenshot(canvas_only=True, flash=False)
+                first = time.perf_counter() - t0
+                viewer.camera.zoom *= 3
+                viewer.screenshot(canvas_only=True, flash=False)
+                viewer.reset_view()
+                viewer.screenshot(canvas_only=True, flash=False)
+                res[how] = (first, time.perf_counter() - t0)
+                viewer.layers.remove(layer)
+        h, w = slide.shape
+        print(f"[io] single-level {path.name} ({w}x{h}): open + first view "
+              f"{res['now'][0]:.2f} s (before {res['before'][0]:.2f} s), + zoom in + whole "
+              f"view {res['now'][1]:.2f} s (before {res['before'][1]:.2f} s): ratio "
+              f"{res['now'][1] / res['before'][1]:.2f}", flush=True)
+    viewer.close()
+
+
 def tile_throughput(path, n: int) -> tuple[float, float]:
     import openslide
 
@@ -65,7 +133,14 @@ def tile_throughput(path, n: int) -> tuple[float, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer tile reads")
+    ap.add_argument("--single-only", action="store_true",
+                    help="only the single-level files in napari")
     args = ap.parse_args(argv)
+    import napari
+
+    single_level_views(napari.Viewer)
+    if args.single_only:
+        return 0
     size = 102_400
     t0 = time.perf_counter()
     path = synthetic_pyramid("io", size)
