@@ -62,9 +62,9 @@ def single_level_views(viewer_cls) -> None:
     lazy chain from level 0 they replace."""
     import warnings
 
+    from _common import SHARED
     from qtpy.QtWidgets import QApplication
 
-    from _common import SHARED
     from napari_lnmeta._napari.layers import slide_layer_data
     from napari_lnmeta.io.slide import MppWarning, open_slide
 

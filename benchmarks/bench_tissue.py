@@ -81,9 +81,9 @@ def _lazy_chain_level(slide, want_ds: float):
 def bench_single_level(repeats: int) -> None:
     import warnings
 
+    from _common import SHARED, cache_dir
     from PIL import Image
 
-    from _common import SHARED, cache_dir
     from napari_lnmeta.core.tissue import tissue_mask
     from napari_lnmeta.io.slide import MppWarning, open_slide
 
@@ -94,8 +94,8 @@ def bench_single_level(repeats: int) -> None:
     files = [(cmu1, None),
              (SHARED / "camelyon16_tumor001_lowres" / "tumor_001_level5.tif", 7.776),
              (png, 0.499)]
-    print("single-level files (best of %d runs; 'before' = the lazy chain from level 0, "
-          "recomputed on each use):" % repeats)
+    print(f"single-level files (best of {repeats} runs; 'before' = the lazy chain from "
+          "level 0, recomputed on each use):")
     for path, mpp in files:
         best: dict[str, float] = {}
 

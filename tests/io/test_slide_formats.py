@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+from tests._dicom_helpers import cached_dicom
 
 from napari_lnmeta.errors import SlideError
 from napari_lnmeta.io import slide as slide_mod
@@ -22,8 +23,6 @@ from napari_lnmeta.io.slide import (
     open_slide,
     sniff,
 )
-
-from tests._dicom_helpers import cached_dicom
 
 
 @pytest.fixture(scope="module")

@@ -391,10 +391,7 @@ class Slide:
             idx = next((i for i, s in enumerate(shapes) if max(s) <= max_size), len(shapes) - 1)
         while (max(shapes[idx]) > max_size * 2 or not usable(idx)) and idx + 1 < len(shapes):
             idx += 1
-        if idx < n_file:
-            arr = self.read_level(idx)
-        else:
-            arr = self.synthetic_level(idx - n_file + 1)
+        arr = self.read_level(idx) if idx < n_file else self.synthetic_level(idx - n_file + 1)
         return np.ascontiguousarray(arr), float(dss[idx])
 
     # -- decoded-tile cache ------------------------------------------------------------
