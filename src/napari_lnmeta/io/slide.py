@@ -279,9 +279,9 @@ class Slide:
         shapes = self.synthetic_shapes()
         kept = self._first_kept_synthetic()
         k = 0
-        while max(levels[-1].shape[:2]) > min_size and k < len(shapes):
+        while max(levels[-1].shape[:2]) > min_size:
             k += 1
-            if k >= kept:
+            if kept <= k <= len(shapes):
                 levels.append(wrap(_SyntheticLevelArray(self, k), f"S{k}"))
             else:
                 levels.append(downsample2x(levels[-1], tile))
@@ -296,9 +296,12 @@ class Slide:
     def synthetic_shapes(self) -> list[tuple[int, int]]:
         """``(height, width)`` of the synthetic levels 1, 2, ...: level ``k`` is the file's
         coarsest level reduced ``2**k`` times by 2x2 means (odd edges averaged with
-        themselves), down to one no larger than 16 px on its long side."""
+        themselves), down to one no larger than 16 px on its long side. None when that
+        level is already small (at most :data:`MIN_PYRAMID_SIZE` px)."""
         h, w = self.level_shapes[-1]
-        out = []
+        out: list[tuple[int, int]] = []
+        if max(h, w) <= MIN_PYRAMID_SIZE:
+            return out
         while max(h, w) > 16:
             h, w = (h + 1) // 2, (w + 1) // 2
             out.append((h, w))
