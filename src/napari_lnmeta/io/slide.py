@@ -1298,17 +1298,36 @@ def _check_size(slide: Slide) -> None:
         slide.close()
         raise SlideError(slide.path, f"declares {w} x {h} px ({h * w:.3g} px), beyond the "
                          f"limit of {limit:.3g} px for one slide (LNMETA_MAX_SLIDE_PIXELS)")
-    for level in range(slide.level_count):
-        try:
-            tile = slide.tile_shape(level)
-        except Exception:  # a layout the reader cannot describe: its reads will say why
-            tile = None
-        if tile and tile[0] * tile[1] > MAX_CHUNK_PIXELS:
+    for level, tile in enumerate(_tiff_chunks(slide)):
+        if tile[0] * tile[1] > MAX_CHUNK_PIXELS:
             slide.close()
             raise SlideError(slide.path, f"level {level} is stored as one piece of "
                              f"{tile[1]} x {tile[0]} px (a strip or tile beyond "
                              f"{MAX_CHUNK_PIXELS:.3g} px): it cannot be read in bounded "
                              "memory; convert it to a tiled TIFF")
+
+
+def _tiff_chunks(slide: Slide) -> list[tuple[int, int]]:
+    """``(rows, cols)`` of the strips or tiles of each level of a tifffile slide (any
+    read decodes at least one whole); empty for other backends (OpenSlide and zarr read
+    tiles of bounded size)."""
+    if not isinstance(slide, TiffSlide):
+        return []
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(slide.path) as tf:
+            out = []
+            for lv in tf.series[slide._series_index].levels:
+                k = lv.keyframe
+                if k.is_tiled:
+                    out.append((int(k.tilelength), int(k.tilewidth)))
+                else:
+                    rows = int(k.rowsperstrip or k.imagelength)
+                    out.append((min(rows, int(k.imagelength)), int(k.imagewidth)))
+            return out
+    except Exception:  # a layout tifffile cannot describe: its reads will say why
+        return []
 
 
 def _open_tiff(p: Path, mpp: float | None) -> Slide:
