@@ -312,8 +312,8 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 
 
 def _sat(mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
-    d = np.subtract(mx, mn, dtype=np.float32)
-    return d / np.maximum(mx, 1).astype(np.float32)
+    # one float32 pass (mx >= mn, so the difference never wraps)
+    return np.divide(mx - mn, np.maximum(mx, 1), dtype=np.float32)
 
 
 def is_grayscale(rgb: np.ndarray, *, tol: int = 2) -> bool:
