@@ -103,26 +103,53 @@ def test_matching_rules():
 
 
 def test_froc_by_hand():
-    """Thresholds 0.95: 1 FP (neg), 0 hits -> (0.5, 0); 0.9: L1 hit -> (0.5, 0.5);
-    0.8 is the ITC detection (ignored); 0.7: FP on t1 -> (1.0, 0.5); 0.6 duplicate
-    (ignored); 0.5: FP on n1 -> (1.5, 0.5). 2 slides, 2 lesions (ITC excluded).
-    Interpolated from (0, 0): 0.25 FP -> 0.25; >= 0.5 FP -> 0.5.
-    FROC = (0.25 + 5 * 0.5) / 6."""
+    """Thresholds (the challenge's list: FP probabilities 0.7, 0.5, 0.95 and one entry per
+    region label: 0.9 for L1, 0 for L2 and both ITCs; sorted, the lowest, 0, dropped):
+    0.95: 1 FP (neg), 0 hits -> (0.5, 0); 0.9: L1 hit -> (0.5, 0.5); 0.7: FP on t1 ->
+    (1.0, 0.5); 0.5: FP on n1 -> (1.5, 0.5). The ITC detection (0.8) and the duplicate
+    (0.6) are ignored. 2 slides, 2 lesions (ITC excluded). Read on the whole curve from
+    (0, 0): 0.25 FP lies between (0, 0) and the *first* point at 0.5 FP, (0.5, 0) -> 0;
+    >= 0.5 FP -> 0.5. FROC = (0 + 5 * 0.5) / 6."""
     tum, neg = _two_slides()
     c = froc_curve([tum, neg])
     np.testing.assert_allclose(c["fps"], [0, 0.5, 0.5, 1.0, 1.5])
     np.testing.assert_allclose(c["sensitivity"], [0, 0, 0.5, 0.5, 0.5])
+    np.testing.assert_allclose(c["thresholds"][1:], [0.95, 0.9, 0.7, 0.5], rtol=1e-6)
     f = froc_score([tum, neg])
-    np.testing.assert_allclose(f["sensitivity"], [0.25, 0.5, 0.5, 0.5, 0.5, 0.5])
-    assert f["score"] == pytest.approx(2.75 / 6)
+    np.testing.assert_allclose(f["sensitivity"], [0, 0.5, 0.5, 0.5, 0.5, 0.5])
+    assert f["score"] == pytest.approx(2.5 / 6)
     assert (f["n_slides"], f["n_tumours"], f["n_itc"]) == (2, 2, 2)
-    # L2 found at 0.4 adds (1.5, 1.0); one point per FP level (the most sensitive):
-    # (0, 0), (0.5, 0.5), (1.0, 0.5), (1.5, 1.0) -> 0.25, 0.5, 0.5, 1, 1, 1
+    # L2 found at 0.4 adds (1.5, 1.0): (0, 0), (0.5, 0), (0.5, 0.5), (1.0, 0.5),
+    # (1.5, 0.5), (1.5, 1.0) -> 0, 0.5, 0.5, 1, 1, 1
     reg = tum.regions
     tum2 = match_detections(np.r_[tum.coords, [pt(140, 140)]], np.r_[tum.probability, 0.4], reg)
     f2 = froc_score([tum2, neg])
-    np.testing.assert_allclose(f2["sensitivity"], [0.25, 0.5, 0.5, 1.0, 1.0, 1.0])
-    assert f2["score"] == pytest.approx(4.25 / 6)
+    np.testing.assert_allclose(f2["sensitivity"], [0, 0.5, 0.5, 1.0, 1.0, 1.0])
+    assert f2["score"] == pytest.approx(4 / 6)
+
+
+def test_froc_thresholds_follow_the_challenge():
+    """Every lesion hit and no ITC: the lowest entry of the list (here the hit at 0.3) is
+    dropped, so that hit never counts; a hit and an FP at 0.6 give two thresholds
+    (float32(0.6) > 0.6): at the upper one only the hit counts."""
+    m = np.zeros((200, 200), bool)
+    m[20:80, 20:80] = True
+    m[120:160, 120:160] = True
+    reg = evaluation_regions(m, FRAME)
+    assert reg.n_tumours == 2 and reg.n_itc == 0
+    tum = match_detections(np.array([pt(50, 50), pt(140, 140)]), np.array([0.9, 0.3]), reg)
+    neg = match_detections(np.array([pt(10, 10)]), np.array([0.5]), None)
+    c = froc_curve([tum, neg])
+    np.testing.assert_allclose(c["thresholds"][1:], [0.9, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(c["sensitivity"], [0, 0.5, 0.5])
+    tie = match_detections(np.array([pt(50, 50), pt(140, 140), pt(100, 100)]),
+                           np.array([0.6, 0.2, 0.6]), reg)
+    c = froc_curve([tie])
+    assert c["thresholds"][1] == np.float32(0.6) and c["thresholds"][2] == 0.6
+    np.testing.assert_allclose(c["fps"], [0, 0, 1])
+    np.testing.assert_allclose(c["sensitivity"], [0, 0.5, 0.5])
+
+
     # a set without tumour regions has no FROC
     with pytest.raises(InputError, match="FROC needs"):
         froc_curve([neg])

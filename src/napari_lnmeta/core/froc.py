@@ -19,12 +19,16 @@ that scores are comparable with the published ones:
   its detections and the others are *duplicates*, ignored (not false positives). A
   detection outside every region is a false positive. On a slide without tumour every
   detection is a false positive.
-* **FROC.** For every threshold ``t`` (each distinct detection probability), sensitivity
-  = regions whose score is ``>= t`` / all non-ITC regions of all slides, and average FPs
-  per slide = false positives with ``p >= t`` / number of slides; the curve starts at
-  (0, 0). The sensitivities at 1/4, 1/2, 1, 2, 4 and 8 FPs per slide are read from the
-  curve by linear interpolation (``numpy.interp``, as the reference code; beyond the
-  last point the curve's final sensitivity), and the **FROC score** is their mean.
+* **FROC.** Thresholds as the reference code builds them: the false-positive
+  probabilities plus one float32 entry per region label (its score; 0 for a missed or
+  ITC region), distinct, sorted, the lowest dropped. At threshold ``t`` sensitivity =
+  regions whose float32 score is ``>= float32(t)`` / all non-ITC regions of all slides,
+  and average FPs per slide = false positives with ``p >= t`` / number of slides; the
+  curve starts at (0, 0) and keeps every point (repeated FP values included). The
+  sensitivities at 1/4, 1/2, 1, 2, 4 and 8 FPs per slide are read on that whole curve
+  by ``numpy.interp`` (as the reference code; beyond the last point the curve's final
+  sensitivity), and the **FROC score** is their mean. A mask covers the slide: its
+  regions do not grow past its edge (polygons are rasterised over their own window).
 * **Slide-level ROC.** A slide is positive when its ground truth has any tumour (ITC
   included, as in the challenge's ``reference.csv``); its score is the prediction's
   slide score (``summary.json``: heatmap maximum by default) or, without one, the
@@ -199,7 +203,8 @@ class Regions:
 
 
 def evaluation_regions(mask: np.ndarray, frame: SlideFrame, *, dilation_um: float = DILATION_UM,
-                       itc_um: float = ITC_UM, source: str = "") -> Regions:
+                       itc_um: float = ITC_UM, source: str = "",
+                       clip_to_mask: bool = True) -> Regions:
     """Dilate, fill and label a tumour mask, and mark its ITC regions (module docstring).
 
     Parameters
@@ -208,6 +213,11 @@ def evaluation_regions(mask: np.ndarray, frame: SlideFrame, *, dilation_um: floa
         2-D bool (or integer, non-zero = tumour) raster.
     frame
         Its frame on the slide; ``frame.mpp`` (slide µm/px × downsample) must be known.
+    clip_to_mask
+        The mask covers the slide: regions do not grow past its edge, and a background
+        pocket between a region and the edge is not a hole (as in the challenge's code,
+        which works on the whole level-5 mask). ``False`` for a raster that is only a
+        window around rasterised polygons.
     """
     from scipy import ndimage as ndi
     from skimage.measure import regionprops
@@ -223,6 +233,8 @@ def evaluation_regions(mask: np.ndarray, frame: SlideFrame, *, dilation_um: floa
     pad = int(math.ceil(radius_px)) + 1
     d = float(frame.downsample)
     oy, ox = frame.origin
+    full_h, full_w = m.shape
+    y0 = x0 = 0
     if m.any():  # only the tumour's bounding box (plus the margin) is worked on
         rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
         y0, x0 = int(rows[0]), int(cols[0])
@@ -233,7 +245,13 @@ def evaluation_regions(mask: np.ndarray, frame: SlideFrame, *, dilation_um: floa
     if not m.any():
         lab = np.zeros(m.shape, np.int32)
     else:
-        grown = ndi.distance_transform_edt(~m) < radius_px if radius_px > 0 else m
+        grown = ndi.distance_transform_edt(~m) < radius_px if radius_px > 0 else m.copy()
+        if clip_to_mask:  # nothing grows past the mask's edge
+            r0, c0 = max(0, pad - y0), max(0, pad - x0)
+            r1, c1 = pad - y0 + full_h, pad - x0 + full_w
+            inside = np.zeros_like(grown)
+            inside[r0:max(r0, r1), c0:max(c0, c1)] = True
+            grown &= inside
         filled = ndi.binary_fill_holes(grown)
         lab, _ = ndi.label(filled, structure=np.ones((3, 3), bool))
         lab = lab.astype(np.int32)
@@ -343,7 +361,7 @@ def load_truth(source: Any, *, slide_mpp: float | None = None,
     if isinstance(source, (list, tuple)) and all(isinstance(p, Polygon) for p in source):
         r = _polygons_mask(list(source), slide_mpp=mpp, eval_mpp=cfg.eval_mpp,
                            dilation_um=cfg.dilation_um, source=name)
-        return None if r is None else evaluation_regions(*r, **reg)
+        return None if r is None else evaluation_regions(*r, **reg, clip_to_mask=False)
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such ground-truth file")
@@ -371,7 +389,7 @@ def load_truth(source: Any, *, slide_mpp: float | None = None,
         polys = read_polygons(path, scale=cfg.truth_scale)
         r = _polygons_mask(polys, slide_mpp=mpp, eval_mpp=cfg.eval_mpp,
                            dilation_um=cfg.dilation_um, source=str(path))
-        return None if r is None else evaluation_regions(*r, **reg)
+        return None if r is None else evaluation_regions(*r, **reg, clip_to_mask=False)
     raise InputError(f"{path}: unknown ground-truth format (expected .xml, .json, .geojson, "
                      ".png, .tif or an OME-Zarr mask)")
 
@@ -562,8 +580,18 @@ def match_detections(coords: np.ndarray, probability: np.ndarray, regions: Regio
 def froc_curve(results: Sequence[SlideResult]) -> dict[str, np.ndarray]:
     """Average FPs per slide and sensitivity at every threshold, starting at (0, 0).
 
+    The thresholds are built as the challenge's code builds them: the false-positive
+    probabilities plus one entry per region label (its score stored as float32 — the
+    highest probability among its detections, 0 for a missed region or an ITC region),
+    made distinct, sorted, and the lowest dropped. At a threshold ``t`` a false positive
+    counts when ``p >= t`` (float64) and a region when ``float32(score) >=
+    float32(t)``; a region and a false positive of equal probability therefore give
+    two thresholds when the probability is not exact in float32 (0.6 and
+    ``float32(0.6)`` = 0.600000024).
+
     Returns ``{"fps", "sensitivity", "thresholds"}``, thresholds decreasing (the first is
-    ``inf``).
+    ``inf``): the challenge's curve reversed, every point kept (repeated FP values
+    included).
     """
     n_slides = len(results)
     if n_slides == 0:
@@ -573,25 +601,30 @@ def froc_curve(results: Sequence[SlideResult]) -> dict[str, np.ndarray]:
         raise InputError("no tumour region (other than isolated tumour cells) in the ground "
                          "truth: FROC needs at least one")
     fp = np.concatenate([r.probability[r.outcome == FP] for r in results] + [np.zeros(0)])
-    tp = np.concatenate([r.region_score for r in results] + [np.zeros(0)])
-    tp = tp[tp > 0]
-    thr = np.unique(np.concatenate([fp, tp]))[::-1]
-    fp_s, tp_s = np.sort(fp), np.sort(tp)
+    # one float32 entry per region label; ITC labels enter the threshold list as 0
+    tp32 = np.concatenate([np.asarray(r.region_score, np.float32) for r in results]
+                          + [np.zeros(r.n_itc, np.float32) for r in results]
+                          + [np.zeros(0, np.float32)])
+    thr = np.unique(np.concatenate([fp.astype(np.float64), tp32.astype(np.float64)]))[1:][::-1]
+    fp_s, tp_s = np.sort(fp.astype(np.float64)), np.sort(tp32)
     n_fp = len(fp_s) - np.searchsorted(fp_s, thr, side="left")
-    n_tp = len(tp_s) - np.searchsorted(tp_s, thr, side="left")
+    n_tp = len(tp_s) - np.searchsorted(tp_s, thr.astype(np.float32), side="left")
     return {"fps": np.r_[0.0, n_fp / n_slides], "sensitivity": np.r_[0.0, n_tp / n_tum],
             "thresholds": np.r_[np.inf, thr]}
 
 
 def froc_score(results: Sequence[SlideResult],
                fp_rates: Sequence[float] = FP_RATES) -> dict[str, Any]:
-    """Sensitivity at ``fp_rates`` average FPs per slide and their mean (the FROC score)."""
+    """Sensitivity at ``fp_rates`` average FPs per slide and their mean (the FROC score).
+
+    Read as the challenge's code reads it: ``numpy.interp`` on the whole curve of
+    :func:`froc_curve` (repeated FP values kept), so between two FP levels the line runs
+    from the most sensitive point of the lower level to the *least* sensitive point of
+    the next one; beyond the last point, the final sensitivity.
+    """
     curve = froc_curve(results)
     fps, sens = curve["fps"], curve["sensitivity"]
-    # one point per FP level: the most sensitive (lowest threshold) one
-    ux = np.unique(fps)
-    uy = np.array([sens[fps == x].max() for x in ux])
-    at = np.interp(np.asarray(fp_rates, dtype=np.float64), ux, uy)
+    at = np.interp(np.asarray(fp_rates, dtype=np.float64), fps, sens)
     return {"score": float(at.mean()), "fp_rates": [float(v) for v in fp_rates],
             "sensitivity": [float(v) for v in at],
             "n_slides": len(results), "n_tumours": int(sum(r.n_tumours for r in results)),
