@@ -6,7 +6,8 @@ one). Instances are 16 x 16 px patches (124 µm) at 7.776 µm/px, stride 8, on t
 polygons (``Tumor_001.json`` divided by 32), *normal* when none of it does (patches in
 between are left out, seed 000's rule). Features are the penultimate layer (192-d) of
 the registry's ``lnmeta_cnn_small`` **randomly initialised** (seed 0; no trained weights
-exist offline), standardised with the training region's statistics.
+exist offline), as the extractor gives them: no test-side preprocessing (the MIL model
+standardises its inputs with its training slides' statistics, as it does for the CLI).
 
 Hold-out by region: the slide is cut at level-5 row 4050, between the two tumour
 polygons. Training bags use patches above it (the larger polygon), test bags below it
@@ -42,7 +43,7 @@ atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 @dataclass
 class Instances:
     grid: object           # PatchGrid of the selected patches
-    features: np.ndarray   # (n, 192) standardised
+    features: np.ndarray   # (n, 192) raw backbone features
     tumour: np.ndarray     # (n,) bool
     train: np.ndarray      # (n,) bool: above SPLIT_ROW
     backbone: object       # BackboneInfo
@@ -84,8 +85,7 @@ def camelyon_instances(n_normal: int = 1200, seed: int = 0) -> Instances:
         torch.set_num_threads(threads)
     x = cache.load()
     train = sub.coords[:, 0] < SPLIT_ROW
-    mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
-    return Instances(grid=sub, features=(x - mu) / sd, tumour=frac[keep] >= 0.5, train=train,
+    return Instances(grid=sub, features=x, tumour=frac[keep] >= 0.5, train=train,
                      backbone=ext[1], cache_path=path)
 
 

@@ -256,7 +256,10 @@ def step_mil(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, A
                                   out_dir=out / "mil", overwrite=True,
                                   clinical_source="the cohort CSV"))
     probs = {c: round(float(p), 6) for c, p in zip(res.classes, res.probabilities, strict=True)}
-    return {"predicted": res.predicted, "probabilities": probs, "instances": len(res.instances)}
+    out_ = {"predicted": res.predicted, "probabilities": probs, "instances": len(res.instances)}
+    if res.extra.get("notes"):  # e.g. a model file without feature statistics
+        out_["notes"] = list(res.extra["notes"])
+    return out_
 
 
 STEPS: dict[str, Callable[[CohortItem, Path, dict[str, Any]], dict[str, Any]]] = {

@@ -379,6 +379,7 @@ class MILWidget(QWidget):
             lines.append(f"<b>{name}</b>: {res.predicted} — {probs} "
                          f"(over {len(res.bag_probabilities)} bags of {res.bag_size}, "
                          f"SD {sd:.3f}; {len(res.instances)} patches)")
+            lines += [f"<i>note: {n}</i>" for n in res.extra.get("notes") or []]
         self.scores.setText("<br>".join(lines))
         if done:
             self.show_gallery(done[-1][0])

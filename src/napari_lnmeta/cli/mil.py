@@ -391,6 +391,8 @@ def mil(p):
                                       region_scale=args.region_scale, out_dir=args.out_dir,
                                       overwrite=args.overwrite,
                                       clinical_source=str(args.clinical)), _progress())
+        for note in res.extra.get("notes") or []:
+            print(f"note: {note}", file=sys.stderr)
         probs = ", ".join(f"{c}: {p:.3f}" for c, p in zip(res.classes, res.probabilities,
                                                           strict=True))
         print(json.dumps({"slide": res.slide, "predicted": res.predicted}) + f"  ({probs})")

@@ -273,7 +273,7 @@ def predict_slide_job(slide: Slide, model: str | Path | tuple[MILModel, MILInfo]
     import torch
 
     from ..models.io import resolve_device
-    from ..models.mil import bag_probabilities, load_mil, relative_attention
+    from ..models.mil import bag_probabilities, load_mil, relative_attention, small_model_threads
     from ..train.bags import BagSpec, sample_bags, select_instances
     from .features import FeatureCache, slide_features_job
 
@@ -325,10 +325,11 @@ def predict_slide_job(slide: Slide, model: str | Path | tuple[MILModel, MILInfo]
                    replace=config.replace, seed=config.seed)
     idx = sample_bags(len(inst), spec, np.random.default_rng(config.seed), slide=slide.name)
     yield Progress(0, 2, "MIL: bags")
-    probs, _ = bag_probabilities(net, feats[idx], clin_vec, device=dev)
+    with small_model_threads(dev):  # the MIL model is small: few threads are faster
+        probs, _ = bag_probabilities(net, feats[idx], clin_vec, device=dev)
     # 3. attention for every instance
     yield Progress(1, 2, "MIL: attention")
-    with torch.inference_mode():
+    with small_model_threads(dev), torch.inference_mode():
         logits = net.instance_logits(torch.from_numpy(feats).to(dev)).float().cpu().numpy()
     result = MILResult(slide=slide.name, classes=list(info.classes),
                        probabilities=probs.mean(axis=0), bag_probabilities=probs,
@@ -340,7 +341,9 @@ def predict_slide_job(slide: Slide, model: str | Path | tuple[MILModel, MILInfo]
                                                        else clinical)},
                        clinical_used=clin_vec is not None, pooling=info.config.pooling,
                        extra={"regions": None if regions is None else str(regions),
-                              "seed": config.seed})
+                              "seed": config.seed,
+                              "features_standardised": info.standardised,
+                              "notes": list(info.notes)})
     if out_dir is not None:
         result.write(out_dir, overwrite=overwrite, inputs=inputs, top_k=config.top_k)
     yield Progress(2, 2, f"MIL: {result.predicted} "

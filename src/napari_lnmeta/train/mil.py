@@ -181,7 +181,10 @@ def predict_slides(model: MILModel, slides: Sequence[MILSlide], spec: BagSpec, *
     if model.config.clinical_dim:
         clin = np.concatenate([np.repeat(np.asarray(s.clinical, np.float32)[None], len(i), 0)
                                for s, i in zip(slides, idx, strict=True)])
-    p, _ = bag_probabilities(model, bags, clin, device=device, batch=256)
+    from ..models.mil import small_model_threads
+
+    with small_model_threads(device):
+        p, _ = bag_probabilities(model, bags, clin, device=device, batch=256)
     bounds = np.cumsum([0] + [len(i) for i in idx])
     per_bag = [p[bounds[k]:bounds[k + 1]] for k in range(len(slides))]
     return np.stack([pb.mean(axis=0) for pb in per_bag]), per_bag
@@ -315,6 +318,27 @@ def train_mil_job(slides: Sequence[MILSlide], config: MILTrainConfig, *,
                   extra: dict[str, Any] | None = None) -> Job[MILTrainResult]:
     """Train a MIL model on slide-labelled feature sets (progress generator).
 
+    Runs with few torch threads on the CPU (:func:`napari_lnmeta.models.mil.small_model_threads`);
+    the parameters are those of :func:`_train_mil_job`.
+    """
+    from ..models.io import resolve_device
+    from ..models.mil import small_model_threads
+
+    with small_model_threads(resolve_device(config.device)):
+        return (yield from _train_mil_job(
+            slides, config, classes=classes, backbone=backbone, clinical=clinical,
+            splits=splits, out_dir=out_dir, overwrite=overwrite, features_meta=features_meta,
+            extra=extra))
+
+
+def _train_mil_job(slides: Sequence[MILSlide], config: MILTrainConfig, *,
+                   classes: Sequence[str], backbone: BackboneInfo,
+                   clinical: ClinicalEncoder | None = None,
+                   splits: Sequence[str] | None = None, out_dir: str | Path | None = None,
+                   overwrite: bool = False, features_meta: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> Job[MILTrainResult]:
+    """Train a MIL model on slide-labelled feature sets (progress generator).
+
     Parameters
     ----------
     slides
@@ -340,14 +364,16 @@ def train_mil_job(slides: Sequence[MILSlide], config: MILTrainConfig, *,
     Returns
     -------
     MILTrainResult
-        With the best model (eval mode) and the validation and test metrics.
+        With the best model (eval mode) and the validation and test metrics. The model
+        standardises its input features with the training slides' per-dimension mean and
+        SD (stored in the model file).
     """
     import torch
     from torch import nn
 
     from ..io.atomic import write_text_atomic
     from ..models.io import resolve_device
-    from ..models.mil import MILConfig, MILInfo, MILModel, save_mil
+    from ..models.mil import MILConfig, MILInfo, MILModel, feature_stats, save_mil
     from .loop import optimiser_step
 
     t_start = time.perf_counter()
@@ -389,12 +415,19 @@ def train_mil_job(slides: Sequence[MILSlide], config: MILTrainConfig, *,
                      embed_dim=config.embed_dim, attn_dim=config.attn_dim,
                      dropout=config.dropout, clinical_dim=cdim,
                      clinical_repeat=config.clinical_repeat, seed002_pool=config.seed002_pool)
-    model = MILModel(mcfg).to(dev)
+    model = MILModel(mcfg)
+    # the model standardises its inputs with the training slides' statistics
+    mean, sd = feature_stats([s.features for s in by["train"]])
+    model.set_feature_stats(mean, sd)
+    model.to(dev)
     info = MILInfo(config=mcfg, classes=classes, backbone=backbone, clinical=clinical,
                    features=dict(features_meta or {}),
                    bags={"size": spec.size, "per_slide": spec.per_slide,
                          "replace": spec.replace},
-                   extra={"training": config.to_json(), **(extra or {})})
+                   extra={"training": config.to_json(), **(extra or {}),
+                          "feature_standardisation": {
+                              "from": "training slides", "slides": len(by["train"]),
+                              "instances": int(sum(len(s) for s in by["train"]))}})
     if config.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     else:
