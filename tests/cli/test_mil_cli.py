@@ -61,6 +61,38 @@ def test_train_mil_then_mil(tmp_path, capsys):
     assert s["clinical"] == {"age": "51", "ER": "negative"} and s["clinical_used"]
     assert (res / "attention.ome.zarr").is_dir()
     assert FeatureCache(cache.path).complete
+    assert s["features_standardised"] and s["notes"] == []
+    # the model holds the training slides' feature statistics (no preprocessing here)
+    from napari_lnmeta.models.mil import load_mil
+
+    net, info = load_mil(model)
+    split = dict(line.split(",")[::3] for line in
+                 (out / "splits.csv").read_text().splitlines()[1:])
+    train = np.concatenate([FeatureCache(tmp_path / f"s{k}.features.zarr").load()
+                            for k in range(8) if split[f"s{k}"] == "train"])
+    np.testing.assert_allclose(net.feature_mean.numpy(), train.mean(0), rtol=1e-4, atol=1e-5)
+    sd = train.std(0)
+    assert (sd == 0).any()  # dead ReLU dimensions of the random backbone: only centred
+    np.testing.assert_allclose(net.feature_std.numpy(), np.where(sd > 1e-6, sd, 1.0),
+                               rtol=1e-3, atol=1e-5)
+    assert info.extra["feature_standardisation"]["slides"] == list(split.values()).count("train")
+    # a model file of an older version (no statistics) still predicts, and says so
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(model), "pt") as f:
+        md = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("feature_")}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=md)
+    capsys.readouterr()
+    assert main(["mil", str(path), "-o", str(tmp_path / "old"), "--model", str(old),
+                 "--clinical", str(clin), "--features", str(cache.path), "--bags", "4",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "note:" in err and "without feature statistics" in err
+    s_old = json.loads((tmp_path / "old" / "summary.json").read_text())
+    assert not s_old["features_standardised"] and "without feature statistics" in s_old["notes"][0]
     # bad clinical values: one line, exit 2
     capsys.readouterr()
     clin.write_text(f"slide,age,ER\n{slide.name},51,unknown\n")

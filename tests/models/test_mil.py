@@ -169,3 +169,57 @@ def test_refuses_features_from_another_backbone(tmp_path):
         info.check_features(cache)
     info.backbone = cache.backbone
     info.check_features(cache)  # the right one passes
+
+
+def test_feature_statistics_live_in_the_model_and_its_file(tmp_path):
+    """The model standardises raw features itself (same output as standardised features
+    through an identity model); the statistics round-trip through the file; a file
+    without them (an older version) loads as identity, with a note."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from napari_lnmeta.models.mil import feature_stats, small_model_threads
+
+    rng = np.random.default_rng(0)
+    raw = [rng.normal(1.2, 0.17, (30, 24)).astype(np.float32) for _ in range(3)]
+    raw[0][:, 5] = 7.0  # a constant dimension: centred only
+    mean, sd = feature_stats(raw)
+    allx = np.concatenate(raw)
+    np.testing.assert_allclose(mean, allx.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(sd, allx.std(0), rtol=1e-4, atol=1e-6)
+    torch.manual_seed(0)
+    cfg = MILConfig(feature_dim=24, embed_dim=16, attn_dim=8)
+    model = MILModel(cfg).eval()
+    ident = MILModel(cfg).eval()
+    ident.load_state_dict(model.state_dict())
+    model.set_feature_stats(mean, sd)
+    x = torch.from_numpy(raw[1][None])
+    std_sd = np.where(sd > 1e-6, sd, 1.0)
+    xs = torch.from_numpy(((raw[1] - mean) / std_sd)[None].astype(np.float32))
+    torch.testing.assert_close(model(x)[0], ident(xs)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.instance_logits(x[0]), ident.instance_logits(xs[0]),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="23 values"):
+        model.set_feature_stats(mean[:23], sd[:23])
+    info = MILInfo(config=cfg, classes=["N0", "N+"], backbone=BACKBONE,
+                   extra={"feature_standardisation": {"from": "training slides"}})
+    path = save_mil(tmp_path / "m.safetensors", model, info)
+    net, back = load_mil(path)
+    assert back.standardised and back.notes == []
+    torch.testing.assert_close(net.feature_mean, torch.from_numpy(mean))
+    torch.testing.assert_close(net(x)[0], model(x)[0])
+    # the same file as an older version wrote it: no statistics
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("feature_")}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=md)
+    net_old, info_old = load_mil(old)
+    assert not info_old.standardised
+    assert len(info_old.notes) == 1 and "without feature statistics" in info_old.notes[0]
+    torch.testing.assert_close(net_old(x)[0], ident(x)[0])  # raw features, as trained
+    # small models run with one CPU thread, restored afterwards
+    before = torch.get_num_threads()
+    with small_model_threads("cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
