@@ -1,7 +1,7 @@
 """Cohorts: run one pipeline step over many slides as Dask tasks.
 
-A cohort is a folder, a glob or a CSV (``slide`` column, optional ``ihc`` and clinical
-columns). Each slide becomes one task on a Dask distributed cluster — a
+A cohort is a folder, a glob or a CSV (``slide`` column, optional ``ihc``, ``mpp`` and
+clinical columns). Each slide becomes one task on a Dask distributed cluster — a
 ``LocalCluster`` sized to the machine by default, or any scheduler address — and writes
 one result folder ``OUT/<slide id>/`` atomically (temporary name, then rename), ending
 with ``result.json``. A folder that exists is a finished slide: a rerun skips it, so a
@@ -66,6 +66,10 @@ class CohortItem:
     clinical: dict[str, str] = field(default_factory=dict)
     label: str | None = None
     error: str | None = None
+    #: the slide's level-0 µm/px from the cohort CSV's ``mpp`` column (wins over the file's)
+    mpp: float | None = None
+    #: µm/px the step used and where it came from (set when the slide is opened)
+    units: dict[str, Any] | None = None
 
 
 def _slide_id(path: str) -> str:
@@ -116,6 +120,8 @@ def load_cohort(source: str | Path) -> list[CohortItem]:
         if not paths:
             raise InputError(f"{src}: no slides found")
         items = [CohortItem(id=_slide_id(s), slide=str(Path(s).resolve())) for s in paths]
+    for it in items:  # the optional per-slide µm/px column is not clinical data
+        _take_mpp(it, src)
     seen_slides: dict[str, str] = {}
     seen_ids: dict[str, int] = {}
     for it in items:
@@ -139,6 +145,24 @@ def load_cohort(source: str | Path) -> list[CohortItem]:
     return items
 
 
+def _take_mpp(item: CohortItem, source: str) -> None:
+    """Move a CSV ``mpp`` value out of the clinical columns into ``item.mpp``."""
+    import math
+
+    raw = item.clinical.pop("mpp", "")
+    if not raw:
+        return
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        item.error = (f"{source}: slide {item.id}: mpp {raw!r} is not a positive number of "
+                      "µm per pixel")
+        return
+    item.mpp = v
+
+
 def _resolve(path: str, base: Path) -> str:
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
@@ -148,14 +172,26 @@ def _resolve(path: str, base: Path) -> str:
 # Steps: thin wrappers over the Qt-free core, one result folder each
 # --------------------------------------------------------------------------------------
 def _open(item: CohortItem, params: dict[str, Any]):
-    """Open a cohort slide; a missing µm/px is reported in the record, not warned."""
+    """Open a cohort slide with its physical units; a missing µm/px is reported in the
+    record and the cohort summary, not warned.
+
+    µm/px: the cohort CSV's ``mpp`` for this slide, else the file's, else the cohort's
+    ``mpp`` parameter (``lnmeta batch --mpp``: only for slides that lack it), else none.
+    """
     import warnings
 
     from .io.slide import MppWarning, open_slide
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MppWarning)
-        return open_slide(item.slide, mpp=params.get("mpp"))
+        slide = open_slide(item.slide, mpp=item.mpp)
+        source = "cohort CSV" if item.mpp is not None else slide.mpp_source
+        if slide.mpp is None and params.get("mpp") is not None:
+            slide.close()
+            slide = open_slide(item.slide, mpp=params["mpp"])
+            source = "--mpp (the file has none)"
+    item.units = {"mpp": slide.mpp, "mpp_source": source if slide.mpp is not None else None}
+    return slide
 
 
 def step_tissue(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, Any]:
@@ -312,6 +348,7 @@ def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any])
             result = STEPS[step](item, tmp, params)
         record = {"id": item.id, "slide": item.slide, "step": step, "status": "done",
                   "seconds": round(time.perf_counter() - t0, 3), "result": result,
+                  **_units_of(item),
                   "host": os.uname().nodename, "pid": os.getpid()}
         (tmp / RESULT_FILE).write_text(json.dumps(record, indent=2))
         try:
@@ -326,6 +363,19 @@ def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+NO_MPP = "no µm/px: sizes and areas in pixels only (give --mpp or an mpp column)"
+
+
+def _units_of(item: CohortItem) -> dict[str, Any]:
+    """The record's ``mpp``, ``mpp_source`` and, without µm/px, a ``warning``."""
+    if item.units is None:  # the step did not open the slide
+        return {}
+    out = {"mpp": item.units["mpp"], "mpp_source": item.units["mpp_source"]}
+    if item.units["mpp"] is None:
+        out["warning"] = NO_MPP
+    return out
 
 
 def worker_device(requested: Any, worker_index: int | None, n_gpus: int) -> str | None:
@@ -369,6 +419,21 @@ def _error_text(exc: BaseException) -> str:
     return last
 
 
+#: step parameters that name files or folders (made absolute on the client)
+PATH_PARAMS = ("model", "truth", "regions", "cache_dir", "init", "stain_target")
+
+
+def _absolute_paths(params: dict[str, Any]) -> dict[str, Any]:
+    """Relative file parameters (``model=m.safetensors``) as absolute paths of this
+    process's working folder, so that workers elsewhere find the same files."""
+    for k, v in params.items():
+        if isinstance(v, str) and v and (k in PATH_PARAMS or (k == "backbone"
+                                                             and Path(v).exists())):
+            p = Path(v).expanduser()
+            params[k] = str(p if p.is_absolute() else p.resolve())
+    return params
+
+
 @dataclass
 class CohortReport:
     out: Path
@@ -385,6 +450,10 @@ class CohortReport:
     def failed(self) -> list[dict[str, Any]]:
         return [r for r in self.records if r["status"] == "failed"]
 
+    def without_mpp(self) -> list[dict[str, Any]]:
+        """Slides that ran without a µm/px (flagged in the summary)."""
+        return [r for r in self.records if r.get("warning") == NO_MPP]
+
 
 def write_summary(out: Path, records: list[dict[str, Any]]) -> Path:
     """``cohort_summary.csv``: one row per slide, the step's scalar results as columns."""
@@ -399,11 +468,15 @@ def write_summary(out: Path, records: list[dict[str, Any]]) -> Path:
 
     buf = _io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["id", "slide", "status", "seconds", "error", *keys])
+    keys = [k for k in keys if k != "mpp"]  # the slide's µm/px is its own column
+    w.writerow(["id", "slide", "status", "seconds", "error", "mpp", "mpp_source", "warning",
+                *keys])
     for r in records:
         res = r.get("result") or {}
+        mpp = r.get("mpp", res.get("mpp"))
         w.writerow([r["id"], r["slide"], r["status"], r.get("seconds", ""),
-                    r.get("error", ""), *[res.get(k, "") for k in keys]])
+                    r.get("error", ""), "" if mpp is None else mpp, r.get("mpp_source") or "",
+                    r.get("warning", ""), *[res.get(k, "") for k in keys]])
     return write_text_atomic(out / SUMMARY_FILE, buf.getvalue(), overwrite=True)
 
 
@@ -438,8 +511,9 @@ def run_batch(items: list[CohortItem], step: str, out: str | Path, *,
     """
     if step not in STEPS:
         raise InputError(f"unknown step {step!r}; choose from {', '.join(sorted(STEPS))}")
-    params = dict(params or {})
-    out = Path(out)
+    # paths are resolved here, on the client: a worker's working folder may be another
+    params = _absolute_paths(dict(params or {}))
+    out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict[str, Any]] = {}
     todo: list[CohortItem] = []

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from . import add_mpp, command
+from . import command
 
 
 @command("batch", help="Run a pipeline step over a cohort (folder, glob or CSV) on a Dask cluster")
 def batch(p):
     p.add_argument("cohort", help="a folder of slides, a quoted glob ('slides/*.svs') or a CSV "
-                   "with a 'slide' column (optional 'ihc', 'label' and clinical columns)")
+                   "with a 'slide' column (optional 'ihc', 'label', 'mpp' and clinical "
+                   "columns)")
     p.add_argument("--step", required=True,
                    help="tissue | predict | register | extract-features | mil")
     p.add_argument("-o", "--out", required=True, help="output folder: one sub-folder per slide")
@@ -22,7 +23,9 @@ def batch(p):
     p.add_argument("--retries", type=int, default=1, help="retries of a failed slide (default 1)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the step (repeatable), e.g. --param model=m.safetensors")
-    add_mpp(p)
+    p.add_argument("--mpp", type=float, default=None,
+                   help="level-0 µm/px for the slides whose file does not give one (slides "
+                        "that have it keep theirs; a CSV 'mpp' column sets it per slide)")
 
     def run(args):
         from ..batch import load_cohort, run_batch
@@ -37,6 +40,11 @@ def batch(p):
                 raise InputError(f"--param {kv!r}: expected KEY=VALUE")
             params[k.strip().replace("-", "_")] = _parse(v)
         if args.mpp is not None:
+            if not args.mpp > 0:
+                from ..errors import InputError
+
+                raise InputError(f"--mpp {args.mpp}: expected a positive number of µm per "
+                                 "pixel")
             params["mpp"] = args.mpp
         items = load_cohort(args.cohort)
 
@@ -58,6 +66,8 @@ def batch(p):
         print(f"{len(report.records)} slides: {counts}; summary in {report.out / 'cohort_summary.csv'}")
         for r in report.failed():
             print(f"failed: {r['id']}: {r.get('error')}", file=sys.stderr)
+        for r in report.without_mpp():
+            print(f"warning: {r['id']}: {r['warning']}", file=sys.stderr)
         return 1 if report.failed() else 0
 
     return run
