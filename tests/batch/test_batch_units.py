@@ -27,7 +27,6 @@ def slides(shared_data, tmp_path_factory):
     """A real Aperio file with µm/px (CMU-1, 0.499) and the same pixels as a TIFF
     without any µm/px."""
     import tifffile
-
     from tests.conftest import write_pyramid_tiff
 
     d = tmp_path_factory.mktemp("units")

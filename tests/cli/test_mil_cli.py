@@ -82,7 +82,8 @@ def test_train_mil_then_mil(tmp_path, capsys):
 
     with safe_open(str(model), "pt") as f:
         md = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("feature_")}
+        names = f.keys()
+        tensors = {k: f.get_tensor(k) for k in names if not k.startswith("feature_")}
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old), metadata=md)
     capsys.readouterr()

@@ -211,7 +211,8 @@ def test_feature_statistics_live_in_the_model_and_its_file(tmp_path):
     # the same file as an older version wrote it: no statistics
     with safe_open(str(path), "pt") as f:
         md = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("feature_")}
+        names = f.keys()
+        tensors = {k: f.get_tensor(k) for k in names if not k.startswith("feature_")}
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old), metadata=md)
     net_old, info_old = load_mil(old)
