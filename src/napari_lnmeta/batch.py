@@ -419,17 +419,20 @@ def _error_text(exc: BaseException) -> str:
     return last
 
 
-#: step parameters that name files or folders (made absolute on the client)
-PATH_PARAMS = ("model", "truth", "regions", "cache_dir", "init", "stain_target")
+#: step parameters that may name files or folders (made absolute on the client)
+PATH_PARAMS = ("model", "truth", "regions", "cache_dir", "init", "stain_target", "backbone")
 
 
 def _absolute_paths(params: dict[str, Any]) -> dict[str, Any]:
     """Relative file parameters (``model=m.safetensors``) as absolute paths of this
-    process's working folder, so that workers elsewhere find the same files."""
+    process's working folder, so that workers elsewhere find the same files. A value
+    that names no file here (``init=imagenet``, ``backbone=resnet18``) is left as it is;
+    ``cache_dir`` is a folder to create, always resolved."""
     for k, v in params.items():
-        if isinstance(v, str) and v and (k in PATH_PARAMS or (k == "backbone"
-                                                             and Path(v).exists())):
-            p = Path(v).expanduser()
+        if not (isinstance(v, str) and v and k in PATH_PARAMS):
+            continue
+        p = Path(v).expanduser()
+        if k == "cache_dir" or p.exists():
             params[k] = str(p if p.is_absolute() else p.resolve())
     return params
 

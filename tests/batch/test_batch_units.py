@@ -145,3 +145,16 @@ def test_tcp_scheduler_writes_relative_out_on_the_client(slides, tmp_path, monke
             except subprocess.TimeoutExpired:
                 p.kill()
         logs.close()
+
+
+def test_file_parameters_are_made_absolute_on_the_client(tmp_path, monkeypatch):
+    from napari_lnmeta.batch import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    got = _absolute_paths({"model": "m.safetensors", "init": "imagenet", "cache_dir": "cache",
+                           "backbone": "resnet18", "bags": 8, "truth": "missing.xml"})
+    assert got["model"] == str(tmp_path / "m.safetensors")
+    assert got["cache_dir"] == str(tmp_path / "cache")
+    assert (got["init"], got["backbone"], got["bags"]) == ("imagenet", "resnet18", 8)
+    assert got["truth"] == "missing.xml"  # names nothing here: the step reports it

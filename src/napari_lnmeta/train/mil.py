@@ -220,6 +220,16 @@ def attention_instance_auc(model: MILModel, bags: Sequence[MILSlide], *,
     ``instance_auc_pooled``: one AUC over the attention logits of all those instances,
     and ``top1``: the share of positive bags whose most-attended patch is positive.
     """
+
+
+    from ..models.mil import small_model_threads
+
+    with small_model_threads(device):
+        return _attention_instance_auc(model, bags, device=device)
+
+
+def _attention_instance_auc(model: MILModel, bags: Sequence[MILSlide], *,
+                            device: Any = "cpu") -> dict[str, Any]:
     import torch
 
     from ..models.mil import bag_probabilities
