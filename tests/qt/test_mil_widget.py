@@ -72,11 +72,26 @@ def test_run_shows_score_aligned_attention_and_gallery(setup, qtbot, tmp_path):
     centre = grid.coords[top[0]] + (grid.size0 - 1) / 2
     np.testing.assert_allclose(viewer_camera(viewer).center[-2:],
                                slide_layer.data_to_world(tuple(centre)), atol=1e-6)
-    # a second run re-uses the layer
+    assert "note:" not in w.scores.text()
+    # a second run re-uses the layer; with a model file of an older version (no feature
+    # statistics) the scores say so
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(w.model_path.text(), "pt") as f:
+        md, names = f.metadata(), f.keys()
+        tensors = {k: f.get_tensor(k) for k in names if not k.startswith("feature_")}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=md)
+    w.model_path.setText(str(old))
+    w.load_model_info()
+    w.set_clinical({"age": 52, "ER": "negative"})
     n_layers = len(viewer.layers)
     w.run()
     qtbot.waitUntil(lambda: not w.panel.running, timeout=60_000)
+    assert w.panel.status.text() == "done", w.panel.status.text()
     assert len(viewer.layers) == n_layers
+    assert "without feature statistics" in w.scores.text()
 
 
 def test_cancel_and_csv_rows(setup, qtbot, tmp_path):
