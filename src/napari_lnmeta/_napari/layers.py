@@ -70,7 +70,7 @@ def add_or_update(viewer: napari.Viewer, data: Any, kwargs: dict[str, Any],
     name = kwargs.get("name")
     if name is not None and name in viewer.layers:
         layer = viewer.layers[name]
-        if layer._type_string == layer_type:
+        if layer_kind(layer) == layer_type:
             layer.data = data
             for key in ("scale", "translate"):
                 if key in kwargs:
@@ -87,3 +87,27 @@ def viewer_camera(viewer):
     """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def layer_kind(layer) -> str:
+    """``"image"``, ``"labels"``, ``"points"``, ``"shapes"``... from the layer's public class.
+
+    Dock widgets receive napari's public-only viewer proxy, where ``layer._type_string`` raises a
+    "Private attribute access" warning; the class name gives the same string publicly.
+    """
+    import napari.layers
+
+    for kind in ("image", "labels", "points", "shapes", "surface", "tracks", "vectors"):
+        cls = getattr(napari.layers, kind.capitalize(), None)
+        if cls is not None and isinstance(layer, cls):
+            return kind
+    return type(layer).__name__.lower()
+
+
+def canvas_size(viewer) -> tuple[int, int]:
+    """``(height, width)`` of the canvas in screen pixels (public API; ``(600, 800)`` unknown)."""
+    canvas = getattr(viewer, "canvas", None)  # napari >= 0.9
+    size = getattr(canvas, "size", None)
+    if size is not None and len(size) >= 2 and min(size[-2:]) > 0:
+        return int(size[-2]), int(size[-1])
+    return 600, 800

@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._napari.layers import viewer_camera
+from .._napari.layers import canvas_size, layer_kind, viewer_camera
 from ..errors import InputError, LnmetaError
 from .worker import JobPanel, float_spin, int_spin
 
@@ -211,11 +211,11 @@ class EvaluateWidget(QWidget):
 
         own = {DETECTIONS_LAYER, REGIONS_LAYER, GRADCAM_LAYER}
         points = [ly.name for ly in self.viewer.layers
-                  if ly._type_string == "points" and ly.name not in own]
+                  if layer_kind(ly) == "points" and ly.name not in own]
         truth = [ly.name for ly in self.viewer.layers
-                 if ly._type_string in ("labels", "shapes") and ly.name not in own]
+                 if layer_kind(ly) in ("labels", "shapes") and ly.name not in own]
         slides = [ly.name for ly in self.viewer.layers
-                  if ly._type_string == "image" and ly.metadata.get(META, {}).get("path")
+                  if layer_kind(ly) == "image" and ly.metadata.get(META, {}).get("path")
                   and "frame" not in ly.metadata.get(META, {})]
         fill(self.pred_combo, points)
         fill(self.truth_combo, truth + [NO_TRUTH])
@@ -283,7 +283,7 @@ class EvaluateWidget(QWidget):
         from ..io.omezarr import SlideFrame
 
         unit = mpp or 1.0
-        if layer._type_string == "shapes":
+        if layer_kind(layer) == "shapes":
             polys = []
             for verts, kind in zip(layer.data, layer.shape_type, strict=True):
                 if kind in ("line", "path"):
@@ -483,9 +483,7 @@ class EvaluateWidget(QWidget):
         unit = float(ly.metadata.get(META, {}).get("mpp") or 1.0)
         cam = viewer_camera(self.viewer)
         center = np.asarray(cam.center[-2:], dtype=np.float64)
-        canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.9; _canvas_size before
-        size = getattr(canvas, "size", None) or getattr(self.viewer, "_canvas_size", None) \
-            or (600, 800)
+        size = canvas_size(self.viewer)
         half = np.asarray(size[-2:], dtype=np.float64) / max(float(cam.zoom), 1e-9) / 2
         lo, hi = (center - half) / unit, (center + half) / unit
         return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])

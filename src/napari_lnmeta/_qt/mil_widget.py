@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._napari.layers import viewer_camera
+from .._napari.layers import layer_kind, viewer_camera
 from ..errors import InputError, LnmetaError
 from .worker import JobPanel, int_spin
 
@@ -176,7 +176,7 @@ class MILWidget(QWidget):
 
         selected = {it.text() for it in self.slide_list.selectedItems()}
         names = [ly.name for ly in self.viewer.layers
-                 if ly._type_string == "image" and ly.metadata.get(META, {}).get("path")
+                 if layer_kind(ly) == "image" and ly.metadata.get(META, {}).get("path")
                  and "frame" not in ly.metadata.get(META, {})]
         self.slide_list.blockSignals(True)
         self.slide_list.clear()

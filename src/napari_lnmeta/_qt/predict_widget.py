@@ -141,11 +141,11 @@ class PredictWidget(QWidget):
 
     # -- inputs ----------------------------------------------------------------------------
     def _refresh_slides(self, *_):
-        from .._napari.layers import META
+        from .._napari.layers import META, layer_kind
 
         current = self.slide_combo.currentText()
         names = [ly.name for ly in self.viewer.layers
-                 if ly._type_string == "image" and ly.metadata.get(META, {}).get("path")
+                 if layer_kind(ly) == "image" and ly.metadata.get(META, {}).get("path")
                  and "frame" not in ly.metadata.get(META, {})]
         self.slide_combo.blockSignals(True)
         self.slide_combo.clear()

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._napari.layers import viewer_camera
+from .._napari.layers import canvas_size, layer_kind, viewer_camera
 from ..errors import InputError
 from .worker import JobPanel, float_spin
 
@@ -67,7 +67,7 @@ THRESHOLD_SCALE = 1000  # slider steps per DAB OD unit
 def rgb_image_layers(viewer: napari.Viewer) -> list[str]:
     """Names of RGB image layers that can be registered (slides, photos, samples)."""
     return [lyr.name for lyr in viewer.layers
-            if lyr._type_string == "image" and getattr(lyr, "rgb", False)
+            if layer_kind(lyr) == "image" and getattr(lyr, "rgb", False)
             and lyr.name != CHECK_LAYER and "registration" not in lyr.metadata.get(META, {})]
 
 
@@ -116,7 +116,7 @@ def visible_region(viewer: napari.Viewer, layer, shape: tuple[int, int],
                    max_size: int = VIEW_SIZE) -> tuple[tuple[float, float], tuple[int, int], float]:
     """``(origin, shape, downsample)`` of a grid covering what the canvas shows of ``layer``."""
     center = np.asarray(viewer_camera(viewer).center[-2:], dtype=float)
-    size = getattr(viewer, "_canvas_size", None) or (600, 800)
+    size = canvas_size(viewer)
     zoom = max(float(viewer_camera(viewer).zoom), 1e-9)
     half = np.asarray(size[-2:], dtype=float) / zoom / 2
     lo = world_to_level0(layer, center - half)[0]

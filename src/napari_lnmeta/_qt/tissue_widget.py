@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._napari.layers import viewer_camera
+from .._napari.layers import canvas_size, layer_kind, viewer_camera
 from ..errors import InputError
 from ..progress import Progress
 from .worker import JobPanel, float_spin, int_spin
@@ -69,7 +69,7 @@ class TissueStainSession:
 def visible_box(viewer: napari.Viewer, slide: Slide, scale: float) -> tuple[int, int, int, int]:
     """Level-0 ``(y0, x0, h, w)`` of the slide area shown in the canvas (clipped)."""
     center = np.asarray(viewer_camera(viewer).center[-2:], dtype=np.float64)
-    size = getattr(viewer, "_canvas_size", None) or (600, 800)
+    size = canvas_size(viewer)
     zoom = max(float(viewer_camera(viewer).zoom), 1e-9)
     half = np.asarray(size[-2:], dtype=np.float64) / zoom / 2
     lo = (center - half) / scale
@@ -205,7 +205,7 @@ class TissueStainWidget(QWidget):
     # -- slide selection -----------------------------------------------------------------
     def _slide_layers(self) -> list[str]:
         return [lyr.name for lyr in self.viewer.layers
-                if lyr._type_string == "image" and lyr.metadata.get("lnmeta", {}).get("path")]
+                if layer_kind(lyr) == "image" and lyr.metadata.get("lnmeta", {}).get("path")]
 
     def _refresh_slides(self, *_):
         names = self._slide_layers()

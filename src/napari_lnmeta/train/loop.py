@@ -40,11 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-# torchvision's first import pulls in torch._dynamo (and triton where installed), which can
-# crash when it happens in a worker thread under Qt: import it here, where the GUI imports
-# this module in the main thread before starting a job.
-import torchvision.models  # noqa: F401
-import torchvision.transforms.v2  # noqa: F401
+# No early torchvision import here: its first import pulls in torch._dynamo and, where
+# installed, triton, whose bundled LLVM collides with Mesa OpenGL's libLLVM once napari's
+# canvas exists. That crashes in any thread, the main one included, so importing it here first
+# is no protection; the napari plugin loads triton safely instead (napari_lnmeta._llvm_guard).
 from torch import nn
 
 from ..errors import InputError, ModelError
