@@ -14,17 +14,17 @@ from qtpy.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
-    QWidget,
 )
 
 from ..batch import STEPS, load_cohort, run_batch
+from .base import DockWidget
 from .worker import JobPanel
 
 if TYPE_CHECKING:
     import napari
 
 
-class BatchWidget(QWidget):
+class BatchWidget(DockWidget):
     """Pick a cohort (folder or CSV), a step and an output folder; runs on a LocalCluster."""
 
     COLUMNS = ("slide", "status", "seconds", "error")

@@ -46,6 +46,7 @@ from qtpy.QtWidgets import (
 
 from .._napari.layers import canvas_size, layer_kind, viewer_camera
 from ..errors import InputError, LnmetaError
+from .base import DockWidget
 from .worker import JobPanel, float_spin, int_spin
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def _level0_points(layer, unit: float | None) -> np.ndarray:
     return world / (unit or 1.0)
 
 
-class EvaluateWidget(QWidget):
+class EvaluateWidget(DockWidget):
     """Evaluate detections (FROC, slide AUC) and explain the view (see module docstring)."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
@@ -191,7 +192,7 @@ class EvaluateWidget(QWidget):
             lambda t: self.model_path.setEnabled(t == FROM_FILE))
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
                    self.viewer.layers.events.changed):
-            ev.connect(self._refresh_layers)
+            self.listen(ev, self._refresh_layers)
         self._refresh_layers()
         self._mode_changed(self.mode.currentText())
         self.model_path.setEnabled(False)

@@ -46,6 +46,7 @@ from qtpy.QtWidgets import (
 
 from .._napari.layers import layer_kind, viewer_camera
 from ..errors import InputError, LnmetaError
+from .base import DockWidget
 from .worker import JobPanel, int_spin
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def attention_layer_data(result: MILResult, *, opacity: float = 0.6) -> tuple[An
     return result.heatmap, kw, "image"
 
 
-class MILWidget(QWidget):
+class MILWidget(DockWidget):
     """Slide-level MIL on slide layers (see module docstring)."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
@@ -165,9 +166,9 @@ class MILWidget(QWidget):
         self.csv_button.clicked.connect(self._csv_dialog)
         self.panel.run_button.clicked.connect(self.run)
         self.gallery.itemClicked.connect(self._go_to_patch)
-        self.viewer.layers.events.inserted.connect(self._refresh_slides)
-        self.viewer.layers.events.removed.connect(self._refresh_slides)
-        self.viewer.layers.events.changed.connect(self._refresh_slides)
+        self.listen(self.viewer.layers.events.inserted, self._refresh_slides)
+        self.listen(self.viewer.layers.events.removed, self._refresh_slides)
+        self.listen(self.viewer.layers.events.changed, self._refresh_slides)
         self._refresh_slides()
 
     # -- inputs ----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import InputError, LnmetaError
 from ..progress import Progress
+from .base import DockWidget
 from .worker import JobPanel, float_spin, int_spin
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class PredictSession:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class PredictWidget(QWidget):
+class PredictWidget(DockWidget):
     """Detect metastases: run a patch classifier over a slide layer (see module docstring)."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
@@ -133,9 +134,9 @@ class PredictWidget(QWidget):
         self.panel.run_button.clicked.connect(self.run)
         self.save_button.clicked.connect(self._save_dialog)
         self.opacity.valueChanged.connect(self._set_opacity)
-        self.viewer.layers.events.inserted.connect(self._refresh_slides)
-        self.viewer.layers.events.removed.connect(self._refresh_slides)
-        self.viewer.layers.events.changed.connect(self._refresh_slides)
+        self.listen(self.viewer.layers.events.inserted, self._refresh_slides)
+        self.listen(self.viewer.layers.events.removed, self._refresh_slides)
+        self.listen(self.viewer.layers.events.changed, self._refresh_slides)
         self._refresh_slides()
         self._model_changed(self.model_combo.currentText())
 

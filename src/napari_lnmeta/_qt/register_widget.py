@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 
 from .._napari.layers import canvas_size, layer_kind, viewer_camera
 from ..errors import InputError
+from .base import DockWidget
 from .worker import JobPanel, float_spin
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ class RegistrationSession:
     transform: Transform | None = None
 
 
-class RegisterWidget(QWidget):
+class RegisterWidget(DockWidget):
     """Dock widget: register an IHC layer onto an H&E layer and judge the fit."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
@@ -220,9 +221,11 @@ class RegisterWidget(QWidget):
 
         nbox = QGroupBox("Manual nudge by landmarks")
         nf = QVBoxLayout(nbox)
-        nf.addWidget(QLabel("Click a feature in the registered IHC (IHC points), then the "
-                            "same feature in the H&E (H&E points), in the same order; "
-                            "1 pair shifts, 2 rotate/scale, 3+ fit an affine."))
+        how = QLabel("Click a feature in the registered IHC (IHC points), then the "
+                     "same feature in the H&E (H&E points), in the same order; "
+                     "1 pair shifts, 2 rotate/scale, 3+ fit an affine.")
+        how.setWordWrap(True)
+        nf.addWidget(how)
         row = QHBoxLayout()
         row.addWidget(self.nudge_start)
         row.addWidget(self.nudge_apply)
@@ -236,8 +239,8 @@ class RegisterWidget(QWidget):
         lay.addWidget(self.info)
         lay.addStretch(1)
 
-        self.viewer.layers.events.inserted.connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.listen(self.viewer.layers.events.inserted, self._refresh_layers)
+        self.listen(self.viewer.layers.events.removed, self._refresh_layers)
         self._refresh_layers()
 
     # -- layers ------------------------------------------------------------------------
@@ -479,7 +482,7 @@ class TransferSession:
     frame: SlideFrame | None = None
 
 
-class TransferMaskWidget(QWidget):
+class TransferMaskWidget(DockWidget):
     """Dock widget: DAB threshold with a live preview, whole-slide mask, save and export."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
@@ -559,8 +562,8 @@ class TransferMaskWidget(QWidget):
         lay.addLayout(row)
         lay.addStretch(1)
 
-        self.viewer.layers.events.inserted.connect(self._refresh_sources)
-        self.viewer.layers.events.removed.connect(self._refresh_sources)
+        self.listen(self.viewer.layers.events.inserted, self._refresh_sources)
+        self.listen(self.viewer.layers.events.removed, self._refresh_sources)
         self._refresh_sources()
 
     # -- the registered pair -------------------------------------------------------------

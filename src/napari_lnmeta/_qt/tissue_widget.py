@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
 from .._napari.layers import canvas_size, layer_kind, viewer_camera
 from ..errors import InputError
 from ..progress import Progress
+from .base import DockWidget
 from .worker import JobPanel, float_spin, int_spin
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def read_box(slide: Slide, box: tuple[int, int, int, int], max_size: int = PREVI
     return rgb, ds
 
 
-class TissueStainWidget(QWidget):
+class TissueStainWidget(DockWidget):
     """Dock widget: compute and show tissue, patch grid and a stain-normalisation preview."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
@@ -198,8 +199,8 @@ class TissueStainWidget(QWidget):
 
         self._job_buttons = [self.tissue_button, self.grid_button, self.fit_button,
                              self.preview_button]
-        self.viewer.layers.events.inserted.connect(self._refresh_slides)
-        self.viewer.layers.events.removed.connect(self._refresh_slides)
+        self.listen(self.viewer.layers.events.inserted, self._refresh_slides)
+        self.listen(self.viewer.layers.events.removed, self._refresh_slides)
         self._refresh_slides()
 
     # -- slide selection -----------------------------------------------------------------

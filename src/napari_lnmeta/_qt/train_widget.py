@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import InputError
 from ..progress import Progress
+from .base import DockWidget
 from .worker import JobPanel, float_spin, int_spin
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ class TrainSession:
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
 
-class TrainWidget(QWidget):
+class TrainWidget(DockWidget):
     """Dock widget "Train patch classifier"."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
@@ -234,8 +235,8 @@ class TrainWidget(QWidget):
         lay.addWidget(self.summary)
         lay.addStretch(1)
 
-        self.viewer.layers.events.inserted.connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.listen(self.viewer.layers.events.inserted, self._refresh_layers)
+        self.listen(self.viewer.layers.events.removed, self._refresh_layers)
         self._refresh_layers()
 
     # -- layers -------------------------------------------------------------------------

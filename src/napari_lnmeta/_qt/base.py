@@ -1,0 +1,52 @@
+"""What every dock widget shares: viewer connections that are released when it closes.
+
+A widget that listens to the viewer (``viewer.layers.events.inserted`` ...) keeps being
+called after its dock is closed unless it disconnects; :class:`DockWidget` records each
+connection made through :meth:`DockWidget.listen` and releases them all, and cancels any
+running job, in ``closeEvent``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from qtpy.QtWidgets import QWidget
+
+#: the widest size hint a dock widget may ask for (the canvas keeps the rest)
+MAX_DOCK_WIDTH = 420
+
+
+class DockWidget(QWidget):
+    """A ``QWidget`` that disconnects from the viewer and stops its jobs when closed."""
+
+    def listen(self, emitter: Any, callback: Callable[..., Any]) -> None:
+        """``emitter.connect(callback)``, undone by :meth:`release_viewer`."""
+        emitter.connect(callback)
+        if not hasattr(self, "_viewer_links"):
+            self._viewer_links: list[tuple[Any, Callable[..., Any]]] = []
+        self._viewer_links.append((emitter, callback))
+
+    def release_viewer(self) -> None:
+        """Disconnect everything connected with :meth:`listen` and cancel running jobs."""
+        links, self._viewer_links = getattr(self, "_viewer_links", []), []
+        for emitter, callback in links:
+            # an emitter already gone with its viewer has nothing left to release
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                emitter.disconnect(callback)
+        from .worker import JobPanel
+
+        for panel in self.findChildren(JobPanel):
+            if panel.running:
+                panel.cancel()
+
+    def sizeHint(self):  # noqa: N802 (Qt name)
+        """The layout's wish, never wider than :data:`MAX_DOCK_WIDTH`: the canvas comes first."""
+        hint = super().sizeHint()
+        hint.setWidth(min(hint.width(), MAX_DOCK_WIDTH))
+        return hint
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self.release_viewer()
+        super().closeEvent(event)
