@@ -93,7 +93,8 @@ class Session:
         """The layer exists, has the kind, is in µm with the slide's scale, covers the slide."""
         import numpy as np
 
-        from napari_lnmeta._napari.layers import layer_kind
+        def layer_kind(layer):
+            return type(layer).__name__.lower()
 
         need(name in self.viewer.layers, f"no layer {name!r}; have {[ly.name for ly in self.viewer.layers]}")
         ly = self.viewer.layers[name]

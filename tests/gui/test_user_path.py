@@ -63,6 +63,7 @@ def test_train_detect_evaluate_gradcam_on_camelyon(camelyon, tmp_path):
 def he_ihc(ihc_png, tmp_path):
     """The IHC sample as the fixed slide and a rotated copy as the moving one, OME-TIFF in µm."""
     from PIL import Image
+
     from tests.conftest import write_pyramid_tiff
 
     rgb = np.asarray(Image.open(ihc_png).convert("RGB"))
