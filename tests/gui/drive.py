@@ -163,8 +163,14 @@ def slide_scenario(s: Session, args: dict):
     layers = {n: s.check_layer(n, k, slide) for n, k in (
         (HEATMAP_LAYER, "image"), (BINARY_LAYER, "labels"), (TIERS_LAYER, "labels"),
         (LESIONS_LAYER, "points"))}
+    need(s.viewer.layers[HEATMAP_LAYER].colorbar.visible, "the heatmap has no colour bar")
+    need("&#9632;" in dw.tier_legend.text() and dw.tier_legend.isVisible(), "no tier legend")
+    labels = [t for t in s.viewer.layers[LESIONS_LAYER].text.values if t]
+    need(len(labels) == min(10, layers[LESIONS_LAYER]["n"]),
+         f"{len(labels)} lesion labels for {layers[LESIONS_LAYER]['n']} lesions (top 10 wanted)")
     s.report["widgets"]["Detect metastases"] = {"layers": layers, "screenshot": s.shot("detect"),
-                                                "summary": dw.summary.text()}
+                                                "summary": dw.summary.text(),
+                                                "lesion_labels": len(labels)}
 
 
 def camelyon_scenario(s: Session, args: dict):
@@ -269,18 +275,31 @@ def geometry_scenario(s: Session, args: dict):
     out = {}
     for name in WIDGETS:
         w = s.dock(name)
+        if hasattr(w, "model_path"):  # a long model message must wrap, not be clipped
+            if hasattr(w, "model_combo"):
+                w.model_combo.setCurrentIndex(w.model_combo.count() - 1)
+            w.model_path.setText("/no/such/folder/with/a/rather/long/name/for/a/model/file/"
+                                 "trained/last/week/on/the/cohort/model.safetensors")
+            w.model_path.editingFinished.emit()
+            pump(lambda: True, 5, "layout")
         hint = max(w.sizeHint().width(), w.minimumSizeHint().width(), w.width())
         long_labels = [lb.text()[:40] for lb in w.findChildren(QLabel)
                        if len(lb.text()) > 40 and not lb.wordWrap()]
+        clipped = [lb.text()[:40] for lb in w.findChildren(QLabel)
+                   if lb.isVisible() and lb.wordWrap() and lb.text()
+                   and (lb.height() < lb.heightForWidth(lb.width())
+                        or lb.minimumSizeHint().width() > lb.width() + 1)]
         s.viewer.window.remove_dock_widget(w)
         w.close()
         pump(lambda: True, 5, "close")
         left = {n: len(getattr(events, n).callbacks) - baseline[n] for n in baseline}
         out[name] = {"size_hint_width": hint, "unwrapped_labels": long_labels,
+                     "clipped_labels": clipped,
+                     "model_info": w.model_info.text() if hasattr(w, "model_info") else None,
                      "connections_left": left}
     s.report["geometry"] = out
     bad = {n: g for n, g in out.items() if g["size_hint_width"] > MAX_WIDTH
-           or g["unwrapped_labels"] or any(g["connections_left"].values())}
+           or g["unwrapped_labels"] or g["clipped_labels"] or any(g["connections_left"].values())}
     need(not bad, f"widgets too wide, unwrapped or leaking connections: {bad}")
 
 

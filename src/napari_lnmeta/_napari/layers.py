@@ -61,7 +61,14 @@ def slide_from_layer(layer: napari.layers.Layer, *, mpp: float | None = None) ->
     path = meta.get("path")
     if not path:
         raise InputError(f"layer {layer.name!r} was not opened from a slide file by napari-lnmeta")
-    return open_slide(path, mpp=mpp if mpp is not None else meta.get("mpp"))
+    import warnings
+
+    from ..io.slide import MppWarning
+
+    # the reader told the user about a missing µm/px when the file was opened: once per file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MppWarning)
+        return open_slide(path, mpp=mpp if mpp is not None else meta.get("mpp"))
 
 
 def add_or_update(viewer: napari.Viewer, data: Any, kwargs: dict[str, Any],
@@ -77,6 +84,9 @@ def add_or_update(viewer: napari.Viewer, data: Any, kwargs: dict[str, Any],
                     setattr(layer, key, kwargs[key])
             if "metadata" in kwargs:
                 layer.metadata.update(kwargs["metadata"])
+            for key in ("features", "text"):  # points: per-point values follow the new data
+                if key in kwargs and hasattr(layer, key):
+                    setattr(layer, key, kwargs[key])
             layer.refresh()
             return layer
         viewer.layers.remove(name)

@@ -15,6 +15,10 @@ from pathlib import Path
 from ..io.slide import MppWarning, sniff
 
 
+#: µm/px warnings already shown in this process (napari may ask a reader more than once)
+_ANNOUNCED: set[str] = set()
+
+
 def _is_result(path: Path) -> bool:
     attrs = path / ".zattrs"
     if not attrs.is_file():
@@ -56,7 +60,9 @@ def napari_get_reader(path):
             from napari.utils.notifications import show_warning
 
             for m in messages:
-                show_warning(m)
+                if m not in _ANNOUNCED:  # once per file, however often napari asks
+                    _ANNOUNCED.add(m)
+                    show_warning(m)
         return [slide_layer_data(slide)]
 
     return reader

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from qtpy.QtWidgets import QWidget
+from qtpy.QtWidgets import QLabel, QWidget
 
 #: the widest size hint a dock widget may ask for (the canvas keeps the rest)
 MAX_DOCK_WIDTH = 420
@@ -50,3 +50,38 @@ class DockWidget(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
         self.release_viewer()
         super().closeEvent(event)
+
+
+#: a token longer than this (file paths, long names) gets break opportunities
+LONG_TOKEN = 24
+_ZWSP = "\u200b"
+
+
+def breakable(text: str) -> str:
+    """``text`` with zero-width spaces after ``/ \\ _ . -`` inside long tokens.
+
+    Qt wraps only at spaces; a long file path in a message would otherwise widen the dock
+    or be cut off at its edge.
+    """
+    import re
+
+    def split(m: re.Match) -> str:
+        return re.sub(r"([/\\_.\-])", r"\1" + _ZWSP, m.group(0))
+
+    return re.sub(r"\S{" + str(LONG_TOKEN + 1) + ",}", split, text)
+
+
+class WrapLabel(QLabel):
+    """A word-wrapping ``QLabel`` that also wraps long paths; ``text()`` is what was set."""
+
+    def __init__(self, text: str = "", parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setWordWrap(True)
+        self.setText(text)
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt name)
+        self._plain = str(text)
+        super().setText(breakable(self._plain))
+
+    def text(self) -> str:
+        return getattr(self, "_plain", super().text())

@@ -46,7 +46,7 @@ from qtpy.QtWidgets import (
 
 from .._napari.layers import layer_kind, viewer_camera
 from ..errors import InputError, LnmetaError
-from .base import DockWidget
+from .base import DockWidget, WrapLabel
 from .worker import JobPanel, int_spin
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class MILWidget(DockWidget):
         self.model_path.setPlaceholderText("MIL model .safetensors (lnmeta train-mil)")
         self.browse = QPushButton("…")
         self.browse.setMaximumWidth(30)
-        self.model_info = QLabel("")
+        self.model_info = WrapLabel("")
         self.model_info.setWordWrap(True)
         self.bags = int_spin(1, 10_000, 32)
         self.bag_size = int_spin(0, 100_000, special="model's")

@@ -8,8 +8,12 @@ in while the run goes, then pushes (by name, re-used across runs):
 
 * ``Tumour probability``: Image, transparent-to-red colour map (hover shows p);
 * ``Tumour (p > 0.5)``: Labels, red (seed 000's binary map; hidden by default);
-* ``Tumour tiers``: Labels, red > 0.9, green 0.7–0.9, blue 0.5–0.7 (seed 000);
-* ``Lesion candidates``: Points with their probabilities (seed 004's NMS).
+* ``Tumour tiers``: Labels, red > 0.9, green 0.7–0.9, blue 0.5–0.7 (seed 000), with its
+  legend in the widget;
+* ``Lesion candidates``: Points with their probabilities (seed 004's NMS); only the
+  "Label top" most probable (default 10) carry their probability as text.
+
+The heatmap shows napari's colour bar.
 
 "Save results…" writes the same folder as ``lnmeta predict``. A cancelled or failed run
 renames its partial heatmap ``Tumour probability (incomplete)``.
@@ -36,7 +40,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import InputError, LnmetaError
 from ..progress import Progress
-from .base import DockWidget
+from .base import DockWidget, WrapLabel
 from .worker import JobPanel, float_spin, int_spin
 
 if TYPE_CHECKING:
@@ -82,7 +86,7 @@ class PredictWidget(DockWidget):
         self.model_path.setPlaceholderText("path to a .safetensors model")
         self.browse = QPushButton("…")
         self.browse.setMaximumWidth(30)
-        self.model_info = QLabel("")
+        self.model_info = WrapLabel("")
         self.model_info.setWordWrap(True)
         self.mpp = float_spin(0.0, 1000.0, decimals=3, special="level 0", suffix=" µm/px")
         self.patch = int_spin(8, 4096, 256, suffix=" px")
@@ -95,6 +99,10 @@ class PredictWidget(DockWidget):
         self.lesion_threshold = float_spin(0.0, 1.0, 0.5, decimals=2, step=0.05)
         self.lesion_method = QComboBox()
         self.lesion_method.addItems(["nms", "components"])
+        self.label_top = int_spin(0, 10_000, 10)
+        self.label_top.setToolTip("write the probability beside this many of the most probable "
+                                  "lesion candidates; the others are plain rings (hover shows "
+                                  "their probability)")
         self.lesion_method.setToolTip("nms: non-maximum suppression within 200 µm (seed 004); "
                                       "components: one lesion per connected region above the "
                                       "threshold (CAMELYON16 winner)")
@@ -103,6 +111,10 @@ class PredictWidget(DockWidget):
         self.save_button.setEnabled(False)
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
+        from .._napari.prediction_layers import tier_legend_html
+
+        self.tier_legend = QLabel(tier_legend_html())
+        self.tier_legend.setWordWrap(True)
 
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_path)
@@ -120,11 +132,13 @@ class PredictWidget(DockWidget):
         form.addRow("Batch size", self.batch)
         form.addRow("Lesion threshold", self.lesion_threshold)
         form.addRow("Lesions by", self.lesion_method)
+        form.addRow("Label top", self.label_top)
         form.addRow("Heatmap opacity", self.opacity)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.panel)
         lay.addWidget(self.save_button)
+        lay.addWidget(self.tier_legend)
         lay.addWidget(self.summary)
         lay.addStretch(1)
 
@@ -134,6 +148,7 @@ class PredictWidget(DockWidget):
         self.panel.run_button.clicked.connect(self.run)
         self.save_button.clicked.connect(self._save_dialog)
         self.opacity.valueChanged.connect(self._set_opacity)
+        self.label_top.valueChanged.connect(self._relabel)
         self.listen(self.viewer.layers.events.inserted, self._refresh_slides)
         self.listen(self.viewer.layers.events.removed, self._refresh_slides)
         self.listen(self.viewer.layers.events.changed, self._refresh_slides)
@@ -274,21 +289,24 @@ class PredictWidget(DockWidget):
         if p.partial is None:
             return
         from .._napari.layers import add_or_update
-        from .._napari.prediction_layers import heatmap_layer_data
+        from .._napari.prediction_layers import heatmap_layer_data, show_colorbar
 
         data, kw, kind = heatmap_layer_data(p.partial.probability, p.partial.frame,
                                             opacity=self.opacity.value())
-        add_or_update(self.viewer, data, kw, kind)
+        show_colorbar(add_or_update(self.viewer, data, kw, kind))
         self.session.partial_updates += 1
 
     def _on_result(self, pred: Prediction):
         from .._napari.layers import add_or_update
-        from .._napari.prediction_layers import prediction_layer_data
+        from .._napari.prediction_layers import HEATMAP_LAYER, prediction_layer_data, show_colorbar
 
         self._returned = True
         self.session.prediction = pred
-        for data, kw, kind in prediction_layer_data(pred, opacity=self.opacity.value()):
-            add_or_update(self.viewer, data, kw, kind)
+        for data, kw, kind in prediction_layer_data(pred, opacity=self.opacity.value(),
+                                                    label_top=self.label_top.value()):
+            layer = add_or_update(self.viewer, data, kw, kind)
+            if kw.get("name") == HEATMAP_LAYER:
+                show_colorbar(layer)
         self.save_button.setEnabled(True)
         s = pred.summary()
         t = s["timing"]
@@ -300,6 +318,12 @@ class PredictWidget(DockWidget):
             + (f" ({rate:.0f} patches/s)" if rate else "") + f" on {s['device']}"
             + ("".join(f"\nwarning: {w}" for w in s["warnings"])))
         self.session.history.append(s)
+
+    def _relabel(self, top: int):
+        from .._napari.prediction_layers import LESIONS_LAYER, relabel_lesions
+
+        if LESIONS_LAYER in self.viewer.layers:
+            relabel_lesions(self.viewer.layers[LESIONS_LAYER], int(top))
 
     def _set_opacity(self, value: float):
         from .._napari.prediction_layers import HEATMAP_LAYER

@@ -14,7 +14,7 @@ from typing import Any
 
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..progress import Progress
 
@@ -30,8 +30,9 @@ class JobPanel(QWidget):
         self.bar = QProgressBar()
         self.bar.setRange(0, 1000)
         self.bar.setValue(0)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        from .base import WrapLabel
+
+        self.status = WrapLabel("")
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -68,6 +69,7 @@ class JobPanel(QWidget):
         self.cancel_button.setEnabled(True)
         self.bar.setValue(0)
         self.status.setText("starting…")
+        self._clear_stale_errors()
 
         def yielded(p):
             if isinstance(p, Progress):
@@ -105,6 +107,20 @@ class JobPanel(QWidget):
         worker.finished.connect(finished)
         worker.start()
         return worker
+
+    def _clear_stale_errors(self) -> None:
+        """A new run starts: errors of earlier runs in this widget's other panels are stale."""
+        from .base import DockWidget
+
+        root = self.parentWidget()
+        while root is not None and not isinstance(root, DockWidget):
+            root = root.parentWidget()
+        if root is None:
+            return
+        for panel in root.findChildren(JobPanel):
+            if panel is not self and panel.status.text().startswith("error"):
+                panel.status.setText("")
+                panel.last_error = None
 
     def cancel(self) -> None:
         if self.worker is not None:
