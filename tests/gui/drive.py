@@ -38,6 +38,16 @@ def need(cond, message):
         raise Check(message)
 
 
+def clipped_labels(widget) -> list[str]:
+    """Visible word-wrapped labels shown shorter or narrower than their text needs."""
+    from qtpy.QtWidgets import QLabel
+
+    return [lb.text()[:40] for lb in widget.findChildren(QLabel)
+            if lb.isVisible() and lb.wordWrap() and lb.text()
+            and (lb.height() < lb.heightForWidth(lb.width())
+                 or lb.minimumSizeHint().width() > lb.width() + 1)]
+
+
 def pump(cond, timeout: float, what: str) -> None:
     """Process Qt events until ``cond()`` (a safety limit, not a timing assertion)."""
     from qtpy.QtWidgets import QApplication
@@ -163,6 +173,9 @@ def slide_scenario(s: Session, args: dict):
     layers = {n: s.check_layer(n, k, slide) for n, k in (
         (HEATMAP_LAYER, "image"), (BINARY_LAYER, "labels"), (TIERS_LAYER, "labels"),
         (LESIONS_LAYER, "points"))}
+    # two docks stacked in a 900 px window: labels must still show all their text
+    need(not clipped_labels(tw) and not clipped_labels(dw),
+         f"clipped labels: {clipped_labels(tw) + clipped_labels(dw)}")
     need(s.viewer.layers[HEATMAP_LAYER].colorbar.visible, "the heatmap has no colour bar")
     need("&#9632;" in dw.tier_legend.text() and dw.tier_legend.isVisible(), "no tier legend")
     labels = [t for t in s.viewer.layers[LESIONS_LAYER].text.values if t]
@@ -285,10 +298,7 @@ def geometry_scenario(s: Session, args: dict):
         hint = max(w.sizeHint().width(), w.minimumSizeHint().width(), w.width())
         long_labels = [lb.text()[:40] for lb in w.findChildren(QLabel)
                        if len(lb.text()) > 40 and not lb.wordWrap()]
-        clipped = [lb.text()[:40] for lb in w.findChildren(QLabel)
-                   if lb.isVisible() and lb.wordWrap() and lb.text()
-                   and (lb.height() < lb.heightForWidth(lb.width())
-                        or lb.minimumSizeHint().width() > lb.width() + 1)]
+        clipped = clipped_labels(w)
         s.viewer.window.remove_dock_widget(w)
         w.close()
         pump(lambda: True, 5, "close")

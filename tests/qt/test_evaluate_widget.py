@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch  # noqa: F401  (before any viewer: torchvision after a viewer can crash Mesa)
-import torchvision  # noqa: F401
 
 from napari_lnmeta._napari.layers import frame_kwargs, slide_layer_data, viewer_camera
 from napari_lnmeta._napari.prediction_layers import LESIONS_LAYER, lesions_layer_data

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-# Import torchvision before any viewer exists: its first import loads triton, whose bundled
-# LLVM crashes when loaded after Mesa's llvmpipe GL (headless CI); the other widget tests
-# get the same order from module fixtures that build models first.
-import torchvision  # noqa: F401
 from tests._inference_helpers import make_synthetic_slide
 
 from napari_lnmeta._napari.layers import slide_layer_data

@@ -85,3 +85,19 @@ class WrapLabel(QLabel):
 
     def text(self) -> str:
         return getattr(self, "_plain", super().text())
+
+    def minimumSizeHint(self):  # noqa: N802 (Qt name)
+        """Never shorter than the wrapped text: a crowded dock scrolls instead of clipping."""
+        hint = super().minimumSizeHint()
+        width = self.width() if self.width() > 0 else hint.width()
+        need = self.heightForWidth(width)
+        if need > hint.height():
+            hint.setHeight(need)
+        return hint
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        super().resizeEvent(event)
+        need = self.heightForWidth(self.width())
+        if need != getattr(self, "_need", None):
+            self._need = need
+            self.updateGeometry()

@@ -31,7 +31,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QPushButton,
     QVBoxLayout,
@@ -109,12 +108,10 @@ class PredictWidget(DockWidget):
         self.panel = JobPanel("Detect metastases")
         self.save_button = QPushButton("Save results…")
         self.save_button.setEnabled(False)
-        self.summary = QLabel("")
-        self.summary.setWordWrap(True)
+        self.summary = WrapLabel("")
         from .._napari.prediction_layers import tier_legend_html
 
-        self.tier_legend = QLabel(tier_legend_html())
-        self.tier_legend.setWordWrap(True)
+        self.tier_legend = WrapLabel(tier_legend_html())
 
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_path)
