@@ -132,7 +132,7 @@ class Session:
         return info
 
     def shot(self, name):
-        """Window screenshot (dock included), stored small: 960 px wide, 64-colour PNG."""
+        """Window screenshot (dock included), stored small: 960 px wide, 96-colour PNG."""
         from PIL import Image
 
         pump(lambda: True, 5, "draw")
@@ -140,7 +140,7 @@ class Session:
         img = Image.fromarray(arr[..., :3])
         w = 960
         img = img.resize((w, round(img.height * w / img.width)), Image.LANCZOS)
-        img = img.quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+        img = img.quantize(colors=96, method=Image.Quantize.MEDIANCUT)
         path = self.out / f"{name}.png"
         img.save(path, optimize=True)
         return path.name

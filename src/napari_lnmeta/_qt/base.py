@@ -79,25 +79,21 @@ class WrapLabel(QLabel):
         self.setWordWrap(True)
         self.setText(text)
 
-    def setText(self, text: str) -> None:  # noqa: N802 (Qt name)
-        self._plain = str(text)
-        super().setText(breakable(self._plain))
-
     def text(self) -> str:
         return getattr(self, "_plain", super().text())
 
-    def minimumSizeHint(self):  # noqa: N802 (Qt name)
-        """Never shorter than the wrapped text: a crowded dock scrolls instead of clipping."""
-        hint = super().minimumSizeHint()
-        width = self.width() if self.width() > 0 else hint.width()
-        need = self.heightForWidth(width)
-        if need > hint.height():
-            hint.setHeight(need)
-        return hint
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt name)
+        self._plain = str(text)
+        QLabel.setText(self, breakable(self._plain))
+        self._fit()
 
     def resizeEvent(self, event) -> None:  # noqa: N802 (Qt name)
         super().resizeEvent(event)
-        need = self.heightForWidth(self.width())
-        if need != getattr(self, "_need", None):
-            self._need = need
-            self.updateGeometry()
+        self._fit()
+
+    def _fit(self) -> None:
+        """Never shorter than the wrapped text: a crowded dock scrolls instead of clipping."""
+        if self.width() > 0:
+            need = self.heightForWidth(self.width())
+            if need > 0 and need != self.minimumHeight():
+                self.setMinimumHeight(need)
