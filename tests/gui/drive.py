@@ -88,8 +88,10 @@ class Session:
         return layers[0]
 
     def dock(self, name):
-        _dock, widget = self.viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        dock, widget = self.viewer.window.add_plugin_dock_widget(PLUGIN, name)
         pump(lambda: True, 5, "dock")
+        self.docks = getattr(self, "docks", {})
+        self.docks[name] = dock
         return widget
 
     def click(self, panel, what, timeout=300):
@@ -132,15 +134,15 @@ class Session:
         return info
 
     def shot(self, name):
-        """Window screenshot (dock included), stored small: 960 px wide, 96-colour PNG."""
+        """Window screenshot (dock included), stored small: 720 px wide, 64-colour PNG."""
         from PIL import Image
 
         pump(lambda: True, 5, "draw")
         arr = self.viewer.screenshot(canvas_only=False, flash=False)
         img = Image.fromarray(arr[..., :3])
-        w = 960
+        w = 720
         img = img.resize((w, round(img.height * w / img.width)), Image.LANCZOS)
-        img = img.quantize(colors=96, method=Image.Quantize.MEDIANCUT)
+        img = img.quantize(colors=64, method=Image.Quantize.MEDIANCUT)
         path = self.out / f"{name}.png"
         img.save(path, optimize=True)
         return path.name
@@ -299,8 +301,7 @@ def geometry_scenario(s: Session, args: dict):
         long_labels = [lb.text()[:40] for lb in w.findChildren(QLabel)
                        if len(lb.text()) > 40 and not lb.wordWrap()]
         clipped = clipped_labels(w)
-        s.viewer.window.remove_dock_widget(w)
-        w.close()
+        s.docks[name].title.close_button.click()  # the dock's ✕, as a user closes it
         pump(lambda: True, 5, "close")
         left = {n: len(getattr(events, n).callbacks) - baseline[n] for n in baseline}
         out[name] = {"size_hint_width": hint, "unwrapped_labels": long_labels,

@@ -3,7 +3,7 @@
 A widget that listens to the viewer (``viewer.layers.events.inserted`` ...) keeps being
 called after its dock is closed unless it disconnects; :class:`DockWidget` records each
 connection made through :meth:`DockWidget.listen` and releases them all, and cancels any
-running job, in ``closeEvent``.
+running job, in ``closeEvent`` and when napari's dock close button takes it out of its dock.
 """
 
 from __future__ import annotations
@@ -50,6 +50,18 @@ class DockWidget(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
         self.release_viewer()
         super().closeEvent(event)
+
+    def event(self, ev) -> bool:
+        # napari's dock close button (✕) does not close the inner widget: it takes it out of
+        # its dock (parent -> None). Treat that as closing.
+        from qtpy.QtCore import QEvent
+
+        if ev.type() == QEvent.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                self.release_viewer()
+        return super().event(ev)
 
 
 #: a token longer than this (file paths, long names) gets break opportunities
