@@ -19,7 +19,8 @@ import threading
 out = {}
 def job():  # a worker thread, as in the widgets
     import torch, torchvision.models
-    out["y"] = tuple(torchvision.models.resnet18(weights=None)(torch.zeros(1, 3, 32, 32)).shape)
+    net = torchvision.models.resnet18(weights=None).eval()
+    out["y"] = tuple(net(torch.zeros(1, 3, 64, 64)).shape)
 t = threading.Thread(target=job); t.start(); t.join()
 print("OK", out["y"], "triton" in sys.modules)
 viewer.close()
