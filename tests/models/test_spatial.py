@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torchvision.models  # noqa: F401  (before anything that may import napari)
 from tests._inference_helpers import make_synthetic_slide, small_model_file
 
 from napari_lnmeta.core.inference import InferenceConfig, context_grid, run_inference
