@@ -203,7 +203,7 @@ def camelyon_scenario(s: Session, args: dict):
     need(trw.labels_combo.currentText() == "expert tumour", "Train does not offer the labels")
     trw.add_pair()
     trw.patch_size.setValue(16)
-    trw.stride.setValue(32)
+    trw.stride.setValue(64)
     trw.arch.setCurrentText("lnmeta_cnn_small")
     trw.epochs.setValue(1)
     trw.batch_size.setValue(64)
@@ -224,6 +224,7 @@ def camelyon_scenario(s: Session, args: dict):
     need(DETECTIONS_LAYER in s.viewer.layers, "no detections layer")
     layers = {DETECTIONS_LAYER: s.check_layer(DETECTIONS_LAYER, "points", slide)}
     s.viewer.reset_view()
+    ew.max_patches.setValue(32)
     s.click(ew.cam_panel, "Grad-CAM of the view")
     layers[GRADCAM_LAYER] = s.check_layer(GRADCAM_LAYER, "image", slide,
                                           tolerance_um=1e9)  # the view only: inside the slide

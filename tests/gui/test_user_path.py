@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 
 DRIVE = Path(__file__).with_name("drive.py")
+pytestmark = pytest.mark.slow
 
 
 def drive(scenario: str, out: Path, **args) -> dict:
     env = dict(os.environ)
     env.pop("NAPARI_ASYNC", None)
     proc = subprocess.run([sys.executable, str(DRIVE), scenario, str(out), json.dumps(args)],
-                          capture_output=True, text=True, timeout=900, env=env)
+                          capture_output=True, text=True, timeout=560, env=env)
     tail = (proc.stdout + proc.stderr)[-4000:]
     if proc.returncode < 0:
         pytest.fail(f"napari died with {signal.Signals(-proc.returncode).name}:\n{tail}")
@@ -67,7 +68,6 @@ def test_train_detect_evaluate_gradcam_on_camelyon(camelyon, tmp_path):
 def he_ihc(ihc_png, tmp_path):
     """The IHC sample as the fixed slide and a rotated copy as the moving one, OME-TIFF in µm."""
     from PIL import Image
-
     from tests.conftest import write_pyramid_tiff
 
     rgb = np.asarray(Image.open(ihc_png).convert("RGB"))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from ..io.slide import MppWarning, sniff
 
-
 #: µm/px warnings already shown in this process (napari may ask a reader more than once)
 _ANNOUNCED: set[str] = set()
 
