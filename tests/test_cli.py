@@ -50,3 +50,50 @@ def test_console_script_is_installed():
     exe = shutil.which("lnmeta") or str(__import__("pathlib").Path(sys.executable).parent / "lnmeta")
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "info" in proc.stdout
+
+
+_STARTUP_PROBE = """
+import contextlib, io, json, sys
+from napari_lnmeta.cli import main
+seen = {}
+for label, argv in (("--help", ["--help"]), ("info", ["info", sys.argv[1]]),
+                    ("train --help", ["train", "--help"]),
+                    ("train-spatial --help", ["train-spatial", "--help"])):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    seen[label] = {
+        "code": code, "chars": len(out.getvalue()),
+        "heavy": sorted(m for m in ("torch", "torchvision", "dask.array", "distributed")
+                        if m in sys.modules)}
+print(json.dumps(seen))
+"""
+
+
+def test_help_and_info_import_no_torch(cmu1):
+    """Building the parser never imports torch: each subcommand is set up only when chosen,
+    and the training verbs take their choices from torch-free modules."""
+    proc = subprocess.run([sys.executable, "-c", _STARTUP_PROBE, str(cmu1)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(seen) == {"--help", "info", "train --help", "train-spatial --help"}
+    for name, r in seen.items():
+        assert r["code"] == 0 and r["chars"] > 100, (name, r)
+        assert r["heavy"] == [], (name, r)
+
+
+def test_parser_without_argv_sets_up_every_command():
+    from napari_lnmeta.cli import _COMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(_COMMANDS)
+    assert all(p.get_default("_run") is not None for p in sub.choices.values())
+    # with an argument list, only the chosen command is set up
+    sub = next(a for a in build_parser(["info", "x"])._actions if a.dest == "command")
+    assert sub.choices["info"].get_default("_run") is not None
+    assert sub.choices["train"].get_default("_run") is None

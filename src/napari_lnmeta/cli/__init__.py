@@ -50,12 +50,30 @@ def add_overwrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand an argument list selects: its first word that is not an option."""
+    for a in argv:
+        if a == "--":
+            return None
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``lnmeta`` parser.
+
+    Setting up a subcommand may import what its options need, so with ``argv`` only the
+    subcommand it selects is set up; the others keep their name and help (enough for
+    ``lnmeta --help`` and for argparse's "invalid choice" message). Without ``argv``
+    every subcommand is set up.
+    """
     from .. import __version__
 
     for mod in pkgutil.iter_modules(__path__):
         if not mod.name.startswith("_"):
             importlib.import_module(f"{__name__}.{mod.name}")
+    chosen = None if argv is None else _command_in(argv)
     parser = argparse.ArgumentParser(
         prog="lnmeta",
         description="Lymph-node metastasis detection in whole-slide images (napari-lnmeta).")
@@ -64,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name in sorted(_COMMANDS):
         help_, setup = _COMMANDS[name]
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_run=setup(p))
+        if argv is None or name == chosen:
+            p.set_defaults(_run=setup(p))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         code = args._run(args)

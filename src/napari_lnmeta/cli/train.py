@@ -283,8 +283,8 @@ def _add_split(p):
 @command("train", help="Train a patch classifier on patch sets (checkpoints, logs, metrics)")
 def train(p: argparse.ArgumentParser):
     from ..models.registry import list_architectures
-    from ..train.augment import PRESETS
-    from ..train.loop import OPTIMIZERS, SCHEDULERS
+    from ..train.options import AUGMENT_PRESETS as PRESETS
+    from ..train.options import OPTIMIZERS, SCHEDULERS
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _EPILOG_TRAIN

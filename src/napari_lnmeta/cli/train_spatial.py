@@ -32,8 +32,8 @@ the held-out split is on whole windows: no pixel a training window reads is in a
                                "k x k neighbourhoods, spatial-consistency loss)")
 def train_spatial(p: argparse.ArgumentParser):
     from ..models.registry import list_architectures
-    from ..train.loop import OPTIMIZERS, SCHEDULERS
-    from ..train.spatial import AUGMENTS
+    from ..train.options import OPTIMIZERS, SCHEDULERS
+    from ..train.options import SPATIAL_AUGMENTS as AUGMENTS
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _EPILOG

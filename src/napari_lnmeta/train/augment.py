@@ -41,9 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-
-PRESETS = ("none", "flips", "seed000", "seed003", "seed003-autoaugment", "seed003-randaugment",
-           "seed003-augmix", "seed003-trivialaugment", "seed004", "stain")
+from .options import AUGMENT_PRESETS as PRESETS
 
 
 def _uniform(b: int, lo: float, hi: float, x: torch.Tensor) -> torch.Tensor:

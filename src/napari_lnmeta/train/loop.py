@@ -54,9 +54,7 @@ from ..progress import Job, Progress
 from .augment import make_augment
 from .datasets import BatchLoader, PatchSet, check_class_counts
 from .metrics import binary_metrics, multiclass_metrics
-
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULERS = ("none", "cosine", "onecycle", "plateau", "cosine_restarts")
+from .options import OPTIMIZERS, SCHEDULERS
 
 
 @dataclass

@@ -64,8 +64,7 @@ from .loop import (
     val_metrics,
     write_log,
 )
-
-AUGMENTS = ("none", "flips", "seed004")
+from .options import SPATIAL_AUGMENTS as AUGMENTS
 
 
 # --------------------------------------------------------------------------------------
