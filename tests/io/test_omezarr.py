@@ -73,3 +73,42 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("crash")
     assert read_ome_zarr(target).data.compute().sum() == 100
     assert sorted(os.listdir(tmp_path)) == ["result.ome.zarr"]
+
+
+@pytest.mark.parametrize("dtype, kind", [(np.float16, "image"), (np.uint8, "image"),
+                                         (np.uint8, "labels"), (np.float32, "image")])
+def test_numpy_arrays_write_the_same_store_as_dask_arrays(tmp_path, dtype, kind):
+    """In-memory arrays skip dask; every level must hold exactly what the dask path writes
+    (odd sizes: edge padding; integers: rounding)."""
+    import dask.array as da
+
+    rng = np.random.default_rng(1)
+    a = rng.random((301, 517), dtype=np.float32)
+    a = (a * (3 if kind == "labels" else 255)).astype(dtype) if dtype == np.uint8 else a.astype(dtype)
+    kw = dict(kind=kind, frame=SlideFrame(downsample=256, slide_mpp=0.25), chunks=128,
+              min_size=32)
+    write_ome_zarr(tmp_path / "np.ome.zarr", a, **kw)
+    write_ome_zarr(tmp_path / "da.ome.zarr", da.from_array(a, chunks=100), **kw)
+    r_np, r_da = read_ome_zarr(tmp_path / "np.ome.zarr"), read_ome_zarr(tmp_path / "da.ome.zarr")
+    assert len(r_np.pyramid) == len(r_da.pyramid) == 6
+    for x, y in zip(r_np.pyramid, r_da.pyramid, strict=True):
+        assert x.dtype == y.dtype == dtype and x.chunksize == y.chunksize
+        if dtype == np.float32:  # the 2x2 means may differ in summation order: 1 ulp
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-7, atol=0)
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(r_np.data), a)
+    assert r_np.attrs == {**r_da.attrs, "multiscales": [
+        {**r_da.attrs["multiscales"][0], "name": "np.ome.zarr"}]}
+
+
+def test_json_text_is_json_with_one_line_per_item(tmp_path):
+    from napari_lnmeta.io.atomic import json_text, write_json_atomic
+
+    obj = {"type": "FeatureCollection", "n": 2, "nested": {"a": [1, 2]}, "empty": [],
+           "features": [{"id": i, "p": i / 3, "bad": None} for i in range(5)]}
+    text = json_text(obj)
+    assert json.loads(text) == obj
+    assert len(text.splitlines()) == 2 + 4 + 2 + 5  # braces, keys, list brackets, items
+    write_json_atomic(tmp_path / "x.json", obj)
+    assert json.loads((tmp_path / "x.json").read_text()) == obj

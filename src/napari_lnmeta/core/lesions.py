@@ -291,10 +291,9 @@ def _measurements(lesions: Lesions, k: int, p: float) -> dict[str, float]:
 
 def write_lesions_geojson(path: str | Path, lesions: Lesions, *, overwrite: bool = False) -> Path:
     """Write :func:`lesions_geojson` atomically."""
-    from ..io.atomic import write_text_atomic
+    from ..io.atomic import write_json_atomic
 
-    return write_text_atomic(path, json.dumps(lesions_geojson(lesions), indent=1),
-                             overwrite=overwrite)
+    return write_json_atomic(path, lesions_geojson(lesions), overwrite=overwrite)
 
 
 def read_lesions_geojson(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

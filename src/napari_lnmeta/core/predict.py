@@ -196,7 +196,7 @@ def write_prediction(pred: Prediction, out_dir: str | Path, *, overwrite: bool =
     inputs
         Paths never to write into (the slide).
     """
-    from ..io.atomic import check_output, write_text_atomic
+    from ..io.atomic import check_output, write_json_atomic
     from ..io.omezarr import write_ome_zarr
 
     out = Path(out_dir)
@@ -230,8 +230,7 @@ def write_prediction(pred: Prediction, out_dir: str | Path, *, overwrite: bool =
     write_png(out / "overview.png",
               overview_image(slide, pred.tiers, frame, lesions=pred.lesions.coords,
                              scored=r.scored), overwrite=True)
-    write_text_atomic(out / SUMMARY, json.dumps(_jsonable(pred.summary()), indent=1),
-                      overwrite=True)
+    write_json_atomic(out / SUMMARY, _jsonable(pred.summary()), overwrite=True)
     return out
 
 

@@ -109,6 +109,22 @@ def _downsample(arr: da.Array, labels: bool) -> da.Array:
     return out.astype(arr.dtype)
 
 
+def _downsample_np(arr: np.ndarray, labels: bool) -> np.ndarray:
+    """:func:`_downsample` for an in-memory array: the same values, without dask."""
+    h, w = arr.shape[:2]
+    if labels:
+        return arr[::2, ::2]
+    if h % 2 or w % 2:
+        pad = ((0, h % 2), (0, w % 2)) + ((0, 0),) * (arr.ndim - 2)
+        arr = np.pad(arr, pad, mode="edge")
+    h2, w2 = arr.shape[0] // 2, arr.shape[1] // 2
+    x = arr.astype(np.float32).reshape((h2, 2, w2, 2) + arr.shape[2:])
+    out = np.mean(x, axis=(1, 3))
+    if np.issubdtype(arr.dtype, np.integer):
+        out = out + 0.5
+    return out.astype(arr.dtype)
+
+
 def write_ome_zarr(path: str | Path, data: np.ndarray | da.Array, *,
                    frame: SlideFrame | None = None, kind: str = "image",
                    name: str | None = None, chunks: int = 512, min_size: int = 256,
@@ -122,7 +138,8 @@ def write_ome_zarr(path: str | Path, data: np.ndarray | da.Array, *,
     path
         Target ``.ome.zarr`` directory.
     data
-        numpy or dask array; never loaded whole (dask writes chunk by chunk).
+        numpy or dask array; a dask array is never loaded whole (written chunk by
+        chunk), a numpy array is written directly.
     frame
         Where the grid sits on its slide; sets the NGFF scale in micrometres.
     kind
@@ -133,11 +150,14 @@ def write_ome_zarr(path: str | Path, data: np.ndarray | da.Array, *,
     inputs
         Paths that must never be written into (the input slides).
     """
-    import dask.array as da
     import zarr
 
     frame = frame or SlideFrame()
-    arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data))
+    # In-memory arrays (heatmaps, maps: ~10^5-10^6 cells) are written straight from
+    # numpy: building a dask graph per level costs more than the data (and importing
+    # dask.array/distributed for it, seconds in a fresh process).
+    lazy = type(data).__module__.startswith("dask")
+    arr = data if lazy else np.asarray(data)
     if arr.ndim not in (2, 3):
         raise ValueError(f"expected a 2-D or (y, x, c) array, got shape {arr.shape}")
     labels = kind == "labels"
@@ -146,7 +166,8 @@ def write_ome_zarr(path: str | Path, data: np.ndarray | da.Array, *,
     chunk = (chunks, chunks) + ((arr.shape[2],) if arr.ndim == 3 else ())
     levels = [arr]
     for _ in range(_n_levels(arr.shape, min_size) - 1):
-        levels.append(_downsample(levels[-1], labels))
+        levels.append(_downsample(levels[-1], labels) if lazy
+                      else _downsample_np(levels[-1], labels))
     unit_scale = frame.mpp if frame.mpp is not None else float(frame.downsample)
     unit = "micrometer" if frame.mpp is not None else None
     axes = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
@@ -178,11 +199,15 @@ def write_ome_zarr(path: str | Path, data: np.ndarray | da.Array, *,
         root.attrs.update(meta)
         for i, lv in enumerate(levels):
             c = tuple(min(c, s) for c, s in zip(chunk, lv.shape, strict=True))
-            lv = lv.rechunk(c)
             z = root.create_array(str(i), shape=lv.shape, dtype=lv.dtype, chunks=c,
                                   chunk_key_encoding={"name": "v2", "separator": "/"},
                                   fill_value=0)
-            da.store(lv, z, lock=False, compute=True)
+            if lazy:
+                import dask.array as da
+
+                da.store(lv.rechunk(c), z, lock=False, compute=True)
+            else:
+                z[...] = lv
     return Path(path)
 
 
