@@ -206,6 +206,28 @@ def test_pipeline_equals_infer_batch_on_a_saved_model(synth, tissue, model_file)
     assert res.params["read_mpp"] == 2.0 and res.params["patch_size"] == 32
 
 
+def test_second_run_reuses_the_loaded_model_until_the_file_changes(synth, small_tissue,
+                                                                  tmp_path):
+    """The model cache: same file and device -> same network, same result, no reload;
+    a rewritten file is loaded again."""
+    from napari_lnmeta.core import inference
+
+    path = small_model_file(tmp_path / "c.safetensors")
+    slide = open_slide(synth.path)
+    cfg = InferenceConfig(model=str(path), batch_size=16, workers=1, device="cpu")
+    inference.clear_model_cache()
+    first = run(run_inference(slide, cfg, tissue=small_tissue))
+    second = run(run_inference(slide, cfg, tissue=small_tissue))
+    assert (first.timing["model_cached"], second.timing["model_cached"]) == (False, True)
+    np.testing.assert_array_equal(first.probability, second.probability)
+    assert inference.model_cache_stats() == {"hits": 1, "misses": 1, "entries": 1}
+    small_model_file(path, seed=1)  # rewritten in place: a new file identity
+    third = run(run_inference(slide, cfg, tissue=small_tissue))
+    assert third.timing["model_cached"] is False
+    assert not np.array_equal(third.probability, first.probability)
+    inference.clear_model_cache()
+
+
 # --------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------

@@ -251,10 +251,19 @@ def _model_identity(path: Path | None, net: nn.Module, meta: ModelMeta) -> str:
     """A content hash of the model (file bytes, or weights + metadata for in-memory models)."""
     h = hashlib.sha256()
     if path is not None:
+        with _MODEL_CACHE_LOCK:
+            for (key, _dev, _cl), entry in _MODEL_CACHE.items():
+                if key == _file_key(path) and entry.get("identity"):
+                    return entry["identity"]
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
-        return "sha256:" + h.hexdigest()
+        ident = "sha256:" + h.hexdigest()
+        with _MODEL_CACHE_LOCK:
+            for (key, _dev, _cl), entry in _MODEL_CACHE.items():
+                if key == _file_key(path):
+                    entry["identity"] = ident
+        return ident
     h.update(json.dumps(meta.to_json(), sort_keys=True).encode())
     for k, v in net.state_dict().items():
         h.update(k.encode())
@@ -262,12 +271,54 @@ def _model_identity(path: Path | None, net: nn.Module, meta: ModelMeta) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def load_inference_model(config: InferenceConfig, device: torch.device,
-                         model: tuple[nn.Module, ModelMeta] | None = None
-                         ) -> tuple[nn.Module, ModelMeta, Path | None]:
-    """The network (on ``device``, eval mode), its metadata and its file (``None`` if given)."""
-    from ..models.io import default_model_path, load_model
+# --------------------------------------------------------------------------------------
+# Warm model cache: one load per process (a Dask worker, the napari session)
+# --------------------------------------------------------------------------------------
+#: models kept loaded per process (least recently used dropped first); 0 disables it
+MODEL_CACHE_SIZE = int(os.environ.get("LNMETA_MODEL_CACHE", "2"))
+_MODEL_CACHE: dict[tuple, dict[str, Any]] = {}
+_MODEL_CACHE_LOCK = threading.Lock()
+_MODEL_CACHE_STATS = {"hits": 0, "misses": 0}
 
+
+def _file_key(path: Path) -> tuple:
+    """A model file's identity without reading it: path, size, modification and change
+    times, inode. Rewriting the file (even with the same size) changes it."""
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def model_cache_stats() -> dict[str, int]:
+    """Hits, misses and entries of this process's model cache."""
+    with _MODEL_CACHE_LOCK:
+        return {**_MODEL_CACHE_STATS, "entries": len(_MODEL_CACHE)}
+
+
+def clear_model_cache() -> None:
+    """Drop the cached models (frees their host/device memory once unreferenced)."""
+    with _MODEL_CACHE_LOCK:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE_STATS.update(hits=0, misses=0)
+
+
+def load_inference_model(config: InferenceConfig, device: torch.device,
+                         model: tuple[nn.Module, ModelMeta] | None = None, *,
+                         info: dict[str, Any] | None = None
+                         ) -> tuple[nn.Module, ModelMeta, Path | None]:
+    """The network (on ``device``, eval mode), its metadata and its file (``None`` if given).
+
+    A model file is loaded once per process and device: later runs (the next slide of a
+    cohort on the same Dask worker, the next Detect run in napari) reuse the network,
+    its CUDA context and its content hash. The key is the file's identity
+    (:func:`_file_key`), the device and the channels-last layout (which
+    :class:`PatchModel` applies in place); ``MODEL_CACHE_SIZE`` (environment
+    ``LNMETA_MODEL_CACHE``) bounds the entries, ``0`` turns the cache off. ``info``
+    receives ``model_cached``: whether this call reused a loaded network.
+    """
+    from ..models.io import default_model_path
+
+    info = {} if info is None else info
+    info["model_cached"] = False
     if model is not None:
         net, meta = model
         return net.to(device).eval(), meta, None
@@ -275,8 +326,33 @@ def load_inference_model(config: InferenceConfig, device: torch.device,
     if not config.model and not path.is_file():
         raise ModelError(path, "the bundled default model is not installed; pass a model file "
                          "(--model PATH)")
-    net, meta = load_model(path, device=device)
+    net, meta, info["model_cached"] = _cached_load(path, device,
+                                                   channels_last=bool(config.channels_last))
     return net, meta, path
+
+
+def _cached_load(path: Path, device: torch.device, *, channels_last: bool
+                 ) -> tuple[nn.Module, ModelMeta, bool]:
+    """``load_model`` through the cache; the flag says whether it was a cache hit."""
+    from ..models.io import load_model
+
+    if MODEL_CACHE_SIZE <= 0 or not path.is_file():
+        net, meta = load_model(path, device=device)  # (a missing file raises there)
+        return net, meta, False
+    key = (_file_key(path), str(device), channels_last)
+    with _MODEL_CACHE_LOCK:
+        entry = _MODEL_CACHE.pop(key, None)
+        if entry is not None:
+            _MODEL_CACHE[key] = entry  # most recently used last
+            _MODEL_CACHE_STATS["hits"] += 1
+            return entry["net"], entry["meta"], True
+    net, meta = load_model(path, device=device)
+    with _MODEL_CACHE_LOCK:
+        _MODEL_CACHE_STATS["misses"] += 1
+        _MODEL_CACHE[key] = {"net": net, "meta": meta}
+        while len(_MODEL_CACHE) > MODEL_CACHE_SIZE:
+            _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
+    return net, meta, False
 
 
 def plan_read(slide: Slide, meta: ModelMeta, config: InferenceConfig, *,
@@ -1059,7 +1135,7 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
     timing: dict[str, Any] = {}
     device = resolve_device(cfg.device)
     yield Progress(0, 0, "loading model")
-    net, meta, mpath = load_inference_model(cfg, device, model)
+    net, meta, mpath = load_inference_model(cfg, device, model, info=timing)
     mname = str(mpath) if mpath else "model"
     params, warns = plan_read(slide, meta, cfg, model_path=mname)
     from ..models.spatial import context_size
