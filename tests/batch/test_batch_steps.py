@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -46,6 +47,24 @@ def test_predict_step_on_a_local_cluster(shared_data, tmp_path):
     summary = json.loads((tmp_path / "out" / "CMU-1-Small-Region" / "predict" /
                           "summary.json").read_text())
     assert summary["counts"]["patches"] == by_id["CMU-1-Small-Region"]["result"]["patches"]
+
+
+def test_second_slide_on_a_worker_reuses_the_loaded_model(cmu1, tmp_path):
+    """One Dask worker, two slides: the model is loaded for the first only (warm cohort)."""
+    d = tmp_path / "cohort"
+    d.mkdir()
+    for name in ("a.svs", "b.svs"):  # two files (one file twice is a duplicate row)
+        shutil.copyfile(cmu1, d / name)
+    report = run(run_batch(load_cohort(d), "predict", tmp_path / "out", n_workers=1,
+                           threads_per_worker=1, params={"stride": 32}))
+    assert report.counts == {"done": 2}, report.failed()
+    assert len({r["pid"] for r in report.records}) == 1  # the same worker process
+    cached = sorted(json.loads((tmp_path / "out" / r["id"] / "predict" / "summary.json")
+                               .read_text())["timing"]["model_cached"] for r in report.records)
+    assert cached == [False, True]
+    a, b = (read_ome_zarr(tmp_path / "out" / n / "predict" / "probability.ome.zarr")
+            for n in ("a", "b"))
+    np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
 
 
 def test_unknown_step_parameter_is_reported_per_slide(cmu1, tmp_path):
