@@ -214,16 +214,18 @@ def test_second_run_reuses_the_loaded_model_until_the_file_changes(synth, small_
 
     path = small_model_file(tmp_path / "c.safetensors")
     slide = open_slide(synth.path)
-    cfg = InferenceConfig(model=str(path), batch_size=16, workers=1, device="cpu")
+    cfg = InferenceConfig(model=str(path), workers=1, device="cpu")  # batch size probed
     inference.clear_model_cache()
     first = run(run_inference(slide, cfg, tissue=small_tissue))
     second = run(run_inference(slide, cfg, tissue=small_tissue))
     assert (first.timing["model_cached"], second.timing["model_cached"]) == (False, True)
+    assert (first.timing["batch_probed"], second.timing["batch_probed"]) == (True, False)
+    assert first.batch_size == second.batch_size
     np.testing.assert_array_equal(first.probability, second.probability)
     assert inference.model_cache_stats() == {"hits": 1, "misses": 1, "entries": 1}
     small_model_file(path, seed=1)  # rewritten in place: a new file identity
     third = run(run_inference(slide, cfg, tissue=small_tissue))
-    assert third.timing["model_cached"] is False
+    assert third.timing["model_cached"] is False and third.timing["batch_probed"] is True
     assert not np.array_equal(third.probability, first.probability)
     inference.clear_model_cache()
 

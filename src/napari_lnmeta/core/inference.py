@@ -31,6 +31,7 @@ import queue
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -279,6 +280,10 @@ MODEL_CACHE_SIZE = int(os.environ.get("LNMETA_MODEL_CACHE", "2"))
 _MODEL_CACHE: dict[tuple, dict[str, Any]] = {}
 _MODEL_CACHE_LOCK = threading.Lock()
 _MODEL_CACHE_STATS = {"hits": 0, "misses": 0}
+
+
+#: batch sizes probed per loaded network (dropped with the network)
+_PROBED_BATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _file_key(path: Path) -> tuple:
@@ -1198,8 +1203,17 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
 
     t2 = time.perf_counter()
     read_grid = context_grid(grid, ctx)
-    bs = int(cfg.batch_size) if cfg.batch_size else auto_batch_size(
-        pm, read_grid.patch_size, max_batch=cfg.max_batch_size)
+    if cfg.batch_size:
+        bs = int(cfg.batch_size)
+    else:  # probed once per loaded network and setting (warm runs skip the probe)
+        probe_key = (str(device), read_grid.patch_size, bool(cfg.tta), bool(cfg.amp),
+                     bool(cfg.channels_last), bool(cfg.compile), int(cfg.max_batch_size),
+                     repr(meta.normalisation))
+        known = _PROBED_BATCH.setdefault(net, {}) if model is None else {}
+        bs = known.get(probe_key) or auto_batch_size(pm, read_grid.patch_size,
+                                                     max_batch=cfg.max_batch_size)
+        timing["batch_probed"] = probe_key not in known
+        known[probe_key] = bs
     bs = max(1, min(bs, cfg.max_batch_size))
     timing["batch_probe_s"] = time.perf_counter() - t2
     micro = bs  # forward size; halves on out-of-memory

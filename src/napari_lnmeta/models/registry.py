@@ -311,16 +311,16 @@ def build_model(architecture: str, num_classes: int, *, init: str | Path | None 
     torch.nn.Module
         In train mode; frozen modules are listed in ``model._lnmeta_frozen``.
     """
-    import torchvision.models as tvm
-
     arch = get_arch(architecture)
     if int(num_classes) < 1:
         raise ModelError(architecture, f"num_classes must be >= 1, got {num_classes}")
-    if arch.family == "lnmeta":
+    if arch.family == "lnmeta":  # torch only: no torchvision import (a second of start-up)
         model = _small_cnn(int(num_classes))
     elif arch.family == "timm":
         model = _build_timm(architecture, int(num_classes))
     else:
+        import torchvision.models as tvm
+
         kwargs = {"weights": None}
         if arch.family == "inception":
             kwargs.update(aux_logits=False, init_weights=True)
