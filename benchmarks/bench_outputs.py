@@ -118,9 +118,8 @@ def main(argv=None) -> int:
 
     from bench_inference import tissue_band_pyramid
 
-    from napari_lnmeta.io.slide import open_slide
-
     from napari_lnmeta.core.tissue import tissue_mask
+    from napari_lnmeta.io.slide import open_slide
 
     path = tissue_band_pyramid(SLIDE_SHAPE[0], 0.4, width=SLIDE_SHAPE[1])
     slide = open_slide(path)
