@@ -10,7 +10,7 @@ CONSTRAINTS := requirements/constraints.txt
 # Run napari under a virtual X server unless a real display is available.
 XRUN   := $(if $(DISPLAY),,xvfb-run -a -s "-screen 0 1600x1200x24")
 
-.PHONY: demo test bench lint clean system-deps
+.PHONY: demo test bench bench-peers lint clean system-deps
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,22 @@ test: $(VENV)/.installed system-deps
 bench: $(VENV)/.installed system-deps
 	$(XRUN) $(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
+# TIAToolbox side by side (benchmarks/peers_tiatoolbox.py). TIAToolbox pins zarr 2 and
+# numpy 1.x, so it gets its own venv; torch/torchvision come from the same constraints, and
+# setuptools < 70 (pkg_resources) is installed after it.
+PEERS := .venv-peers
+$(PEERS)/.installed: $(CONSTRAINTS)
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q -c $(CONSTRAINTS) torch torchvision tiatoolbox==1.3.2 openslide-bin
+	$(PEERS)/bin/python -m pip install -q "setuptools<70"
+	touch $@
+
+bench-peers: $(VENV)/.installed $(PEERS)/.installed system-deps
+	$(PY) benchmarks/peers_tiatoolbox.py --peer-python $(PEERS)/bin/python
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(PEERS) out .pytest_cache

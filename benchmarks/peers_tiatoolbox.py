@@ -1,0 +1,142 @@
+"""``make bench-peers``: ``lnmeta predict`` vs TIAToolbox's PatchPredictor, side by side (CPU).
+
+Same slide (CMU-1-Small-Region.svs), same model architecture (resnet18, two classes,
+random weights: speed does not depend on them), same grid (96 px patches at 0.5 µm/px,
+stride = patch), same device (CPU), same batch size (32). Each tool runs in a fresh
+process of its own environment (TIAToolbox pins zarr 2 and numpy 1.x: ``.venv-peers``),
+end to end: model construction or loading, tissue detection, reading, inference (and for
+``lnmeta``, writing the result folder). Torch and torchvision are imported before the
+clock starts on both sides (importing TIAToolbox imports them). In the same process each tool's bare model
+forward is timed on in-memory batches of the same size, so each pipeline is reported
+against its own bare model, and the two machines' loads are compared fairly. Two
+interleaved rounds (lnmeta, TIAToolbox, lnmeta, TIAToolbox).
+
+Prints patches/s end to end, the bare forward, their ratio for each tool, and the
+ratio lnmeta / TIAToolbox (target >= 1.5).
+
+Run: ``python benchmarks/peers_tiatoolbox.py --peer-python .venv-peers/bin/python``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import SHARED
+
+SLIDE = SHARED / "cmu1_small_region_svs" / "CMU-1-Small-Region.svs"
+PATCH, MPP, BATCH = 96, 0.5, 32
+
+BARE = r"""
+def bare_rate(model, n_batches=6):
+    x = torch.rand({batch}, 3, {patch}, {patch})
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+        t = time.perf_counter()
+        for _ in range(n_batches):
+            model(x)
+        return n_batches * {batch} / (time.perf_counter() - t)
+"""
+
+OURS = r"""
+import json, sys, time
+import torch
+import torchvision.models  # imported before the clock, as TIAToolbox's import does
+from napari_lnmeta.cli import main
+from napari_lnmeta.core.predict import read_summary
+from napari_lnmeta.models.io import load_model
+""" + BARE + r"""
+model, out = sys.argv[2], sys.argv[3]
+t = time.perf_counter()
+code = main(["predict", sys.argv[1], "--model", model, "--device", "cpu", "--batch-size",
+             "{batch}", "-o", out, "--overwrite"])
+wall = time.perf_counter() - t
+assert code == 0, code
+s = read_summary(out)
+net, _ = load_model(model)
+print(json.dumps({{"patches": s["counts"]["patches"], "wall_s": wall,
+                  "bare": bare_rate(net), "timing": s["timing"]}}))
+"""
+
+PEER = r"""
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+import torch
+from tiatoolbox.models import IOPatchPredictorConfig, PatchPredictor
+import tiatoolbox.models.architecture.vanilla as vanilla
+from tiatoolbox.models.architecture.vanilla import CNNModel
+_arch = vanilla._get_architecture  # random weights: never download ImageNet ones
+vanilla._get_architecture = lambda name, pretrained=True, **kw: _arch(name, pretrained=False,
+                                                                      **kw)
+""" + BARE + r"""
+torch.manual_seed(0)
+t = time.perf_counter()
+model = CNNModel("resnet18", num_classes=2)
+predictor = PatchPredictor(model=model, batch_size={batch}, verbose=False)
+cfg = IOPatchPredictorConfig(input_resolutions=[{{"units": "mpp", "resolution": {mpp}}}],
+                             patch_input_shape=[{patch}, {patch}],
+                             stride_shape=[{patch}, {patch}])
+out = predictor.predict([sys.argv[1]], mode="wsi", ioconfig=cfg, on_gpu=False,
+                        return_probabilities=True)
+wall = time.perf_counter() - t
+n = len(out[0]["predictions"])
+print(json.dumps({{"patches": n, "wall_s": wall, "bare": bare_rate(model)}}))
+"""
+
+
+def child(python: str, code: str, *args: str) -> dict:
+    proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
+                           else f"exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--peer-python", default=str(Path(__file__).resolve().parents[1]
+                                                 / ".venv-peers" / "bin" / "python"))
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    if not Path(args.peer_python).exists():
+        print(f"no TIAToolbox environment at {args.peer_python}: run `make bench-peers`")
+        return 1
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_inference import make_model
+
+    fmt = {"batch": BATCH, "patch": PATCH, "mpp": MPP}
+    rows = []
+    with tempfile.TemporaryDirectory() as td:
+        model = make_model("resnet18", PATCH, MPP, Path(td) / "resnet18.safetensors")
+        for k in range(args.rounds):
+            ours = child(sys.executable, OURS.format(**fmt), str(SLIDE), str(model),
+                         str(Path(td) / f"out{k}"))
+            peer = child(args.peer_python, PEER.format(**fmt), str(SLIDE))
+            for name, r in (("lnmeta predict", ours), ("TIAToolbox PatchPredictor", peer)):
+                r["rate"] = r["patches"] / r["wall_s"]
+                extra = ""
+                if "timing" in r:
+                    t = r["timing"]
+                    extra = (f" [model {t['model_s']:.2f} s, tissue {t['tissue_s']:.2f} s, "
+                             f"loop {t['inference_s']:.2f} s]")
+                print(f"round {k + 1}: {name:<26} {r['patches']:>5} patches in "
+                      f"{r['wall_s']:.2f} s = {r['rate']:.1f} patches/s end to end | bare "
+                      f"forward {r['bare']:.1f} patches/s | end to end / bare "
+                      f"{r['rate'] / r['bare']:.2f}{extra}", flush=True)
+            rows.append((ours, peer))
+    for k, (o, p) in enumerate(rows):
+        print(f"round {k + 1}: lnmeta / TIAToolbox = {o['rate'] / p['rate']:.2f}x end to end "
+              f"(patches/s; their own bare forwards: {o['bare']:.1f} vs {p['bare']:.1f}; "
+              f"relative to their own bare model: "
+              f"{(o['rate'] / o['bare']) / (p['rate'] / p['bare']):.2f}x) (target >= 1.5x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
