@@ -33,14 +33,13 @@ CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from napari_lnmeta.cli import main
-from napari_lnmeta.core.predict import read_summary
 runs = []
 for k, out in enumerate(sys.argv[2:]):
     t = time.perf_counter()
     args = ["predict", sys.argv[1], "-o", out, "--overwrite"] + json.loads({extra!r})
     code = main(args)
     wall = time.perf_counter() - t
-    s = read_summary(out)
+    s = json.loads(open(out + '/summary.json').read())
     runs.append({{"code": code, "wall_s": wall, "timing": s["timing"] if s else None,
                   "torch_loaded_before": k > 0}})
 print(json.dumps({{"import_s": time.perf_counter() - t0 - sum(r["wall_s"] for r in runs),

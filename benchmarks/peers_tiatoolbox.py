@@ -49,7 +49,6 @@ import json, sys, time
 import torch
 import torchvision.models  # imported before the clock, as TIAToolbox's import does
 from napari_lnmeta.cli import main
-from napari_lnmeta.core.predict import read_summary
 from napari_lnmeta.models.io import load_model
 """ + BARE + r"""
 model, out = sys.argv[2], sys.argv[3]
@@ -58,7 +57,7 @@ code = main(["predict", sys.argv[1], "--model", model, "--device", "cpu", "--bat
              "{batch}", "-o", out, "--overwrite"])
 wall = time.perf_counter() - t
 assert code == 0, code
-s = read_summary(out)
+s = json.loads(open(out + '/summary.json').read())
 net, _ = load_model(model)
 print(json.dumps({{"patches": s["counts"]["patches"], "wall_s": wall,
                   "bare": bare_rate(net), "timing": s["timing"]}}))
