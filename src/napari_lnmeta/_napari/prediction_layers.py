@@ -53,6 +53,8 @@ def heatmap_layer_data(prob: np.ndarray, frame: SlideFrame, *, name: str = HEATM
     kw = frame_kwargs(frame)
     kw.update(name=name, colormap=heatmap_colormap(), contrast_limits=(0.0, 1.0),
               opacity=float(opacity), blending="translucent", interpolation2d="nearest")
+    # saved with File > Save Layer, the heatmap reopens styled (see _napari.writer)
+    kw["metadata"][META]["result_attrs"] = {"probability": {"dtype": "float32", "scale": 1}}
     return np.asarray(prob, dtype=np.float32), kw, "image"
 
 

@@ -569,3 +569,105 @@ __all__ = ["ASAP_GROUPS", "LabelMask", "NEGATIVE_NAMES", "Polygon", "frame_for",
            "mask_to_polygons", "polygons_to_mask", "rasterize", "read_asap_xml",
            "read_camelyon_json", "read_geojson", "read_label_raster", "read_polygons",
            "read_roi_rectangles", "write_geojson"]
+
+
+# --------------------------------------------------------------------------------------
+# Points (lesion candidates, detections) as QuPath GeoJSON
+# --------------------------------------------------------------------------------------
+def read_points_geojson(path: str | Path) -> dict[str, Any]:
+    """Point features of a GeoJSON file (lesion candidates, QuPath point annotations).
+
+    Returns ``{"coords": (N, 2) (row, col) level-0 pixels, "probability": (N,) float
+    (NaN where absent), "names": [...], "labels": [...], "properties": {...}}``;
+    ``MultiPoint`` features give one row per point.
+    """
+    path = Path(path)
+    d = _load_json(path)
+    feats = d.get("features") if isinstance(d, dict) else d if isinstance(d, list) else None
+    if not isinstance(feats, list):
+        raise InputError(f"{path}: not a GeoJSON FeatureCollection")
+    rows, probs, names, labels = [], [], [], []
+    for i, f in enumerate(feats):
+        g = (f or {}).get("geometry") or {}
+        props = (f or {}).get("properties") or {}
+        if g.get("type") == "Point":
+            pts = [g.get("coordinates")]
+        elif g.get("type") == "MultiPoint":
+            pts = g.get("coordinates") or []
+        else:
+            continue
+        m = props.get("measurements")
+        p = m.get("probability") if isinstance(m, dict) else props.get("probability")
+        for xy in pts:
+            if not isinstance(xy, (list, tuple)) or len(xy) < 2:
+                raise InputError(f"{path}: feature {i} has a point without x, y")
+            try:
+                rows.append((float(xy[1]), float(xy[0])))
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{path}: feature {i} has a non-numeric coordinate") from e
+            probs.append(float(p) if isinstance(p, (int, float)) else np.nan)
+            names.append(str(props.get("name") or f.get("id") or f"point_{i}"))
+            labels.append(_geo_label(props, "Tumor"))
+    return {"coords": np.asarray(rows, dtype=np.float64).reshape(-1, 2),
+            "probability": np.asarray(probs, dtype=np.float32), "names": names,
+            "labels": labels, "properties": d.get("properties") if isinstance(d, dict) else None}
+
+
+def write_points_geojson(path: str | Path, coords: np.ndarray, *,
+                         probability: np.ndarray | None = None, label: str = "Tumor",
+                         names: Sequence[str] | None = None, overwrite: bool = False,
+                         properties: dict[str, Any] | None = None) -> Path:
+    """Write level-0 ``(row, col)`` points as QuPath GeoJSON point annotations (atomic).
+
+    ``probability`` (one per point, NaN for none) goes to ``measurements.probability``,
+    which QuPath shows as a measurement and :func:`read_points_geojson` reads back.
+    """
+    from .atomic import write_text_atomic
+
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    colour = _QUPATH_COLOURS.get(label.lower(), [200, 0, 0])
+    feats = []
+    for i, (r, c) in enumerate(coords):
+        props: dict[str, Any] = {"objectType": "annotation",
+                                 "classification": {"name": label, "color": colour},
+                                 "isLocked": False}
+        p = None if probability is None else float(probability[i])
+        if names is not None:
+            props["name"] = str(names[i])
+        elif p is not None and np.isfinite(p):
+            props["name"] = f"lesion {i + 1} (p={p:.3f})"
+        if p is not None and np.isfinite(p):
+            props["measurements"] = {"probability": p}
+        feats.append({"type": "Feature", "id": f"point-{i + 1}",
+                      "geometry": {"type": "Point", "coordinates": [round(float(c), 3),
+                                                                    round(float(r), 3)]},
+                      "properties": props})
+    doc: dict[str, Any] = {"type": "FeatureCollection", "features": feats,
+                           "properties": {"coordinates": "level-0 pixels, [x, y] = [col, row]",
+                                          **(properties or {})}}
+    return write_text_atomic(path, json.dumps(doc, indent=1), overwrite=overwrite)
+
+
+def mask_problem(arr: np.ndarray, *, max_values: int = 16) -> str | None:
+    """Why ``arr`` cannot be a tumour mask (``None`` when it can).
+
+    A mask is a 2-D array (or an RGB(A) one whose colour channels are equal) of
+    integers or booleans with a few label values; a colour photo or thumbnail, a
+    float heatmap or a grey-level picture is not.
+    """
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        rgb = a[..., :3]
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and
+                np.array_equal(rgb[..., 0], rgb[..., 2])):
+            return "a colour (RGB) image, not a mask (a mask has one channel of label values)"
+        a = rgb[..., 0]
+    if a.ndim != 2:
+        return f"expected a 2-D mask, got shape {a.shape}"
+    if a.dtype.kind not in "biu":
+        return f"a {a.dtype} image, not a mask (expected integer or boolean label values)"
+    n = len(np.unique(a[:: max(1, a.shape[0] // 2048), :: max(1, a.shape[1] // 2048)]))
+    if n > max_values:
+        return (f"{n} distinct grey levels: a picture, not a mask (a mask holds at most "
+                f"{max_values} label values)")
+    return None
