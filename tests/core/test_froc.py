@@ -279,3 +279,33 @@ def test_connected_component_lesions(tmp_path):
     np.testing.assert_allclose(probs, [0.9, 0.8], rtol=1e-6)
     with pytest.raises(ValueError, match="lesion method"):
         find_lesions(p, frame, method="watershed")
+
+
+def test_truth_that_is_not_a_mask_or_not_in_the_frame_is_refused(camelyon, tmp_path):
+    """An RGB thumbnail, a grey picture, a float image are not masks; level-0 polygons
+    against a low-resolution slide are in another frame (refused, not FROC 0)."""
+    from PIL import Image
+
+    from napari_lnmeta.errors import InputError
+
+    rgb = tmp_path / "a_mask.png"
+    thumb = np.asarray(Image.open(camelyon / "tumor_001_level5_tumor_mask.png").convert("RGB"))
+    thumb = thumb.copy()
+    thumb[..., 1] //= 2  # colour
+    Image.fromarray(thumb).save(rgb)
+    with pytest.raises(InputError, match="colour"):
+        load_truth(rgb, slide_mpp=7.776, slide_shape=(7168, 3072))
+    grey = tmp_path / "b_mask.png"
+    Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (64, 1))).save(grey)
+    with pytest.raises(InputError, match="grey levels"):
+        load_truth(grey, slide_mpp=7.776, slide_shape=(64 * 32, 256 * 32))
+    with pytest.raises(InputError, match="share a frame"):
+        load_truth(camelyon / "Tumor_001.json", slide_mpp=7.776, slide_shape=(7168, 3072))
+    ok = load_truth(camelyon / "Tumor_001.json", slide_mpp=7.776, slide_shape=(7168, 3072),
+                    config=FrocConfig(truth_scale=1 / 32))
+    assert ok.n_tumours == 2
+    # an RGB mask whose channels are equal (a mask saved as RGB) is still a mask
+    same = tmp_path / "c_mask.png"
+    m = np.asarray(Image.open(camelyon / "tumor_001_level5_tumor_mask.png"))
+    Image.fromarray(np.stack([m] * 3, axis=-1)).save(same)
+    assert load_truth(same, slide_mpp=7.776, slide_shape=(7168, 3072)).n_tumours == 2

@@ -85,6 +85,19 @@ def _level0_points(layer, unit: float | None) -> np.ndarray:
     return world / (unit or 1.0)
 
 
+def _check_units(layer, reference) -> None:
+    """Refuse a layer in pixels evaluated against one in µm (or the reverse): they do not
+    share a frame, and the FROC of such a pair is meaningless."""
+    def unit(ly):
+        return "µm" if str(ly.units[-1]) in ("micrometer", "µm") else "pixels"
+
+    if unit(layer) != unit(reference):
+        raise InputError(
+            f"layer {layer.name!r} is in {unit(layer)} but {reference.name!r} is in "
+            f"{unit(reference)}: they do not share a frame; give it the slide's µm/px with "
+            "Plugins > LN Metastasis > Pixel size first")
+
+
 class EvaluateWidget(DockWidget):
     """Evaluate detections (FROC, slide AUC) and explain the view (see module docstring)."""
 
@@ -110,6 +123,11 @@ class EvaluateWidget(DockWidget):
         self.lesions.addItems(["file", "nms", "components"])
         self.dilation = float_spin(0.0, 1000.0, 75.0, suffix=" µm")
         self.itc = float_spin(0.0, 5000.0, 200.0, suffix=" µm")
+        self.truth_scale = float_spin(0.00001, 100000.0, 1.0, decimals=5, step=0.5)
+        self.truth_scale.setToolTip(
+            "slide pixels per ground-truth pixel of polygon files (as --truth-scale): "
+            "0.03125 (1/32) for CAMELYON16 level-0 polygons against a level-5 slide. "
+            "For layers, place them with the Pixel size widget instead.")
         self.panel = JobPanel("Evaluate")
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
@@ -146,6 +164,7 @@ class EvaluateWidget(DockWidget):
         form.addRow("Lesions", self.lesions)
         form.addRow("Dilation", self.dilation)
         form.addRow("ITC below", self.itc)
+        form.addRow("Truth scale", self.truth_scale)
         self._form = form
         box = QGroupBox("CAMELYON16 evaluation")
         blay = QVBoxLayout(box)
@@ -227,6 +246,7 @@ class EvaluateWidget(DockWidget):
         for w in (self.pred_combo, self.truth_combo):
             w.setEnabled(layers)
         for w in (self.pred_dir, self.truth_dir, self.negatives, self.out_dir, self.lesions,
+                  self.truth_scale,
                   self._browse_pred, self._browse_truth, self._browse_out):
             w.setEnabled(not layers)
 
@@ -236,7 +256,7 @@ class EvaluateWidget(DockWidget):
         # µm/px for detections that do not carry one (flat files): the open slide's
         return FrocConfig(dilation_um=self.dilation.value(), itc_um=self.itc.value(),
                           lesions=self.lesions.currentText(), n_boot=1000,
-                          mpp=self._slide_mpp())
+                          mpp=self._slide_mpp(), truth_scale=self.truth_scale.value())
 
     def _slide_layer(self):
         name = self.slide_combo.currentText()
@@ -274,10 +294,18 @@ class EvaluateWidget(DockWidget):
         else:
             prob = np.ones(len(coords))
         truth: Any = None
+        slide = self._slide_layer()
         if tname and tname != NO_TRUTH:
-            truth = self._truth_from_layer(self.viewer.layers[tname], mpp, META)
+            tl = self.viewer.layers[tname]
+            if slide is not None:
+                _check_units(tl, slide)
+            _check_units(pts, slide if slide is not None else tl)
+            truth = self._truth_from_layer(tl, mpp, META)
+        shape = None
+        if slide is not None and slide.metadata.get(META, {}).get("shape"):
+            shape = tuple(int(v) for v in slide.metadata[META]["shape"][:2])
         return {"coords": coords, "probability": prob, "truth": truth, "slide_mpp": mpp,
-                "slide": pname}
+                "slide": pname, "slide_shape": shape}
 
     def _truth_from_layer(self, layer, mpp: float | None, meta_key: str) -> Any:
         from ..io.annotations import Polygon
@@ -330,7 +358,7 @@ class EvaluateWidget(DockWidget):
                 def make():
                     job = evaluate_slide_job(inp["coords"], inp["probability"], inp["truth"],
                                              slide=inp["slide"], slide_mpp=inp["slide_mpp"],
-                                             config=cfg)
+                                             slide_shape=inp["slide_shape"], config=cfg)
                     return _with_plots(job, None, ())
             else:
                 pred, truth = self.pred_dir.text().strip(), self.truth_dir.text().strip()

@@ -321,9 +321,86 @@ def _polygons_mask(polys, *, slide_mpp: float | None, eval_mpp: float | None,
     return np.isin(arr, tumour_values_), frame
 
 
+def check_same_frame(regions: Regions | None, slide_shape: tuple[int, int] | None, *,
+                     source: str = "ground truth", tolerance: float = 0.02) -> None:
+    """Refuse ground truth that does not lie on the slide the detections belong to.
+
+    The tumour regions (before the dilation margin) must lie inside the slide's level-0
+    extent, give or take ``tolerance`` of its size: CAMELYON16 polygons in level-0
+    coordinates against a 1/32 slide land 32× too far and are refused here instead of
+    giving FROC 0 and a false positive for every detection.
+    """
+    if regions is None or slide_shape is None or not regions.labels.any():
+        return
+    pad = regions.frame.downsample  # the dilation margin reaches a little past the tumour
+    lab = regions.labels > 0
+    rows, cols = np.flatnonzero(lab.any(axis=1)), np.flatnonzero(lab.any(axis=0))
+    d, (oy, ox) = regions.frame.downsample, regions.frame.origin
+    y0, y1 = oy + rows[0] * d, oy + (rows[-1] + 1) * d
+    x0, x1 = ox + cols[0] * d, ox + (cols[-1] + 1) * d
+    _check_bbox((y0, x0, y1, x1), slide_shape, source=source,
+                margin=pad + _margin_px(regions), tolerance=tolerance)
+
+
+def _check_bbox(bbox, slide_shape, *, source: str, margin: float = 0.0,
+                tolerance: float = 0.02) -> None:
+    y0, x0, y1, x1 = bbox
+    h, w = slide_shape
+    my, mx = tolerance * h + margin, tolerance * w + margin
+    if y0 < -my or x0 < -mx or y1 > h + my or x1 > w + mx:
+        raise InputError(
+            f"{source}: the tumour lies at rows {y0:.0f}-{y1:.0f}, cols {x0:.0f}-{x1:.0f} "
+            f"(level-0 px), outside the {h}×{w} px slide the detections are on: truth and "
+            "detections do not share a frame (e.g. polygons in level-0 coordinates of the "
+            "full scan against a low-resolution slide: set the truth scale, e.g. 1/32)")
+
+
+def check_detections_on_slide(coords: np.ndarray, slide_shape: tuple[int, int] | None, *,
+                              source: str = "detections", tolerance: float = 0.02) -> None:
+    """Refuse detections most of which lie outside the slide (another frame)."""
+    c = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    if slide_shape is None or not len(c):
+        return
+    h, w = slide_shape
+    out = ((c[:, 0] < -tolerance * h) | (c[:, 0] > h * (1 + tolerance))
+           | (c[:, 1] < -tolerance * w) | (c[:, 1] > w * (1 + tolerance)))
+    if out.mean() > 0.5:
+        raise InputError(
+            f"{source}: {int(out.sum())} of {len(c)} detections lie outside the {h}×{w} px "
+            "slide: detections and slide do not share a frame (level-0 pixels expected)")
+
+
+def _check_polygons(polys, slide_shape, *, source: str) -> None:
+    """:func:`check_same_frame` for polygons, before they are rasterised (cheap)."""
+    if slide_shape is None or not polys:
+        return
+    v = np.concatenate([p.vertices for p in polys])
+    y0, x0 = v.min(axis=0)
+    y1, x1 = v.max(axis=0)
+    _check_bbox((y0, x0, y1, x1), slide_shape, source=source)
+
+
+def _margin_px(regions: Regions) -> float:
+    mpp = regions.frame.slide_mpp
+    return 0.0 if not mpp else DILATION_UM / 2 / mpp
+
+
 def load_truth(source: Any, *, slide_mpp: float | None = None,
                slide_shape: tuple[int, int] | None = None,
                config: FrocConfig | None = None) -> Regions | None:
+    """Evaluation regions of one slide, or ``None`` for an explicitly tumour-free slide.
+
+    As :func:`_load_truth`, then :func:`check_same_frame` when the slide's shape is known.
+    """
+    regions = _load_truth(source, slide_mpp=slide_mpp, slide_shape=slide_shape, config=config)
+    name = str(source) if isinstance(source, (str, Path)) else "ground truth"
+    check_same_frame(regions, slide_shape, source=name)
+    return regions
+
+
+def _load_truth(source: Any, *, slide_mpp: float | None = None,
+                slide_shape: tuple[int, int] | None = None,
+                config: FrocConfig | None = None) -> Regions | None:
     """Evaluation regions of one slide, or ``None`` for an explicitly tumour-free slide.
 
     Parameters
@@ -359,6 +436,7 @@ def load_truth(source: Any, *, slide_mpp: float | None = None,
             return None
         return evaluation_regions(*_reduce(m, fr, cfg.eval_mpp), **reg)
     if isinstance(source, (list, tuple)) and all(isinstance(p, Polygon) for p in source):
+        _check_polygons(list(source), slide_shape, source=name)
         r = _polygons_mask(list(source), slide_mpp=mpp, eval_mpp=cfg.eval_mpp,
                            dilation_um=cfg.dilation_um, source=name)
         return None if r is None else evaluation_regions(*r, **reg, clip_to_mask=False)
@@ -368,13 +446,19 @@ def load_truth(source: Any, *, slide_mpp: float | None = None,
     low = path.name.lower()
     if path.is_dir() or low.endswith(".zarr"):
         lm = read_label_raster(path)
-        return load_truth(lm, slide_mpp=mpp, slide_shape=slide_shape, config=cfg)
+        return _load_truth(lm, slide_mpp=mpp, slide_shape=slide_shape, config=cfg)
     if low.endswith(_MASK_SUFFIXES):
         shape0, read = _mask_levels(path)
         if cfg.mask_downsample:
             base = float(cfg.mask_downsample)
         elif slide_shape is not None:
-            base = (slide_shape[0] / shape0[0] + slide_shape[1] / shape0[1]) / 2
+            fy, fx = slide_shape[0] / shape0[0], slide_shape[1] / shape0[1]
+            if abs(fy - fx) > 0.05 * max(fy, fx):
+                raise InputError(
+                    f"{path}: the mask ({shape0[0]}×{shape0[1]} px) does not have the aspect "
+                    f"ratio of the slide ({slide_shape[0]}×{slide_shape[1]} px): it is not "
+                    "this slide's mask, or not in its frame")
+            base = (fy + fx) / 2
         else:
             raise InputError(f"{path}: the slide size is unknown, so the mask's resolution is "
                              "unknown (give --mask-downsample, e.g. 32 for a level-5 mask)")
@@ -382,11 +466,12 @@ def load_truth(source: Any, *, slide_mpp: float | None = None,
         arr, level_ds = read(want)
         fr = SlideFrame(downsample=base * level_ds, slide_mpp=mpp,
                         slide_shape=None if slide_shape is None else tuple(slide_shape))
-        return load_truth((arr > 0, fr), slide_mpp=mpp, config=cfg)
+        return _load_truth((arr > 0, fr), slide_mpp=mpp, config=cfg)
     if low.endswith(_POLYGON_SUFFIXES):
         if _is_empty_annotation(path):
             return None
         polys = read_polygons(path, scale=cfg.truth_scale)
+        _check_polygons(polys, slide_shape, source=str(path))
         r = _polygons_mask(polys, slide_mpp=mpp, eval_mpp=cfg.eval_mpp,
                            dilation_um=cfg.dilation_um, source=str(path))
         return None if r is None else evaluation_regions(*r, **reg, clip_to_mask=False)
@@ -402,9 +487,16 @@ def _mask_levels(path: Path):
     if low.endswith((".tif", ".tiff")):
         import tifffile
 
+        from ..io.annotations import mask_problem
+
         with tifffile.TiffFile(path) as tf:
             s = tf.series[0]
             shapes = [tuple(lv.shape[:2]) for lv in getattr(s, "levels", [s])]
+            last = list(getattr(s, "levels", [s]))[-1]
+            coarsest = last.asarray() if np.prod(last.shape[:2]) <= 4096 ** 2 else None
+        why = None if coarsest is None else mask_problem(coarsest)
+        if why is not None:
+            raise InputError(f"{path}: {why}")
 
         def read_tiff(want: float) -> tuple[np.ndarray, float]:
             dss = [shapes[0][0] / sh[0] for sh in shapes]
@@ -417,11 +509,16 @@ def _mask_levels(path: Path):
         return shapes[0], read_tiff
     from PIL import Image
 
+    from ..io.annotations import mask_problem
+
     try:
         with Image.open(path) as im:
             arr = np.asarray(im)
     except OSError as e:
         raise InputError(f"{path}: not a readable mask image ({e})") from e
+    why = mask_problem(arr)
+    if why is not None:
+        raise InputError(f"{path}: {why}")
     arr = arr[..., 0] if arr.ndim == 3 else arr
     return arr.shape[:2], lambda _want: (arr, 1.0)
 
@@ -1017,6 +1114,7 @@ def evaluate_folders_job(pred_dir: str | Path, truth_dir: str | Path,
                             "prediction": p.source, "truth": ""})
             continue
         try:
+            check_detections_on_slide(p.coords, p.slide_shape, source=p.source)
             regions = None if t is None else load_truth(
                 t, slide_mpp=p.slide_mpp, slide_shape=p.slide_shape, config=cfg)
             if regions is not None and key in neg:
@@ -1047,6 +1145,7 @@ def evaluate_slide_job(coords: np.ndarray, probability: np.ndarray, truth: Any, 
     """
     cfg = config or FrocConfig()
     yield Progress(0, 2, "ground-truth regions")
+    check_detections_on_slide(coords, slide_shape, source=slide)
     regions = None if truth is None else load_truth(truth, slide_mpp=slide_mpp,
                                                     slide_shape=slide_shape, config=cfg)
     yield Progress(1, 2, "matching detections")
@@ -1164,4 +1263,5 @@ __all__ = ["DILATION_UM", "FP_RATES", "ITC_UM", "EvaluationReport", "FrocConfig"
            "SlidePrediction", "SlideResult", "evaluate_folders_job", "evaluate_slide_job",
            "evaluation_regions", "find_predictions", "find_truth", "froc_curve",
            "froc_figure_png", "froc_score", "load_truth", "match_detections", "read_negatives",
-           "roc_figure_png", "slide_key", "slide_roc", "summarise", "write_report"]
+           "roc_figure_png", "slide_key", "slide_roc", "summarise", "write_report",
+           "check_same_frame", "check_detections_on_slide"]
