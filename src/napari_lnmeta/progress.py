@@ -76,3 +76,37 @@ class TextProgress:
         if final:
             self.stream.write("\n")
         self.stream.flush()
+
+
+def in_thread(fn: Callable[..., T], *args: Any, message: str = "", interval: float = 0.2,
+              **kwargs: Any) -> Job[T]:
+    """Run a long call that cannot yield (one NumPy/SciPy step) so that its job still can.
+
+    ``fn(*args, **kwargs)`` runs in a daemon thread; meanwhile this generator yields a
+    ``Progress(0, 0, "<message> <seconds> s")`` heartbeat every ``interval`` seconds and
+    finally returns ``fn``'s result (or raises its exception). A GUI that cancels at a
+    ``yield`` is thus answered within ``interval``, whatever ``fn`` is doing: the call
+    finishes in the background and its result is dropped.
+    """
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the job's caller below
+            box["error"] = e
+
+    t = threading.Thread(target=target, name=f"lnmeta:{message or fn.__name__}", daemon=True)
+    t0 = time.perf_counter()
+    t.start()
+    yield Progress(0, 0, message)
+    while True:
+        t.join(interval)
+        if not t.is_alive():
+            break
+        yield Progress(0, 0, f"{message} {time.perf_counter() - t0:.0f} s".strip())
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

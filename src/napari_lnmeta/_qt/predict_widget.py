@@ -15,8 +15,15 @@ in while the run goes, then pushes (by name, re-used across runs):
 
 The heatmap shows napari's colour bar.
 
-"Save results…" writes the same folder as ``lnmeta predict``. A cancelled or failed run
-renames its partial heatmap ``Tumour probability (incomplete)``.
+"Save results…" writes the same folder as ``lnmeta predict``.
+
+Re-runs: while a run goes, its heatmap fills in a separate ``Tumour probability
+(running)`` layer, so the layers of the last complete run stay as they were. When the
+run returns, its four layers replace the previous four together (each carries the run
+number in its metadata) and the running layer goes. A cancelled or failed run leaves
+the earlier result and *Save results…* untouched and renames its partial heatmap
+``Tumour probability (incomplete)``. The tissue mask is re-used when *Tissue & stain*
+(or an earlier run) computed it with the same parameters in this napari session.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ BUNDLED = "bundled model"
 FROM_FILE = "model file…"
 #: suffix of a heatmap layer left by a cancelled or failed run
 INCOMPLETE = "(incomplete)"
+#: suffix of the heatmap layer a run fills in while it goes
+RUNNING = "(running)"
 
 
 @dataclass
@@ -67,6 +76,7 @@ class PredictSession:
     prediction: Prediction | None = None
     partial_updates: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: int = 0
 
 
 class PredictWidget(DockWidget):
@@ -254,24 +264,32 @@ class PredictWidget(DockWidget):
             return None
         from .._napari.prediction_layers import HEATMAP_LAYER
 
-        stale = f"{HEATMAP_LAYER} {INCOMPLETE}"
-        if stale in self.viewer.layers:
-            self.viewer.layers.remove(stale)
+        for stale in (f"{HEATMAP_LAYER} {INCOMPLETE}", f"{HEATMAP_LAYER} {RUNNING}"):
+            if stale in self.viewer.layers:
+                self.viewer.layers.remove(stale)
         self.session.partial_updates = 0
-        self.session.prediction = None
+        self.session.run_id += 1
         self._returned = False
-        self.save_button.setEnabled(False)
-        self.summary.setText("")
+        self.save_button.setEnabled(False)  # until this run returns, or fails / is cancelled
+        self.summary.setText("running… (the layers of the last complete run stay until "
+                             "this one returns)" if self.session.prediction is not None
+                             else "")
         return self.panel.start(lambda: predict_job(slide, cfg), on_yielded=self._on_progress,
                                 on_returned=self._on_result, on_finished=self._on_finished)
 
     def _on_finished(self):
-        """A cancelled or failed run: its partial heatmap must not pass for a result."""
+        """A cancelled or failed run: its partial heatmap must not pass for a result, and
+        the last complete result (layers, Save) stays as it was."""
         from .._napari.prediction_layers import HEATMAP_LAYER
 
-        if not self._returned and self.session.partial_updates and \
-                HEATMAP_LAYER in self.viewer.layers:
-            self.viewer.layers[HEATMAP_LAYER].name = f"{HEATMAP_LAYER} {INCOMPLETE}"
+        running = f"{HEATMAP_LAYER} {RUNNING}"
+        if not self._returned:
+            if running in self.viewer.layers:
+                self.viewer.layers[running].name = f"{HEATMAP_LAYER} {INCOMPLETE}"
+            if self.session.prediction is not None:
+                self.save_button.setEnabled(True)
+                self.summary.setText("run stopped; the layers and Save are the last complete "
+                                     "run's")
 
     def check(self, slide: Slide, cfg: InferenceConfig) -> None:
         """Refuse a mismatched patch size / unknown tumour class before starting a run."""
@@ -286,21 +304,27 @@ class PredictWidget(DockWidget):
         if p.partial is None:
             return
         from .._napari.layers import add_or_update
-        from .._napari.prediction_layers import heatmap_layer_data, show_colorbar
+        from .._napari.prediction_layers import HEATMAP_LAYER, heatmap_layer_data, show_colorbar
 
         data, kw, kind = heatmap_layer_data(p.partial.probability, p.partial.frame,
-                                            opacity=self.opacity.value())
+                                            opacity=self.opacity.value(),
+                                            name=f"{HEATMAP_LAYER} {RUNNING}")
         show_colorbar(add_or_update(self.viewer, data, kw, kind))
         self.session.partial_updates += 1
 
     def _on_result(self, pred: Prediction):
-        from .._napari.layers import add_or_update
+        from .._napari.layers import META, add_or_update
         from .._napari.prediction_layers import HEATMAP_LAYER, prediction_layer_data, show_colorbar
 
         self._returned = True
         self.session.prediction = pred
+        # the four layers of this run replace the previous run's together
+        running = f"{HEATMAP_LAYER} {RUNNING}"
+        if running in self.viewer.layers:
+            self.viewer.layers.remove(running)
         for data, kw, kind in prediction_layer_data(pred, opacity=self.opacity.value(),
                                                     label_top=self.label_top.value()):
+            kw.setdefault("metadata", {}).setdefault(META, {})["run"] = self.session.run_id
             layer = add_or_update(self.viewer, data, kw, kind)
             if kw.get("name") == HEATMAP_LAYER:
                 show_colorbar(layer)

@@ -271,10 +271,10 @@ class TissueStainWidget(DockWidget):
                 "entropy_min": self.entropy_min.value() or None}
 
     def _tissue_job(self, slide: Slide, params: dict[str, Any]):
-        from ..core.tissue import tissue_mask
+        from ..core.tissue import tissue_mask_job
 
         yield Progress(0, 1, "tissue")
-        tm = tissue_mask(slide, **params)
+        tm = yield from tissue_mask_job(slide, **params)  # Detect metastases re-uses it
         yield Progress(1, 1, "tissue")
         return tm
 
@@ -311,11 +311,11 @@ class TissueStainWidget(DockWidget):
     def _grid_job(self, slide: Slide, tissue_params: dict[str, Any], params: dict[str, Any],
                   tissue: TissueMask | None):
         from ..core.tiling import make_grid_job
-        from ..core.tissue import tissue_mask
+        from ..core.tissue import tissue_mask_job
 
         if tissue is None:
             yield Progress(0, 1, "tissue")
-            tissue = tissue_mask(slide, **tissue_params)
+            tissue = yield from tissue_mask_job(slide, **tissue_params)
         grid = yield from make_grid_job(slide, tissue=tissue, **params)
         return tissue, grid
 

@@ -67,18 +67,24 @@ class JobPanel(QWidget):
         self.last_error = None
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.bar.setValue(0)
+        self.bar.setRange(0, 0)  # busy until the job's first step says how far it is
         self.status.setText("starting…")
         self._clear_stale_errors()
 
         def yielded(p):
             if isinstance(p, Progress):
-                self.bar.setValue(int(1000 * p.fraction))
-                self.status.setText(f"{p.message} {p.done}/{p.total}".strip())
+                if p.total:
+                    self.bar.setRange(0, 1000)
+                    self.bar.setValue(int(1000 * p.fraction))
+                    self.status.setText(f"{p.message} {p.done}/{p.total}".strip())
+                else:  # a step of unknown length: a busy bar that moves
+                    self.bar.setRange(0, 0)
+                    self.status.setText(p.message or "working…")
             if on_yielded is not None:
                 on_yielded(p)
 
         def returned(value):
+            self.bar.setRange(0, 1000)
             self.bar.setValue(1000)
             self.status.setText("done")
             if on_returned is not None:
@@ -95,6 +101,8 @@ class JobPanel(QWidget):
 
         def finished():
             self.worker = None
+            if self.bar.maximum() == 0:
+                self.bar.setRange(0, 1000)
             self.run_button.setEnabled(True)
             self.cancel_button.setEnabled(False)
             if on_finished is not None:

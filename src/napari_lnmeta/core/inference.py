@@ -1132,8 +1132,9 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
     """
     import torch
 
+    from ..progress import in_thread
     from .tiling import make_grid
-    from .tissue import tissue_mask
+    from .tissue import tissue_mask_job
 
     cfg = config or InferenceConfig()
     t0 = time.perf_counter()
@@ -1156,11 +1157,13 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
 
     t1 = time.perf_counter()
     yield Progress(0, 0, "detecting tissue")
-    if tissue is None:
-        tissue = tissue_mask(slide, target_mpp=cfg.tissue_mpp, method=cfg.tissue_method)
-    grid = make_grid(slide, patch_size=params["patch_size"], stride=params["stride"],
-                     mpp=params["mpp"], level=params["level"], tissue=tissue,
-                     min_tissue=cfg.min_tissue)
+    if tissue is None:  # a mask already computed with these parameters is re-used
+        tissue = yield from tissue_mask_job(slide, target_mpp=cfg.tissue_mpp,
+                                            method=cfg.tissue_method)
+    grid = yield from in_thread(make_grid, slide, patch_size=params["patch_size"],
+                                stride=params["stride"], mpp=params["mpp"],
+                                level=params["level"], tissue=tissue,
+                                min_tissue=cfg.min_tissue, message="patch grid")
     if len(grid) == 0:
         raise InputError(f"{slide.path}: no patch has at least {cfg.min_tissue:.0%} tissue "
                          f"(tissue covers {tissue.area_fraction:.1%} of the slide)")

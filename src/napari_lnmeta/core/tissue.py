@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,8 +36,6 @@ from ..errors import InputError
 from ..io.omezarr import SlideFrame
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from ..io.slide import Slide
 
 #: the methods :func:`tissue_mask_from_rgb` knows
@@ -610,3 +609,57 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
             v = None
         out[k] = v
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Re-use: one tissue mask per slide and parameters within a process
+# --------------------------------------------------------------------------------------
+#: the last few masks computed, keyed by :func:`tissue_key`
+_CACHE: dict[tuple, TissueMask] = {}
+_CACHE_SIZE = 4
+
+
+def tissue_key(slide: Slide, **params: Any) -> tuple:
+    """What makes two tissue masks equal: the file (path, size, mtime), its µm/px and every
+    parameter of :func:`tissue_mask` (defaults filled in)."""
+    import inspect
+
+    bound = inspect.signature(tissue_mask).bind(slide, **params)
+    bound.apply_defaults()
+    args = tuple(sorted((k, v) for k, v in bound.arguments.items() if k != "slide"))
+    p = Path(slide.path)
+    try:
+        st = p.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = None
+    return (str(p.resolve()), stamp, slide.mpp, args)
+
+
+def cached_tissue(slide: Slide, **params: Any) -> TissueMask | None:
+    """The mask already computed in this process for this slide and parameters, if any."""
+    return _CACHE.get(tissue_key(slide, **params))
+
+
+def remember_tissue(slide: Slide, mask: TissueMask, **params: Any) -> None:
+    """Keep ``mask`` for :func:`cached_tissue` (the last few only)."""
+    key = tissue_key(slide, **params)
+    _CACHE.pop(key, None)
+    _CACHE[key] = mask
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+
+
+def tissue_mask_job(slide: Slide, **params: Any):
+    """:func:`tissue_mask` as a job that answers Cancel at once and re-uses a mask already
+    computed in this process with the same parameters (the Tissue & stain widget's mask
+    serves Detect metastases)."""
+    from ..progress import Progress, in_thread
+
+    hit = cached_tissue(slide, **params)
+    if hit is not None:
+        yield Progress(1, 1, "tissue (already computed)")
+        return hit
+    tm = yield from in_thread(tissue_mask, slide, message="detecting tissue", **params)
+    remember_tissue(slide, tm, **params)
+    return tm
