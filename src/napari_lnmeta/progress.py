@@ -79,7 +79,7 @@ class TextProgress:
 
 
 def in_thread(fn: Callable[..., T], *args: Any, message: str = "", interval: float = 0.2,
-              **kwargs: Any) -> Job[T]:
+              beat: Progress | None = None, **kwargs: Any) -> Job[T]:
     """Run a long call that cannot yield (one NumPy/SciPy step) so that its job still can.
 
     ``fn(*args, **kwargs)`` runs in a daemon thread; meanwhile this generator yields a
@@ -87,6 +87,10 @@ def in_thread(fn: Callable[..., T], *args: Any, message: str = "", interval: flo
     finally returns ``fn``'s result (or raises its exception). A GUI that cancels at a
     ``yield`` is thus answered within ``interval``, whatever ``fn`` is doing: the call
     finishes in the background and its result is dropped.
+
+    With ``beat``, the heartbeats are that ``Progress`` (e.g. the patches done so far, so
+    that a progress bar does not flicker) and nothing is yielded before the first
+    ``interval`` has passed: cheap enough to wrap every batch of a loop.
     """
     import threading
 
@@ -101,12 +105,14 @@ def in_thread(fn: Callable[..., T], *args: Any, message: str = "", interval: flo
     t = threading.Thread(target=target, name=f"lnmeta:{message or fn.__name__}", daemon=True)
     t0 = time.perf_counter()
     t.start()
-    yield Progress(0, 0, message)
+    if beat is None:
+        yield Progress(0, 0, message)
     while True:
         t.join(interval)
         if not t.is_alive():
             break
-        yield Progress(0, 0, f"{message} {time.perf_counter() - t0:.0f} s".strip())
+        yield beat if beat is not None else Progress(
+            0, 0, f"{message} {time.perf_counter() - t0:.0f} s".strip())
     if "error" in box:
         raise box["error"]
     return box["value"]

@@ -1130,8 +1130,6 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
     InputError
         No tissue, unknown µm/px where one is needed, a CUDA device that is not there.
     """
-    import torch
-
     from ..progress import in_thread
     from .tiling import make_grid
     from .tissue import tissue_mask_job
@@ -1139,9 +1137,11 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
     cfg = config or InferenceConfig()
     t0 = time.perf_counter()
     timing: dict[str, Any] = {}
-    device = resolve_device(cfg.device)
-    yield Progress(0, 0, "loading model")
-    net, meta, mpath = load_inference_model(cfg, device, model, info=timing)
+    yield Progress(0, 0, "loading model")  # at once: the bar moves in the first second
+    device = yield from in_thread(resolve_device, cfg.device, message="loading model")
+    import torch  # imported by resolve_device: instant here
+    net, meta, mpath = yield from in_thread(load_inference_model, cfg, device, model,
+                                            message="loading model", info=timing)
     mname = str(mpath) if mpath else "model"
     params, warns = plan_read(slide, meta, cfg, model_path=mname)
     from ..models.spatial import context_size
@@ -1281,7 +1281,11 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
 
     try:
         for idx, x_host, slot in reader:
-            p_dev = forward(x_host)
+            if cuda:  # queued asynchronously: returns at once
+                p_dev = forward(x_host)
+            else:  # a CPU batch may take seconds: Cancel is still answered meanwhile
+                p_dev = yield from in_thread(forward, x_host, interval=0.25,
+                                             beat=Progress(n_done, total, "inference"))
             # On CUDA the previous batch's result is fetched after this one is queued, so
             # the GPU never idles while Python copies results.
             if pending is not None:
