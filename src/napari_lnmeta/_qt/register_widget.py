@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
 from .._napari.layers import canvas_size, layer_kind, viewer_camera
 from ..errors import InputError
 from .base import DockWidget
-from .worker import JobPanel, float_spin
+from .worker import JobPanel, float_spin, int_spin
 
 if TYPE_CHECKING:
     import napari
@@ -164,6 +164,15 @@ class RegistrationSession:
     transform: Transform | None = None
 
 
+def default_threads() -> int:
+    """The widget's default CPU threads: 1 on a machine with at most 4 cores (the GUI's
+    threads share them; see docs/performance.md), else torch's own setting (0)."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 if (n or 1) <= 4 else 0
+
+
 class RegisterWidget(DockWidget):
     """Dock widget: register an IHC layer onto an H&E layer and judge the fit."""
 
@@ -181,6 +190,11 @@ class RegisterWidget(DockWidget):
         self.mode.setCurrentText("nonrigid")
         self.allow_flip = QCheckBox("try mirrored IHC (slide upside down)")
         self.allow_flip.setChecked(True)
+        self.threads = int_spin(0, 256, default_threads(), special="auto")
+        self.threads.setToolTip(
+            "CPU threads for the registration (lnmeta register --threads). On a machine "
+            "with few cores, 1 is fastest: napari's own threads share the cores, and "
+            "torch's threads then wait on each other. 'auto' keeps torch's setting.")
 
         self.opacity = QSlider(Qt.Horizontal)
         self.opacity.setRange(0, 100)
@@ -210,6 +224,7 @@ class RegisterWidget(DockWidget):
         form.addRow("IHC (moving)", self.moving_combo)
         form.addRow("mode", self.mode)
         form.addRow(self.allow_flip)
+        form.addRow("CPU threads", self.threads)
         lay.addLayout(form)
         lay.addWidget(self.panel)
 
@@ -275,7 +290,8 @@ class RegisterWidget(DockWidget):
         from ..core.registration import RegistrationConfig
 
         return RegistrationConfig(mode=self.mode.currentText(),
-                                  allow_flip=self.allow_flip.isChecked())
+                                  allow_flip=self.allow_flip.isChecked(),
+                                  threads=self.threads.value() or None)
 
     def run_registration(self) -> None:
         """Register the IHC layer onto the H&E layer (a job with progress and Cancel)."""
