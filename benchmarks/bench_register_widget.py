@@ -67,11 +67,10 @@ def widget_time(viewer, threads: int) -> float:
 
 
 def main(argv: list[str]) -> int:
-    import napari
-
-    from napari_lnmeta._qt.register_widget import default_threads
-
     import os
+
+    import napari
+    from napari_lnmeta._qt.register_widget import default_threads
 
     viewer = napari.Viewer(show=os.environ.get("LNMETA_BENCH_HIDDEN") is None)
     with warnings.catch_warnings():

@@ -78,7 +78,10 @@ class PixelSizeWidget(QWidget):
 
     def _layer(self):
         name = self.layer_combo.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        for ly in self.viewer.layers:
+            if ly.name == name:
+                return ly
+        return None
 
     def _layer_changed(self, _name: str) -> None:
         from .._napari.units import layer_mpp
