@@ -160,3 +160,17 @@ def test_result_store_written_by_hand_keeps_frame(make_napari_viewer, tmp_path):
     (ly,) = viewer.open(p, plugin="napari-lnmeta")
     assert tuple(np.round(np.asarray(ly.get_color(1)) * 255)) == (255, 0, 0, 255)
     assert tuple(ly.scale) == pytest.approx((8.0, 8.0))
+
+
+def test_mil_folder_opens_attention_styled(make_napari_viewer, tmp_path):
+    out = tmp_path / "mil"
+    out.mkdir()
+    frame = SlideFrame(downsample=64, slide_mpp=0.5, slide="s", slide_shape=(640, 640))
+    att = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
+    write_ome_zarr(out / "attention.ome.zarr", att, frame=frame, kind="image",
+                   attrs={"mil": {"classes": ["normal", "tumour"], "probabilities": [0.2, 0.8]}})
+    (out / "summary.json").write_text(json.dumps({"probabilities": {"tumour": 0.8}}))
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(out, plugin="napari-lnmeta")
+    assert layer.colormap.name == "inferno" and layer.opacity == pytest.approx(0.6)
+    assert tuple(layer.scale) == pytest.approx((32.0, 32.0))
