@@ -130,3 +130,16 @@ def test_bad_annotation_files(tmp_path):
         read_polygons(tmp_path / "missing.geojson")
     with pytest.raises(InputError, match="unknown annotation format"):
         read_polygons(tmp_path / "x.txt")
+
+
+def test_a_picture_is_not_a_label_mask(tmp_path, camelyon):
+    """An RGB thumbnail saved as a mask is refused (not read as its red channel)."""
+    from PIL import Image
+
+    from napari_lnmeta.errors import InputError
+
+    rgb = np.asarray(Image.open(camelyon / "tumor_001_level5.tif").convert("RGB"))[::8, ::8]
+    p = tmp_path / "tumor_001_mask.png"
+    Image.fromarray(np.ascontiguousarray(rgb)).save(p)
+    with pytest.raises(InputError, match="colour"):
+        load_labels(p, slide_shape=(7168, 3072), slide_mpp=7.776)

@@ -553,6 +553,9 @@ def load_labels(source: Any, *, slide_shape: tuple[int, int], slide_mpp: float |
 
         with Image.open(path) as im:
             arr = np.asarray(im)
+        why = mask_problem(arr)
+        if why is not None:  # a picture saved as *_mask.png: refuse, never "evaluate" it
+            raise InputError(f"{path}: {why}")
         if arr.ndim == 3:
             arr = arr[..., 0]
         if names is None and set(np.unique(arr)) <= {0, 255}:
