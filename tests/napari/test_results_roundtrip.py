@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from tests._inference_helpers import make_synthetic_slide, small_model_file
 
 from napari_lnmeta._napari.prediction_layers import (
     BINARY_LAYER,
@@ -18,20 +17,39 @@ from napari_lnmeta._napari.prediction_layers import (
 from napari_lnmeta._napari.reader import napari_get_reader
 from napari_lnmeta.io.omezarr import SlideFrame, read_ome_zarr, write_ome_zarr
 
+_MAKE_FOLDER = """
+import sys
+from pathlib import Path
+from tests._inference_helpers import make_synthetic_slide, small_model_file
+from napari_lnmeta.core.inference import InferenceConfig
+from napari_lnmeta.core.predict import predict_to_folder
+from napari_lnmeta.progress import run
+
+d, camelyon = Path(sys.argv[1]), Path(sys.argv[2])
+synth = make_synthetic_slide(d, camelyon)
+model = small_model_file(d / "m.safetensors")
+cfg = InferenceConfig(model=str(model), device="cpu", batch_size=64, lesion_threshold=0.0)
+run(predict_to_folder(synth.path, d / "synthetic.lnmeta", cfg))
+"""
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, camelyon):
-    """A real ``lnmeta predict`` result folder (small model, synthetic slide)."""
-    from napari_lnmeta.core.inference import InferenceConfig
-    from napari_lnmeta.core.predict import predict_to_folder
-    from napari_lnmeta.progress import run
+    """A real ``lnmeta predict`` result folder (small model, synthetic slide), made in a
+    separate process: torch is never imported into this napari test process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
 
     d = tmp_path_factory.mktemp("pred")
-    synth = make_synthetic_slide(d, camelyon)
-    model = small_model_file(d / "m.safetensors")
-    cfg = InferenceConfig(model=str(model), device="cpu", batch_size=64, lesion_threshold=0.0)
-    run(predict_to_folder(synth.path, d / "synthetic.lnmeta", cfg))
-    return synth, d / "synthetic.lnmeta"
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(root), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", _MAKE_FOLDER, str(d), str(camelyon)], check=True,
+                   cwd=root, env=env, timeout=600)
+    return SimpleNamespace(path=d / "synthetic.ome.tif"), d / "synthetic.lnmeta"
 
 
 def test_prediction_folder_opens_as_all_its_layers_styled(make_napari_viewer, folder):

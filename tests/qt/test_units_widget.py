@@ -63,3 +63,25 @@ def test_apply_refuses_a_mask_of_another_shape(make_napari_viewer, cmu1):
     w.apply_to_others()
     assert "aspect ratio" in w.info.text()
     assert tuple(lab.scale) == (1.0, 1.0)
+
+
+def test_results_made_in_pixels_follow_their_slide(make_napari_viewer, camelyon):
+    from napari_lnmeta._napari.layers import frame_kwargs
+    from napari_lnmeta.io.omezarr import SlideFrame
+
+    viewer = make_napari_viewer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MppWarning)
+        (tif,) = viewer.open(camelyon / "tumor_001_level5_pyramid.tif", plugin="napari-lnmeta")
+    fr = SlideFrame(downsample=32, slide_mpp=None, slide=tif.name, slide_shape=(7168, 3072))
+    grid = viewer.add_labels(np.ones((224, 96), np.uint8), name="Tissue", **frame_kwargs(fr))
+    w = PixelSizeWidget(viewer)
+    w.layer_combo.setCurrentText(tif.name)
+    w.mpp.setValue(MPP5)
+    w.set_pixel_size()
+    w.apply_to_others()
+    assert "Tissue" in w.info.text()
+    # cell (i, j) covers slide pixels [32 i, 32 (i + 1)): its centre is slide pixel 32 i + 15.5
+    np.testing.assert_allclose(grid.data_to_world((10, 20)),
+                               tif.data_to_world((10 * 32 + 15.5, 20 * 32 + 15.5)))
+    assert grid.metadata["lnmeta"]["frame"]["slide_mpp"] == pytest.approx(MPP5)

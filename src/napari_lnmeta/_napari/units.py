@@ -8,6 +8,8 @@ Conventions (as everywhere in the plugin, see :mod:`napari_lnmeta.io.omezarr`):
   here is the GUI's ``--mpp``;
 * a **result** layer (a grid with a frame: heatmap, tissue mask...) is placed by
   ``layer_transform(frame)``; setting µm/px sets its slide's level-0 µm/px;
+* a result layer computed on a slide while its µm/px was unknown is re-placed when
+  that slide's µm/px is applied to the others;
 * any **other** layer (a mask PNG, a Labels layer painted by hand, Shapes or Points in
   level-0 pixels) gets ``scale = (value, value)``: µm per pixel of its own data.
 
@@ -20,6 +22,7 @@ pixels (QuPath, CAMELYON16 polygons).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -95,6 +98,17 @@ def set_layer_mpp(layer, mpp: float) -> None:
     layer.units = UM
 
 
+def _frame_of(layer, slide_layer) -> bool:
+    """A result layer whose frame belongs to ``slide_layer`` and has no µm/px yet."""
+    m = _meta(layer)
+    if "frame" not in m:
+        return False
+    fr = SlideFrame.from_json(m["frame"])
+    slide_path = _meta(slide_layer).get("path")
+    names = {slide_layer.name} | ({Path(slide_path).name} if slide_path else set())
+    return fr.slide_mpp is None and fr.slide in names
+
+
 def apply_slide_mpp(viewer: napari.Viewer, slide_layer, targets=None) -> list[str]:
     """Place the layers still in pixels (or ``targets``) over ``slide_layer`` in µm.
 
@@ -109,11 +123,14 @@ def apply_slide_mpp(viewer: napari.Viewer, slide_layer, targets=None) -> list[st
     if targets is None:
         targets = [ly for ly in viewer.layers
                    if ly is not slide_layer and not in_micrometres(ly)
-                   and "frame" not in _meta(ly) and not is_slide_layer(ly)]
+                   and not is_slide_layer(ly)
+                   and ("frame" not in _meta(ly) or _frame_of(ly, slide_layer))]
     placed = []
     for ly in targets:
         kind = ly._type_string
-        if kind in ("shapes", "points"):
+        if _frame_of(ly, slide_layer):  # a result computed on this slide in pixels
+            set_layer_mpp(ly, mpp)
+        elif kind in ("shapes", "points"):
             ly.scale = (mpp, mpp)
             ly.translate = (0.0, 0.0)
             m = dict(_meta(ly))
