@@ -466,11 +466,11 @@ def slide_grid_job(slide: Slide, config: FeatureConfig, info: BackboneInfo, *,
     """The patch grid features are computed on: tissue (and regions), entropy filter."""
     from ..io.annotations import read_polygons
     from .tiling import make_grid_job
-    from .tissue import tissue_mask
+    from .tissue import tissue_mask_job
 
     yield Progress(0, 1, "detecting tissue")
-    if tissue is None:
-        tissue = tissue_mask(slide, target_mpp=config.tissue_mpp)
+    if tissue is None:  # answers Cancel while it runs; re-uses a mask already computed
+        tissue = yield from tissue_mask_job(slide, target_mpp=config.tissue_mpp)
     mask = None
     if regions is not None:
         polys = [p for p in read_polygons(regions, scale=region_scale)
