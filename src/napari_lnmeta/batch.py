@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .io import jsonio
 from .progress import Progress
 
 RESULT_FILE = "result.json"
@@ -350,7 +351,7 @@ def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any])
                   "seconds": round(time.perf_counter() - t0, 3), "result": result,
                   **_units_of(item),
                   "host": os.uname().nodename, "pid": os.getpid()}
-        (tmp / RESULT_FILE).write_text(json.dumps(record, indent=2))
+        (tmp / RESULT_FILE).write_text(jsonio.dumps(record, indent=2))
         try:
             os.rename(tmp, final)  # atomic; fails if another run already finished it
         except OSError:
@@ -595,7 +596,7 @@ def run_batch(items: list[CohortItem], step: str, out: str | Path, *,
     write_summary(out, ordered)
     from .io.atomic import write_text_atomic
 
-    write_text_atomic(out / "cohort.json", json.dumps(
+    write_text_atomic(out / "cohort.json", jsonio.dumps(
         {"step": step, "params": params, "items": [asdict(i) for i in items]}, indent=2),
         overwrite=True)
     return CohortReport(out=out, records=ordered, dashboard=dashboard)

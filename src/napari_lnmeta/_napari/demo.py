@@ -20,7 +20,6 @@ metastasis, so its heatmap shows what the model makes of ordinary H&E tissue.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..core.inference import InferenceConfig
     from ..core.predict import predict_to_folder
+    from ..io import jsonio
     from ..io.slide import open_slide
     from ..progress import TextProgress, run
     from .sample import sample_path
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     slide = open_slide(sample_path("CMU-1-Small-Region.svs"))
     info = slide.info()
-    (out / "slide_info.json").write_text(json.dumps(info, indent=2))
+    (out / "slide_info.json").write_text(jsonio.dumps(info, indent=2))
     print(f"slide:   {slide.path} ({info['level_dimensions'][0][0]} x {info['level_dimensions'][0][1]} px, "
           f"{slide.mpp} µm/px)")
     cfg = InferenceConfig(stride=args.stride, tta=True, device="auto")

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import LnmetaError
+from ..io.validate import mpp_arg
 
 _COMMANDS: dict[str, tuple[str, Callable]] = {}
 
@@ -42,8 +43,9 @@ def command(name: str, *, help: str):
 
 def add_mpp(p: argparse.ArgumentParser) -> None:
     """The shared ``--mpp`` option: level-0 µm/px when the file does not say."""
-    p.add_argument("--mpp", type=float, default=None,
-                   help="level-0 pixel size in µm/px, overriding (or supplying) the file's")
+    p.add_argument("--mpp", type=mpp_arg("--mpp"), default=None,
+                   help="level-0 pixel size in µm/px, overriding (or supplying) the file's "
+                        "(finite, within [0.01, 1000])")
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:
@@ -90,8 +92,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)  # option types may refuse a value (pixel sizes)
         code = args._run(args)
     except LnmetaError as e:
         print(f"lnmeta: error: {e}", file=sys.stderr)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ..io import jsonio
+from ..io.validate import mpp_arg
 from . import add_overwrite, command
 
 _EPILOG_SLIDES = """\
@@ -56,7 +58,7 @@ def evaluate_slides(p):
                    help="tumour-free slides without a ground-truth file: a text/CSV file (one "
                         "slide per line; CAMELYON reference.csv keeps its Normal rows) or "
                         "comma-separated names")
-    p.add_argument("--mpp", type=float, default=None,
+    p.add_argument("--mpp", type=mpp_arg("--mpp"), default=None,
                    help="level-0 µm/px of the slides when the predictions do not say")
     p.add_argument("--truth-scale", type=float, default=1.0, metavar="S",
                    help="slide pixels per polygon-file pixel (e.g. 0.03125 for level-0 "
@@ -64,7 +66,7 @@ def evaluate_slides(p):
     p.add_argument("--mask-downsample", type=float, default=None, metavar="D",
                    help="level-0 pixels per mask pixel of PNG/TIFF masks (default: from the "
                         "slide size in summary.json)")
-    p.add_argument("--eval-mpp", type=float, default=7.776, metavar="UM",
+    p.add_argument("--eval-mpp", type=mpp_arg("--eval-mpp"), default=7.776, metavar="UM",
                    help="µm/px at which the rules are applied (polygons rasterised, finer "
                         "masks reduced); default CAMELYON16 level 5")
     p.add_argument("--dilation", type=float, default=75.0, metavar="UM",
@@ -86,7 +88,6 @@ def evaluate_slides(p):
     add_overwrite(p)
 
     def run(args):
-        import json
 
         from ..core.froc import FrocConfig, evaluate_folders_job, write_report
         from ..progress import TextProgress
@@ -117,7 +118,7 @@ def evaluate_slides(p):
         for n in rep.notes:
             print(f"lnmeta: note: {n}", file=sys.stderr)
         if args.json:
-            print(json.dumps(rep.to_json(), indent=1))
+            print(jsonio.dumps(rep.to_json(), indent=1))
         else:
             print(f"slides:    {len(rep.slides)} evaluated, {len(rep.skipped)} skipped")
             if rep.roc:
@@ -160,7 +161,7 @@ def separability(p):
                    help="safetensors weights for the backbone (e.g. converted ImageNet)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="resize patches to this side (default: A's first patch; 224 for slides)")
-    p.add_argument("--patch-mpp", type=float, default=None, metavar="UM",
+    p.add_argument("--patch-mpp", type=mpp_arg("--patch-mpp"), default=None, metavar="UM",
                    help="read slide patches at this µm/px (default level 0)")
     p.add_argument("--max-patches", type=int, default=500, help="per source (random subset)")
     p.add_argument("--stain", choices=("macenko", "vahadane", "reinhard", "none"),

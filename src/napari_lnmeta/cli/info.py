@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
+from ..io import jsonio
 from . import add_mpp, command
 
 
@@ -22,7 +22,7 @@ def info(p):
             slide = open_slide(args.slide, mpp=args.mpp)
         d = slide.info()
         if args.json:
-            print(json.dumps(d, indent=2))
+            print(jsonio.dumps(d, indent=2))
         else:
             print(f"file:        {d['path']}")
             print(f"format:      {d['format']}")

@@ -7,10 +7,11 @@ Thin wrappers over :mod:`napari_lnmeta.core.features`, :mod:`napari_lnmeta.train
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from ..io import jsonio
+from ..io.validate import mpp_arg
 from . import add_mpp, add_overwrite, command
 
 
@@ -35,14 +36,14 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-size", type=int, default=None,
                    help="patch side in pixels (default: the model file's, else 256)")
     g.add_argument("--stride", type=int, default=None, help="grid stride (default: patch size)")
-    g.add_argument("--patch-mpp", type=float, default=None,
+    g.add_argument("--patch-mpp", type=mpp_arg("--patch-mpp"), default=None,
                    help="read patches at this µm/px (default: the model file's, else --level)")
     g.add_argument("--level", type=int, default=None, help="read patches at this pyramid level")
     g.add_argument("--min-tissue", type=float, default=0.5,
                    help="minimum tissue fraction of a patch (default 0.5)")
     g.add_argument("--entropy-min", type=float, default=None,
                    help="drop patches whose grey-level entropy (bits) is lower (seed 003)")
-    g.add_argument("--tissue-mpp", type=float, default=10.0,
+    g.add_argument("--tissue-mpp", type=mpp_arg("--tissue-mpp"), default=10.0,
                    help="µm/px of tissue detection (default 10)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="patches per forward pass; 0 = as many as fit the free GPU memory")
@@ -395,7 +396,7 @@ def mil(p):
             print(f"note: {note}", file=sys.stderr)
         probs = ", ".join(f"{c}: {p:.3f}" for c, p in zip(res.classes, res.probabilities,
                                                           strict=True))
-        print(json.dumps({"slide": res.slide, "predicted": res.predicted}) + f"  ({probs})")
+        print(jsonio.dumps({"slide": res.slide, "predicted": res.predicted}) + f"  ({probs})")
         print(f"wrote {Path(args.out_dir) / 'attention.ome.zarr'} and "
               f"{Path(args.out_dir) / 'summary.json'}")
 

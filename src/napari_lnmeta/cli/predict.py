@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 
+from ..io import jsonio
+from ..io.validate import mpp_arg
 from . import add_mpp, add_overwrite, command
 
 
@@ -19,7 +20,7 @@ def predict(p):
     p.add_argument("--model", default=None, metavar="PATH",
                    help="model file (.safetensors); default: the bundled model")
     add_mpp(p)
-    p.add_argument("--patch-mpp", type=float, default=None, metavar="UM",
+    p.add_argument("--patch-mpp", type=mpp_arg("--patch-mpp"), default=None, metavar="UM",
                    help="read patches at this µm/px (default: the model's)")
     p.add_argument("--level", type=int, default=None, help="read this pyramid level instead")
     p.add_argument("--patch-size", type=int, default=None,
@@ -87,7 +88,7 @@ def predict(p):
             return 130
         s = pred.summary()
         if args.json:
-            print(json.dumps(s, indent=1, default=str))
+            print(jsonio.dumps(s, indent=1, default=str))
             return 0
         t = s["timing"]
         sc = s["score"]

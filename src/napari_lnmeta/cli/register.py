@@ -6,6 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..io.validate import mpp_arg
 from . import add_mpp, add_overwrite, command
 
 
@@ -24,9 +25,9 @@ def _add_pair(p) -> None:
     p.add_argument("fixed", help="the H&E slide (the grid results are written on)")
     p.add_argument("moving", help="the IHC slide (consecutive section)")
     add_mpp(p)
-    p.add_argument("--fixed-mpp", type=float, default=None,
+    p.add_argument("--fixed-mpp", type=mpp_arg("--fixed-mpp"), default=None,
                    help="level-0 µm/px of the fixed slide (overrides --mpp)")
-    p.add_argument("--moving-mpp", type=float, default=None,
+    p.add_argument("--moving-mpp", type=mpp_arg("--moving-mpp"), default=None,
                    help="level-0 µm/px of the moving slide (overrides --mpp)")
 
 
@@ -168,7 +169,7 @@ def transfer_mask_cmd(p):
     p.add_argument("--close-um", type=float, default=4.0, help="closing radius (µm, default 4)")
     p.add_argument("--fibrosis-um", type=float, default=None,
                    help="also label tissue within this distance of tumour as fibrosis (2)")
-    p.add_argument("--mask-mpp", type=float, default=2.0,
+    p.add_argument("--mask-mpp", type=mpp_arg("--mask-mpp"), default=2.0,
                    help="µm/px of the mask (default 2; ignored with --downsample)")
     p.add_argument("--downsample", type=float, default=None,
                    help="level-0 H&E px per mask px (default from --mask-mpp)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import warnings
 
+from ..io import jsonio
+from ..io.validate import mpp_arg
 from . import add_mpp, add_overwrite, command
 
 
@@ -79,7 +81,7 @@ def grid(p):
     p.add_argument("--stride", type=int, default=None, help="stride in read pixels "
                    "(default: the patch size)")
     res = p.add_mutually_exclusive_group()
-    res.add_argument("--patch-mpp", type=float, default=None,
+    res.add_argument("--patch-mpp", type=mpp_arg("--patch-mpp"), default=None,
                      help="read patches at this µm/px (default: level 0)")
     res.add_argument("--level", type=int, default=None, help="read patches at this level")
     p.add_argument("--min-tissue", type=float, default=0.5,
@@ -133,14 +135,13 @@ def stain_fit(p):
     p.add_argument("--method", choices=NORMALISERS, default="macenko")
     p.add_argument("--n-patches", type=int, default=32, help="random tissue patches used")
     p.add_argument("--patch-size", type=int, default=256)
-    p.add_argument("--patch-mpp", type=float, default=None,
+    p.add_argument("--patch-mpp", type=mpp_arg("--patch-mpp"), default=None,
                    help="read patches at this µm/px (default 1 when the slide is finer)")
     p.add_argument("--seed", type=int, default=0)
     add_mpp(p)
     add_overwrite(p)
 
     def run(args):
-        import json
 
         from ..core.stain import fit_slide_target
         from ..io.atomic import check_output
@@ -153,7 +154,7 @@ def stain_fit(p):
         d = t.to_json()
         shown = {k: d[k] for k in ("method", "stains", "max_conc", "lab_mean", "lab_std")
                  if d[k] is not None}
-        print(json.dumps(shown))
+        print(jsonio.dumps(shown))
         print(f"wrote {args.output} ({t.n_pixels} tissue pixels)")
 
     return run

@@ -12,11 +12,12 @@ A typical run::
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
+from ..io import jsonio
+from ..io.validate import mpp_arg
 from . import add_mpp, add_overwrite, command
 
 _EPILOG_PATCHES = """\
@@ -163,7 +164,7 @@ def make_patches(p: argparse.ArgumentParser):
     p.add_argument("--labels-mpp", type=float, action="append",
                    help="µm/px of the label file's coordinates (alternative to --labels-scale)")
     p.add_argument("--patch-size", type=int, default=90, help="patch side in px (default 90, seed 000)")
-    p.add_argument("--patch-mpp", type=float, default=None,
+    p.add_argument("--patch-mpp", type=mpp_arg("--patch-mpp"), default=None,
                    help="read patches at this µm/px (default: --level, else level 0)")
     p.add_argument("--level", type=int, default=None, help="pyramid level to read")
     p.add_argument("--stride", type=int, default=None, help="grid step in px (default: patch size)")
@@ -485,9 +486,9 @@ def evaluate(p: argparse.ArgumentParser):
                 from ..io.atomic import write_text_atomic
 
                 write_text_atomic(Path(args.out) / "delong.json",
-                                  json.dumps(out["compare"]["delong"], indent=2), overwrite=True)
+                                  jsonio.dumps(out["compare"]["delong"], indent=2), overwrite=True)
         if args.json:
-            print(json.dumps(out, indent=2, default=float))
+            print(jsonio.dumps(out, indent=2, default=float))
         else:
             print(f"{args.model}: {len(ps)} patches {out['counts']}")
             _print_metrics(ev.metrics)

@@ -15,9 +15,10 @@ file that ``lnmeta predict --model`` runs like any patch model::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from ..io import jsonio
+from ..io.validate import mpp_arg
 from . import add_mpp, add_overwrite, command
 
 _EPILOG = """\
@@ -46,7 +47,7 @@ def train_spatial(p: argparse.ArgumentParser):
     d.add_argument("--labels-mpp", type=float, action="append",
                    help="µm/px of the label file's coordinates (alternative to --labels-scale)")
     d.add_argument("--patch-size", type=int, default=16, help="patch (cell) side in px")
-    d.add_argument("--patch-mpp", type=float, default=None, help="read patches at this µm/px")
+    d.add_argument("--patch-mpp", type=mpp_arg("--patch-mpp"), default=None, help="read patches at this µm/px")
     d.add_argument("--level", type=int, default=None, help="pyramid level to read")
     d.add_argument("--stride", type=int, default=None, help="grid step in px (default: patch size)")
     d.add_argument("--positive-min", type=float, default=0.2)
@@ -180,7 +181,7 @@ def train_spatial(p: argparse.ArgumentParser):
             metrics = evaluate_binary(val_set.labels, probs[:, 1])
             (Path(args.out) / "eval").mkdir(parents=True, exist_ok=True)
             write_text_atomic(Path(args.out) / "eval" / "metrics.json",
-                              json.dumps({"n": len(val_set), "metrics": metrics}, indent=2,
+                              jsonio.dumps({"n": len(val_set), "metrics": metrics}, indent=2,
                                          default=float), overwrite=True)
             _print_metrics(metrics)
 

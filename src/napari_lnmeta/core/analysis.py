@@ -37,7 +37,6 @@ a mosaic with its :class:`~napari_lnmeta.io.omezarr.SlideFrame`, ready for a nap
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
+from ..io import jsonio
 from ..io.omezarr import SlideFrame
 from ..progress import Job, Progress
 
@@ -520,7 +520,7 @@ def write_separability(results: dict[str, SeparabilityResult], out_dir: str | Pa
          "results": {k: r.to_json() for k, r in results.items()},
          "reading": "accuracy near 0.5, ARI near 0 and silhouette near 0: the sources are "
                     "not separable by their features (seed 001)"}
-    paths["json"] = write_text_atomic(out / "separability.json", json.dumps(d, indent=1),
+    paths["json"] = write_text_atomic(out / "separability.json", jsonio.dumps(d, indent=1),
                                       overwrite=True)
     return paths
 

@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, LnmetaError, OutputExistsError
+from ..io import jsonio
 from ..io.omezarr import SlideFrame
 from ..progress import Job, Progress
 
@@ -1254,7 +1255,7 @@ def write_report(report: EvaluationReport, out_dir: str | Path, *, overwrite: bo
                                             overwrite=True)
     d = report.to_json()
     d["files"] = sorted(p.name for p in paths.values()) + ["report.json"]
-    paths["report"] = write_text_atomic(out / "report.json", json.dumps(d, indent=1),
+    paths["report"] = write_text_atomic(out / "report.json", jsonio.dumps(d, indent=1),
                                         overwrite=True)
     return paths
 

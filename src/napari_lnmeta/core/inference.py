@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError, ModelError
+from ..io import jsonio
 from ..progress import Job, Progress
 
 if TYPE_CHECKING:
@@ -1053,7 +1054,7 @@ class Checkpoint:
 
             if path.exists():
                 shutil.rmtree(path)
-            write_text_atomic(self.params_path, json.dumps(self.key, indent=1, sort_keys=True),
+            write_text_atomic(self.params_path, jsonio.dumps(self.key, indent=1, sort_keys=True),
                               overwrite=True)
             g = zarr.open_group(str(path), mode="w", zarr_format=2)
             ch = (min(256, grid_shape[0]), min(256, grid_shape[1]))

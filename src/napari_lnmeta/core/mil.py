@@ -20,7 +20,6 @@ patches (level-0 coordinates) and provenance.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError, ModelError, OutputExistsError
+from ..io import jsonio
 from ..progress import Job, Progress
 from .tiling import PatchGrid
 
@@ -165,7 +165,7 @@ class MILResult:
                                       "backbone": self.backbone,
                                       "grid": self.grid.meta(),
                                       "values": "relative attention (max 1), 0 = no patch"}})
-        write_text_atomic(summ, json.dumps(_jsonable(self.summary(top_k)), indent=1),
+        write_text_atomic(summ, jsonio.dumps(_jsonable(self.summary(top_k)), indent=1),
                           overwrite=overwrite)
         return {"attention": att, "summary": summ}
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
+from ..io import jsonio
 from ..progress import Progress
 
 if TYPE_CHECKING:
@@ -359,7 +360,7 @@ class Transform:
                                     inverse=self.field.inverse.astype(np.float32),
                                     origin=np.asarray(self.field.origin, np.float64),
                                     spacing=np.asarray(self.field.spacing, np.float64))
-        text = json.dumps(self.to_json(field_name), indent=2)
+        text = jsonio.dumps(self.to_json(field_name), indent=2)
         with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
             tmp.write_text(text, encoding="utf-8")
         return path

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..io import jsonio
+
 if TYPE_CHECKING:
     from ..io.slide import Slide
 
@@ -221,10 +223,23 @@ class StainTarget:
         if self.method not in NORMALISERS:
             raise ValueError(f"unknown stain normalisation {self.method!r} "
                              f"(choose from {', '.join(NORMALISERS)})")
-        for name in ("stains", "max_conc", "lab_mean", "lab_std"):
+        shapes = {"stains": (2, 3), "max_conc": (2,), "lab_mean": (3,), "lab_std": (3,)}
+        for name, shape in shapes.items():
             v = getattr(self, name)
             if v is not None:
-                setattr(self, name, np.asarray(v, dtype=np.float64))
+                try:
+                    a = np.asarray(v, dtype=np.float64)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{name} {v!r} is not numbers") from e
+                if a.shape != shape or not np.isfinite(a).all():
+                    raise ValueError(f"{name} must be {shape} finite numbers, got {v!r}")
+                setattr(self, name, a)
+        if self.lab_std is not None and not (self.lab_std > 0).all():
+            raise ValueError(f"lab_std must be > 0, got {self.lab_std.tolist()}")
+        for name in ("io", "alpha", "beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise ValueError(f"{name} {v!r} is not a finite number")
 
     def to_json(self) -> dict[str, Any]:
         def arr(v):
@@ -248,7 +263,7 @@ class StainTarget:
         """Write JSON atomically."""
         from ..io.atomic import write_text_atomic
 
-        return write_text_atomic(path, json.dumps(self.to_json(), indent=2) + "\n",
+        return write_text_atomic(path, jsonio.dumps(self.to_json(), indent=2) + "\n",
                                  overwrite=overwrite)
 
     @classmethod

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
+from ..io import jsonio
 from ..io.omezarr import SlideFrame
 from ..progress import Job, Progress, run
 from .tissue import TissueMask, box_fractions, integral_image
@@ -201,7 +202,7 @@ class PatchGrid:
 
         path = Path(path)
         arrays = {"coords": self.coords, "index": self.index,
-                  "meta": np.array(json.dumps(self.meta()))}
+                  "meta": np.array(jsonio.dumps(self.meta()))}
         if self.tissue is not None:
             arrays["tissue"] = np.asarray(self.tissue, dtype=np.float32)
         if self.entropy is not None:

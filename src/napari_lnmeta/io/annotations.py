@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from . import jsonio
 from .omezarr import SlideFrame
 
 #: class names treated as "not tumour" (explicitly annotated normal tissue or exclusions)
@@ -329,7 +330,7 @@ def write_geojson(path: str | Path, polygons: Iterable[Polygon], *, scale: float
         feats.append({"type": "Feature", "id": f"lnmeta-{i}",
                       "geometry": {"type": "Polygon", "coordinates": rings},
                       "properties": props})
-    text = json.dumps({"type": "FeatureCollection", "features": feats})
+    text = jsonio.dumps({"type": "FeatureCollection", "features": feats})
     return write_text_atomic(path, text, overwrite=overwrite)
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import SlideError
+from .validate import MPP_MAX, MPP_MIN, check_mpp, mpp_problem
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -107,9 +108,8 @@ class Slide:
 
     def __init__(self, path: str | Path, *, mpp: float | None = None):
         self.path = Path(path)
-        self._mpp_override = float(mpp) if mpp is not None else None
-        if self._mpp_override is not None and not (self._mpp_override > 0):
-            raise SlideError(self.path, f"--mpp must be a positive number, got {mpp}")
+        self._mpp_override = (None if mpp is None else
+                              check_mpp(mpp, what="--mpp", path=self.path, error=SlideError))
         self.level_shapes: list[tuple[int, int]] = []  # (height, width) per level
         self.properties: dict[str, Any] = {}
         self.vendor: str | None = None
@@ -518,12 +518,9 @@ class OpenSlideSlide(Slide):
         self.level_shapes = [(h, w) for w, h in self._osr.level_dimensions]
         self._downsamples = list(self._osr.level_downsamples)
         mx, my = props.get("openslide.mpp-x"), props.get("openslide.mpp-y")
-        try:
-            if mx and my and float(mx) > 0 and float(my) > 0:
-                self._file_mpp = (float(mx) + float(my)) / 2
-                self._file_mpp_source = "openslide.mpp"
-        except ValueError:
-            pass
+        if mx and my:
+            self._file_mpp = (_stored_mpp(mx) + _stored_mpp(my)) / 2
+            self._file_mpp_source = "openslide.mpp"
         if self._file_mpp is None:
             self._file_mpp, self._file_mpp_source = _tiff_resolution_mpp(self.path)
         try:
@@ -712,7 +709,7 @@ class TiffSlide(Slide):
                 unit = el.get("PhysicalSizeXUnit", "µm")
                 scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(unit)
                 if px and py and scale:
-                    self._file_mpp = (float(px) + float(py)) / 2 * scale
+                    self._file_mpp = (_stored_mpp(px) + _stored_mpp(py)) / 2 * scale
                     self._file_mpp_source = "ome.PhysicalSize"
                 break
         for el in root.iter():
@@ -1054,14 +1051,23 @@ class TileCache:
         return len(self._d)
 
 
+def _stored_mpp(value) -> float:
+    """A pixel size as stored in a file, as a float (NaN when it is not a number): the
+    one rule (:mod:`napari_lnmeta.io.validate`) is applied once the slide is open, so a
+    correct ``--mpp`` still overrides a broken stored value."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _aperio_desc_mpp(desc: str) -> tuple[float | None, str | None]:
     for part in desc.split("|"):
         k, _, v = part.partition("=")
         if k.strip() == "MPP":
-            try:
-                return float(v), "aperio.MPP"
-            except ValueError:
-                return None, None
+            return _stored_mpp(v), "aperio.MPP"
     return None, None
 
 
@@ -1086,24 +1092,18 @@ class ZarrSlide(Slide):
             self.format = "zarr"
         else:
             attrs = dict(node.attrs)
-            ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+            ome = attrs.get("ome")
+            ms = attrs.get("multiscales") or (ome.get("multiscales") if isinstance(ome, dict)
+                                              else None)
             if not ms:
                 raise SlideError(self.path, "zarr group without OME-NGFF 'multiscales' metadata")
-            ms0 = ms[0]
-            axes = [a["name"] if isinstance(a, dict) else a for a in ms0.get("axes", [])] or None
-            arrays = [node[d["path"]] for d in ms0["datasets"]]
-            scale0 = None
-            for t in ms0["datasets"][0].get("coordinateTransformations", []):
-                if t.get("type") == "scale":
-                    scale0 = t["scale"]
-            unit = None
-            for a in ms0.get("axes", []):
-                if isinstance(a, dict) and a.get("name") == "x":
-                    unit = a.get("unit")
-            if scale0 is not None and axes is not None and unit in ("micrometer", "µm", "um"):
-                sx = scale0[axes.index("x")]
-                sy = scale0[axes.index("y")]
-                self._file_mpp, self._file_mpp_source = (sx + sy) / 2, "ngff.scale"
+            try:
+                arrays, axes, scale0 = self._read_multiscales(node, ms)
+            except SlideError:
+                raise
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                raise SlideError(self.path, "malformed OME-NGFF 'multiscales' metadata "
+                                 f"({type(e).__name__}: {e})") from e
             self.properties = {"zarr.attrs": {k: v for k, v in attrs.items() if k != "multiscales"}}
         if axes is None:
             axes = ["y", "x", "c"] if arrays[0].ndim == 3 and arrays[0].shape[-1] in (3, 4) else \
@@ -1115,6 +1115,44 @@ class ZarrSlide(Slide):
             raise SlideError(self.path, f"pixel type {arrays[0].dtype} is not 8-bit RGB")
         self._arrays = arrays
         self.level_shapes = [(a.shape[axes.index("y")], a.shape[axes.index("x")]) for a in arrays]
+
+    def _read_multiscales(self, node, ms):
+        """Arrays, axis names and level-0 scale of an NGFF ``multiscales`` list."""
+        if not isinstance(ms, list) or not isinstance(ms[0], dict):
+            raise SlideError(self.path, "OME-NGFF 'multiscales' is not a list of objects")
+        ms0 = ms[0]
+        axes = [a["name"] if isinstance(a, dict) else a for a in ms0.get("axes", [])] or None
+        if axes is not None and not all(isinstance(a, str) for a in axes):
+            raise SlideError(self.path, f"OME-NGFF axes {axes!r} are not names")
+        datasets = ms0["datasets"]
+        if not isinstance(datasets, list) or not datasets:
+            raise SlideError(self.path, "OME-NGFF 'multiscales' lists no datasets")
+        arrays = []
+        for d in datasets:
+            a = node.get(str(d["path"])) if isinstance(d, dict) else None
+            if a is None or not hasattr(a, "shape"):
+                raise SlideError(self.path, f"OME-NGFF dataset {d!r} is not an array in the store")
+            arrays.append(a)
+        if axes is not None and (any(a.ndim != len(axes) for a in arrays) or "x" not in axes
+                                 or "y" not in axes):
+            raise SlideError(self.path, f"OME-NGFF axes {axes} do not fit the level-0 array "
+                             f"of shape {tuple(arrays[0].shape)}")
+        scale0 = None
+        for t in datasets[0].get("coordinateTransformations", []):
+            if t.get("type") == "scale":
+                scale0 = t["scale"]
+        unit = None
+        for a in ms0.get("axes", []):
+            if isinstance(a, dict) and a.get("name") == "x":
+                unit = a.get("unit")
+        if scale0 is not None and axes is not None and unit in ("micrometer", "µm", "um"):
+            if not isinstance(scale0, list) or len(scale0) != len(axes):
+                raise SlideError(self.path, f"NGFF scale {scale0!r} does not match the "
+                                 f"axes {axes}")
+            sx = _stored_mpp(scale0[axes.index("x")])
+            sy = _stored_mpp(scale0[axes.index("y")])
+            self._file_mpp, self._file_mpp_source = (sx + sy) / 2, "ngff.scale"
+        return arrays, axes, scale0
 
     def _read_level(self, level, y, x, h, w):
         arr = self._arrays[level]
@@ -1281,6 +1319,13 @@ def open_slide(path: str | Path, *, mpp: float | None = None,
     else:
         raise ValueError(f"unknown backend {kind!r}")
     _check_size(slide)
+    if slide._mpp_override is None and slide._file_mpp is not None:
+        problem = mpp_problem(slide._file_mpp)
+        if problem is not None:
+            slide.close()
+            raise SlideError(p, f"stored pixel size ({slide._file_mpp_source}): {problem}; "
+                             f"a pixel size must be finite and within [{MPP_MIN:g}, "
+                             f"{MPP_MAX:g}] µm/px (pass --mpp to give the right one)")
     if slide.mpp is None:
         warnings.warn(f"{p}: physical pixel size unknown; showing pixel units "
                       "(pass --mpp / mpp=... to set it)", MppWarning, stacklevel=2)

@@ -19,6 +19,7 @@ interrupted save leaves the previous file intact.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ModelError
+from ..io import jsonio
 from ..io.atomic import atomic_path
+from ..io.validate import MPP_MAX, MPP_MIN, mpp_problem
 
 if TYPE_CHECKING:
     import torch
@@ -76,17 +79,56 @@ class ModelMeta:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        """Validate every field (a model file's metadata is input like any other)."""
+        name = self.architecture
+
+        def bad(problem: str) -> ModelError:
+            return ModelError(name, f"model metadata: {problem}")
+
+        if not isinstance(self.architecture, str) or not self.architecture:
+            raise ModelError("model", f"model metadata: architecture {self.architecture!r} "
+                             "is not a name")
+        if not isinstance(self.classes, (list, tuple)) or not all(
+                isinstance(c, (str, int)) and not isinstance(c, bool) for c in self.classes):
+            raise bad(f"classes {self.classes!r} is not a list of names")
         self.classes = [str(c) for c in self.classes]
-        if len(self.classes) < 2 and self.head == "softmax":
-            raise ModelError(self.architecture, f"a softmax head needs >= 2 classes, got {self.classes}")
+        if len(set(self.classes)) != len(self.classes):
+            raise bad(f"classes {self.classes} repeat a name")
         if self.head not in ("softmax", "sigmoid"):
-            raise ModelError(self.architecture, f"head must be 'softmax' or 'sigmoid', got {self.head!r}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ModelError(self.architecture, "mean and std need 3 values (RGB)")
-        self.patch_size = int(self.patch_size)
-        self.mpp = None if self.mpp is None else float(self.mpp)
-        self.mean = [float(v) for v in self.mean]
-        self.std = [float(v) for v in self.std]
+            raise bad(f"head must be 'softmax' or 'sigmoid', got {self.head!r}")
+        if len(self.classes) < 2 and self.head == "softmax":
+            raise bad(f"a softmax head needs >= 2 classes, got {self.classes}")
+        if len(self.classes) < 1:
+            raise bad("no classes")
+        ps = self.patch_size
+        if isinstance(ps, bool) or not isinstance(ps, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(ps) or ps != int(ps) or not (1 <= int(ps) <= 8192):
+            raise bad(f"patch_size {ps!r} is not a whole number of pixels in [1, 8192]")
+        self.patch_size = int(ps)
+        if self.mpp is not None:
+            problem = mpp_problem(self.mpp)
+            if problem is not None or isinstance(self.mpp, str):
+                raise bad(f"mpp {self.mpp!r} is not a pixel size "
+                          f"({problem or 'a string, not a number'}; it must be finite and "
+                          f"within [{MPP_MIN:g}, {MPP_MAX:g}] µm/px)")
+            self.mpp = float(self.mpp)
+        for label in ("mean", "std"):
+            v = getattr(self, label)
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                raise bad(f"{label} {v!r} is not 3 numbers (RGB)")
+            vals = [float(x) for x in v]
+            if not all(math.isfinite(x) for x in vals):
+                raise bad(f"{label} {v!r} is not finite")
+            if label == "std" and not all(x > 0 for x in vals):
+                raise bad(f"std {v!r} must be > 0 (inputs are divided by it)")
+            setattr(self, label, vals)
+        norm = self.normalisation
+        if norm is not None and not (isinstance(norm, dict)
+                                     and isinstance(norm.get("method"), str)):
+            raise bad(f"normalisation {norm!r} is not an object with a 'method' name")
+        if not isinstance(self.extra, dict):
+            raise bad(f"extra {self.extra!r} is not an object")
 
     @property
     def num_outputs(self) -> int:
@@ -156,9 +198,40 @@ def read_meta(path: str | Path) -> ModelMeta:
         raise ModelError(path, "safetensors file without napari-lnmeta metadata (a bare state "
                          "dict); use it to initialise a model (--init) rather than as a model")
     try:
-        return ModelMeta.from_json(json.loads(md["lnmeta"]))
+        d = json.loads(md["lnmeta"])
     except (json.JSONDecodeError, TypeError) as e:
         raise ModelError(path, f"corrupt napari-lnmeta metadata ({e})") from e
+    return meta_from_json(d, path)
+
+
+def meta_from_json(d: Any, path: str | Path) -> ModelMeta:
+    """:meth:`ModelMeta.from_json` with every refusal naming the model file ``path``."""
+    if not isinstance(d, dict):
+        raise ModelError(path, "corrupt napari-lnmeta metadata (not a JSON object)")
+    missing = [k for k in ("architecture", "classes", "patch_size") if k not in d]
+    if missing:
+        raise ModelError(path, f"napari-lnmeta metadata lacks {', '.join(missing)}")
+    try:
+        meta = ModelMeta.from_json(d)
+    except ModelError as e:
+        raise ModelError(path, e.problem) from e
+    except (TypeError, ValueError) as e:
+        raise ModelError(path, f"corrupt napari-lnmeta metadata ({e})") from e
+    if meta.normalisation:
+        from ..core.stain import StainTarget
+
+        norm = meta.normalisation
+        td = norm.get("target")
+        try:
+            if td is not None:
+                if not isinstance(td, dict):
+                    raise TypeError(f"target {td!r} is not an object")
+                StainTarget.from_json({**td, "method": norm["method"]})
+            else:
+                StainTarget.default(norm["method"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(path, f"model metadata: invalid stain normalisation ({e})") from e
+    return meta
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -212,7 +285,7 @@ def save_model(path: str | Path, model: nn.Module, meta: ModelMeta, *, overwrite
         if half[dtype] is not None and t.is_floating_point():
             t = t.to(half[dtype])
         tensors[k] = t.contiguous().clone()
-    metadata = {"format": "pt", "lnmeta": json.dumps(meta.to_json()),
+    metadata = {"format": "pt", "lnmeta": jsonio.dumps(meta.to_json()),
                 "lnmeta_version": __version__}
     with atomic_path(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

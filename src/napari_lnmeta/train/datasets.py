@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError, SlideError
+from ..io import jsonio
 from ..io.annotations import NEGATIVE_NAMES, LabelMask, load_labels
 from ..progress import Job, Progress, run
 
@@ -397,7 +398,7 @@ class PatchSet:
         with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, slide_index=self.slide_index, coords=self.coords,
                                 labels=self.labels, fractions=self.fractions,
-                                meta=np.array(json.dumps(meta)))
+                                meta=np.array(jsonio.dumps(meta)))
         return Path(path)
 
     @classmethod

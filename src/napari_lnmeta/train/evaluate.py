@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..io import jsonio
 from ..models.io import ModelMeta, load_model
 from ..progress import Job, Progress
 from .datasets import PatchSet
@@ -93,7 +93,7 @@ def write_report(result: EvalResult, out_dir: str | Path, ps: PatchSet, *,
         check_output(out, overwrite=False)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    paths["metrics"] = write_text_atomic(out / "metrics.json", json.dumps(
+    paths["metrics"] = write_text_atomic(out / "metrics.json", jsonio.dumps(
         {"model": result.model, "classes": result.classes, "n": int(len(result.labels)),
          "counts": np.bincount(result.labels, minlength=len(result.classes)).tolist(),
          "metrics": result.metrics, "per_slide": result.per_slide}, indent=2, default=float),

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, ModelError
+from ..io import jsonio
 from ..io.atomic import write_text_atomic
 from ..models.io import ModelMeta, logits_to_probs, read_meta, read_safetensors, save_model
 from ..models.registry import build_model, count_parameters, set_train_mode
@@ -554,7 +555,7 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
         except ImportError:
             yield Progress(0, 1, "TensorBoard is not installed; logging to log.csv only")
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(
+    write_text_atomic(out / "config.json", jsonio.dumps(
         {"train": cfg.to_json(), "patches": patch_config or train_set.meta.get("config"),
          "model": meta.to_json(), "parameters": count_parameters(model),
          "trainable": count_parameters(model, trainable_only=True)}, indent=2, default=str),

@@ -27,7 +27,6 @@ Checkpoints in ``out_dir``: ``last.safetensors`` (every ``checkpoint_every`` epo
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
+from ..io import jsonio
 from ..progress import Job, Progress
 from .bags import BagSpec, MILSlide, check_enough, gather, make_bags, sample_bags
 
@@ -506,7 +506,7 @@ def _train_mil_job(slides: Sequence[MILSlide], config: MILTrainConfig, *,
         if out is not None and (epoch % max(1, config.checkpoint_every) == 0
                                 or epoch == config.epochs):
             save_mil(out / "last.safetensors", model, _with(info, epoch, rec), overwrite=True)
-            write_text_atomic(out / "history.json", json.dumps(_jsonable(history), indent=1),
+            write_text_atomic(out / "history.json", jsonio.dumps(_jsonable(history), indent=1),
                               overwrite=True)
         msg = f"epoch {epoch}: loss {rec['train_loss']:.3f}"
         if "val_auc" in rec:
@@ -538,7 +538,7 @@ def _train_mil_job(slides: Sequence[MILSlide], config: MILTrainConfig, *,
     if out is not None:
         model_path = save_mil(out / "best.safetensors", model, info, overwrite=True)
         write_text_atomic(out / "metrics.json",
-                          json.dumps(_jsonable({"metrics": metrics, "predictions": predictions,
+                          jsonio.dumps(_jsonable({"metrics": metrics, "predictions": predictions,
                                                 "config": config.to_json(),
                                                 "classes": classes,
                                                 "backbone": backbone.to_json()}), indent=1),

@@ -21,7 +21,6 @@ transform, so augmented labels stay under their cells. Output folder: ``last.saf
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..io import jsonio
 from ..io.atomic import write_text_atomic
 from ..models.io import ModelMeta, logits_to_probs, save_model
 from ..models.registry import count_parameters, set_train_mode
@@ -583,7 +583,7 @@ def train_spatial(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
     mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(
+    write_text_atomic(out / "config.json", jsonio.dumps(
         {"train_spatial": cfg.to_json(), "patches": meta.extra["patches"],
          "model": meta.to_json(), "parameters": count_parameters(model),
          "trainable": count_parameters(model, trainable_only=True)}, indent=2, default=str),
