@@ -23,9 +23,10 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
-from ..errors import LnmetaError
+from ..errors import LnmetaError, LnmetaWarning
 from ..io.validate import mpp_arg
 
 _COMMANDS: dict[str, tuple[str, Callable]] = {}
@@ -92,16 +93,30 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    try:
-        args = parser.parse_args(argv)  # option types may refuse a value (pixel sizes)
-        code = args._run(args)
-    except LnmetaError as e:
-        print(f"lnmeta: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lnmeta: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", LnmetaWarning)
+        warnings.showwarning = _show_warning
+        try:
+            args = parser.parse_args(argv)  # option types may refuse a value (pixel sizes)
+            code = args._run(args)
+        except LnmetaError as e:
+            print(f"lnmeta: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("lnmeta: interrupted", file=sys.stderr)
+            return 130
     return int(code or 0)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Repairs the user must know about (:class:`LnmetaWarning`) as one line on stderr."""
+    if issubclass(category, LnmetaWarning):
+        print(f"lnmeta: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -97,8 +98,13 @@ def read_points_csv(path: str | Path) -> tuple[list[str], list[list[str]], int, 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.reader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a text CSV (byte {e.start} is not UTF-8)") from e
+    except csv.Error as e:
+        raise InputError(f"{path}: not a readable CSV ({e})") from e
     if not rows:
         raise InputError(f"{path}: empty CSV")
     header = rows[0]
@@ -112,9 +118,12 @@ def read_points_csv(path: str | Path) -> tuple[list[str], list[list[str]], int, 
         if len(r) <= max(ix, iy):
             raise InputError(f"{path}: line {k} has {len(r)} columns, the header {len(header)}")
         try:
-            float(r[ix]), float(r[iy])
+            xy = float(r[ix]), float(r[iy])
         except ValueError as e:
             raise InputError(f"{path}: line {k}: X/Y must be numbers ({e})") from e
+        if not all(math.isfinite(v) for v in xy):
+            raise InputError(f"{path}: line {k}: X/Y must be finite numbers, got "
+                             f"{r[ix].strip()!r}, {r[iy].strip()!r}")
     return header, body, ix, iy
 
 
@@ -142,6 +151,13 @@ def warp_points(p):
         header, body, ix, iy = read_points_csv(args.points)
         pts = np.array([[float(r[iy]), float(r[ix])] for r in body], dtype=np.float64)
         out = t.fixed_to_moving(pts) if args.inverse else t.moving_to_fixed(pts)
+        bad = ~np.isfinite(np.asarray(out, dtype=np.float64).reshape(-1, 2)).all(axis=1)
+        if bad.any():
+            from ..errors import InputError
+
+            raise InputError(f"{args.transform}: maps {int(bad.sum())} of {len(pts)} points "
+                             f"of {args.points} to non-finite coordinates (first: point "
+                             f"{int(np.flatnonzero(bad)[0]) + 1}); nothing written")
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(header)

@@ -101,6 +101,25 @@ def truth_fractions(truth: Any, boxes: PatchBoxes, *, scale: float = 1.0) -> np.
                          origin=fr.origin)
 
 
+def check_truth(truth: Any, *, slide_shape: tuple[int, int], slide_mpp: float | None = None,
+                scale: float = 1.0) -> None:
+    """Read a ground-truth file once, coarsely, so a bad one fails before any long work.
+
+    Raises :class:`~napari_lnmeta.errors.InputError` naming the file and the problem;
+    in-memory sources (masks, polygons) are left to :func:`truth_fractions`.
+    """
+    from ..io.annotations import load_labels
+
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise InputError(f"truth scale {scale!r} must be a finite number > 0")
+    if not isinstance(truth, (str, Path)):
+        return
+    if not Path(truth).exists():
+        raise InputError(f"{truth}: no such ground-truth file")
+    load_labels(truth, slide_shape=slide_shape, slide_mpp=slide_mpp, scale=scale,
+                downsample=max(max(slide_shape) / 2048, 1.0))
+
+
 def _none_for_nan(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 

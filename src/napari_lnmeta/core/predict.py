@@ -328,6 +328,11 @@ def predict_to_folder(slide: Slide | str | Path, out_dir: str | Path,
     if not hasattr(slide, "read_region"):
         slide = open_slide(slide, mpp=mpp)
     cfg = config or InferenceConfig()
+    if truth is not None:  # a bad ground truth fails now, not after the whole inference
+        from .evaluation import check_truth
+
+        check_truth(truth, slide_shape=tuple(slide.level_shapes[0]), slide_mpp=slide.mpp,
+                    scale=truth_scale)
     out, has_partial = prepare_output(out_dir, overwrite=overwrite, inputs=(slide.path,))
     ckdir = out / PARTIAL
     result = yield from run_inference(

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import jsonio
+from ..io.validate import check_mpp
 from ..progress import Progress
 
 if TYPE_CHECKING:
@@ -375,19 +376,77 @@ class Transform:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise InputError(f"{path}: not a JSON transform ({e})") from e
-        if d.get("format") != FORMAT:
-            raise InputError(f"{path}: not an lnmeta transform (format={d.get('format')!r})")
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            fmt = d.get("format") if isinstance(d, dict) else None
+            raise InputError(f"{path}: not an lnmeta transform (format={fmt!r})")
+        try:
+            return cls._from_file_json(path, d)
+        except InputError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError) as e:
+            what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise InputError(f"{path}: malformed lnmeta transform ({what})") from e
+
+    @classmethod
+    def _from_file_json(cls, path: Path, d: dict[str, Any]) -> Transform:
+        """Validate every part of a transform file (see :meth:`load`)."""
+
+        def matrix(v: Any, name: str) -> np.ndarray:
+            m = np.asarray(v, dtype=np.float64)
+            if m.shape != (3, 3) or not np.isfinite(m).all():
+                raise InputError(f"{path}: '{name}' must be a 3x3 matrix of finite numbers")
+            if not np.allclose(m[2], [0, 0, 1]) or abs(np.linalg.det(m[:2, :2])) < 1e-12:
+                raise InputError(f"{path}: '{name}' is not an invertible affine matrix "
+                                 "(last row 0 0 1, non-zero determinant)")
+            return m
+
+        def slide_info(v: Any, name: str) -> SlideInfo:
+            if not isinstance(v, dict):
+                raise InputError(f"{path}: '{name}' is not an object")
+            info = SlideInfo.from_json(v)
+            if len(info.shape) != 2 or min(info.shape) <= 0:
+                raise InputError(f"{path}: '{name}.shape' {v.get('shape')!r} is not a "
+                                 "positive (height, width)")
+            if info.mpp is not None:
+                info.mpp = check_mpp(info.mpp, what=f"'{name}.mpp'", path=path)
+            return info
+
+        mode = d.get("mode", "affine")
+        if not isinstance(mode, str):
+            raise InputError(f"{path}: 'mode' {mode!r} is not a name")
+        metrics = d.get("metrics") or {}
+        if not isinstance(metrics, dict):
+            raise InputError(f"{path}: 'metrics' is not an object")
         fld = None
         if d.get("field"):
+            if not isinstance(d["field"], dict) or not isinstance(d["field"].get("file"), str):
+                raise InputError(f"{path}: 'field' must name its .npz file")
             fpath = path.with_name(d["field"]["file"])
             if not fpath.is_file():
                 raise InputError(f"{path}: its displacement field {fpath.name} is missing")
-            with np.load(fpath) as z:
-                fld = DisplacementField(tuple(z["origin"].tolist()), tuple(z["spacing"].tolist()),
-                                        z["forward"], z["inverse"])
-        return cls(np.asarray(d["matrix"]), SlideInfo.from_json(d["fixed"]),
-                   SlideInfo.from_json(d["moving"]), fld, d.get("mode", "affine"),
-                   d.get("metrics") or {}, d.get("pre"))
+            try:
+                with np.load(fpath) as z:
+                    origin, spacing = z["origin"], z["spacing"]
+                    fwd, inv = z["forward"], z["inverse"]
+            except (OSError, ValueError, KeyError, EOFError) as e:
+                raise InputError(f"{fpath}: not a readable displacement field ({e})") from e
+            origin = np.asarray(origin, dtype=np.float64).reshape(-1)
+            spacing = np.asarray(spacing, dtype=np.float64).reshape(-1)
+            if (origin.shape != (2,) or spacing.shape != (2,) or not np.isfinite(origin).all()
+                    or not np.isfinite(spacing).all() or not (spacing > 0).all()):
+                raise InputError(f"{fpath}: origin and spacing must be 2 finite numbers "
+                                 "(spacing > 0)")
+            if (fwd.ndim != 3 or fwd.shape[0] != 2 or fwd.shape != inv.shape
+                    or min(fwd.shape[1:]) < 1 or not np.isfinite(fwd).all()
+                    or not np.isfinite(inv).all()):
+                raise InputError(f"{fpath}: forward/inverse must be finite (2, H, W) arrays of "
+                                 "one shape")
+            fld = DisplacementField(tuple(origin.tolist()), tuple(spacing.tolist()),
+                                    fwd.astype(np.float32), inv.astype(np.float32))
+        pre = d.get("pre")
+        return cls(matrix(d["matrix"], "matrix"), slide_info(d["fixed"], "fixed"),
+                   slide_info(d["moving"], "moving"), fld, mode, metrics,
+                   None if pre is None else matrix(pre, "pre"))
 
 
 def invert_field(forward: np.ndarray, spacing: tuple[float, float],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, LnmetaWarning
 from . import jsonio
 from .omezarr import SlideFrame
 
@@ -156,7 +157,20 @@ def _load_json(path: Path) -> Any:
         raise InputError(f"{path}: not valid JSON ({e})") from e
 
 
+class AnnotationWarning(LnmetaWarning):
+    """An annotation was repaired on reading (non-finite vertices dropped)."""
+
+
 def _ring(points: Any, path: Path, what: str, xy: bool = True) -> np.ndarray:
+    """An ``(N, 2)`` ring from a file, validated.
+
+    Vertices with a non-finite coordinate (``NaN``/``Infinity``, an export glitch) are
+    dropped with an :class:`AnnotationWarning` naming the annotation and the count: the
+    annotated region keeps its other vertices instead of vanishing. A ring left with
+    fewer than 3 finite vertices is refused.
+    """
+    if isinstance(points, (str, bytes, dict)) or points is None:
+        raise InputError(f"{path}: {what}: coordinates are not a list of (x, y) pairs")
     try:
         arr = np.asarray(points, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -165,6 +179,16 @@ def _ring(points: Any, path: Path, what: str, xy: bool = True) -> np.ndarray:
         raise InputError(f"{path}: {what}: a polygon needs at least 3 (x, y) vertices, got "
                          f"shape {arr.shape}")
     arr = arr[:, :2]
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        n_bad, n = int((~finite).sum()), len(arr)
+        if int(finite.sum()) < 3:
+            raise InputError(f"{path}: {what}: {n_bad} of {n} vertices are not finite "
+                             "numbers; fewer than 3 remain, so the polygon cannot be repaired")
+        warnings.warn(f"{path}: {what}: dropped {n_bad} of {n} vertices that are not finite "
+                      f"numbers (kept the polygon with {n - n_bad} vertices)",
+                      AnnotationWarning, stacklevel=3)
+        arr = arr[finite]
     if len(arr) > 3 and np.array_equal(arr[0], arr[-1]):
         arr = arr[:-1]  # GeoJSON closes its rings
     return arr[:, ::-1].copy() if xy else arr
@@ -184,6 +208,8 @@ def read_camelyon_json(path: str | Path, *, scale: float = 1.0,
                          "'negative' lists)")
     out = []
     for key, label in (("positive", positive), ("negative", negative)):
+        if not isinstance(d.get(key) or [], list):
+            raise InputError(f"{path}: '{key}' is not a list of polygons")
         for i, item in enumerate(d.get(key) or []):
             if not isinstance(item, dict) or "vertices" not in item:
                 raise InputError(f"{path}: {key}[{i}] has no 'vertices'")
@@ -272,11 +298,19 @@ def read_geojson(path: str | Path, *, scale: float = 1.0, default_label: str = "
     else:
         raise InputError(f"{path}: not GeoJSON (expected a FeatureCollection, Feature or "
                          "Geometry)")
+    if not isinstance(feats, list):
+        raise InputError(f"{path}: GeoJSON 'features' is not a list")
     lmap = {k.lower(): v for k, v in (label_map or {}).items()}
     out = []
     for i, f in enumerate(feats):
-        geom = (f or {}).get("geometry") or {}
-        props = (f or {}).get("properties") or {}
+        if not isinstance(f, dict):
+            raise InputError(f"{path}: feature {i} is not a GeoJSON object")
+        geom = f.get("geometry") or {}
+        props = f.get("properties") or {}
+        if not isinstance(geom, dict):
+            raise InputError(f"{path}: feature {i}: 'geometry' is not an object")
+        if not isinstance(props, dict):
+            raise InputError(f"{path}: feature {i}: 'properties' is not an object")
         label = _geo_label(props, default_label)
         label = lmap.get(label.lower(), label)
         name = str(props.get("name") or f.get("id") or f"feature_{i}")
@@ -287,9 +321,14 @@ def read_geojson(path: str | Path, *, scale: float = 1.0, default_label: str = "
             polys = geom.get("coordinates") or []
         else:
             continue  # points, lines: not regions
+        if not isinstance(polys, list):
+            raise InputError(f"{path}: feature {name}: {typ} coordinates are not a list")
         for k, rings in enumerate(polys):
             if not rings:
                 continue
+            if not isinstance(rings, list):
+                raise InputError(f"{path}: feature {name}: {typ} rings are not lists of "
+                                 "(x, y) pairs")
             what = f"feature {name}" + (f" part {k}" if len(polys) > 1 else "")
             ext = _ring(rings[0], path, what) * scale
             holes = [_ring(r, path, what + " hole") * scale for r in rings[1:]]
@@ -552,8 +591,11 @@ def load_labels(source: Any, *, slide_shape: tuple[int, int], slide_mpp: float |
     if low.endswith((".png", ".tif", ".tiff", ".bmp")):
         from PIL import Image
 
-        with Image.open(path) as im:
-            arr = np.asarray(im)
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise InputError(f"{path}: not a readable label image ({e})") from e
         why = mask_problem(arr)
         if why is not None:  # a picture saved as *_mask.png: refuse, never "evaluate" it
             raise InputError(f"{path}: {why}")
