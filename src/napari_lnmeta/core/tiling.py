@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import jsonio
 from ..io.omezarr import SlideFrame
+from ..io.validate import check_mpp
 from ..progress import Job, Progress, run
 from .tissue import TissueMask, box_fractions, integral_image
 
@@ -225,14 +226,29 @@ class PatchGrid:
                 entropy = z["entropy"] if "entropy" in z.files else None
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"{path}: not a patch-grid file ({e})") from e
-        if meta.get("format") != GRID_FORMAT:
-            raise InputError(f"{path}: not a patch-grid file (format {meta.get('format')!r})")
-        return cls(coords=coords, index=index, grid_shape=tuple(meta["grid_shape"]),
-                   origin=tuple(meta["origin"]), patch_size=int(meta["patch_size"]),
-                   stride=int(meta["stride"]), downsample=float(meta["downsample"]),
-                   level=meta["level"], mpp=meta["mpp"], slide=meta["slide"],
-                   slide_shape=tuple(meta["slide_shape"]), tissue=tissue, entropy=entropy,
-                   params=meta.get("params", {}))
+        if not isinstance(meta, dict) or meta.get("format") != GRID_FORMAT:
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            raise InputError(f"{path}: not a patch-grid file (format {fmt!r})")
+        try:
+            grid = cls(coords=coords, index=index, grid_shape=tuple(meta["grid_shape"]),
+                       origin=tuple(meta["origin"]), patch_size=int(meta["patch_size"]),
+                       stride=int(meta["stride"]), downsample=float(meta["downsample"]),
+                       level=meta["level"], mpp=meta["mpp"], slide=meta["slide"],
+                       slide_shape=tuple(meta["slide_shape"]), tissue=tissue, entropy=entropy,
+                       params=meta.get("params", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise InputError(f"{path}: malformed patch-grid metadata ({what})") from e
+        ok = (grid.patch_size > 0 and grid.stride > 0 and math.isfinite(grid.downsample)
+              and grid.downsample > 0 and len(grid.grid_shape) == 2
+              and grid.coords.ndim == 2 and grid.coords.shape[1:] == (2,)
+              and grid.index.shape == grid.coords.shape)
+        if not ok:
+            raise InputError(f"{path}: malformed patch-grid metadata (sizes, downsample or "
+                             "array shapes do not fit)")
+        if grid.mpp is not None:
+            grid.mpp = check_mpp(grid.mpp, what="'mpp'", path=path)
+        return grid
 
 
 # ------------------------------------------------------------------------------------------

@@ -410,13 +410,73 @@ class PatchSet:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 arrays = {k: z[k] for k in ("slide_index", "coords", "labels", "fractions")}
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError) as e:
             raise InputError(f"{path}: not a patch-set file ({e})") from e
-        if meta.get("format") != PATCHSET_FORMAT:
-            raise InputError(f"{path}: not a patch-set file (format {meta.get('format')!r})")
-        slides = [SlideEntry(**e) for e in meta["slides"]]
-        return cls(slides, arrays["slide_index"], arrays["coords"], arrays["labels"],
-                   arrays["fractions"], meta["classes"], meta.get("meta"))
+        if not isinstance(meta, dict) or meta.get("format") != PATCHSET_FORMAT:
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            raise InputError(f"{path}: not a patch-set file (format {fmt!r})")
+        try:
+            return cls._from_file(path, meta, arrays)
+        except InputError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise InputError(f"{path}: malformed patch-set metadata ({what})") from e
+
+    @classmethod
+    def _from_file(cls, path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> PatchSet:
+        """Validate the metadata and arrays of a patch-set file (see :meth:`load`)."""
+        from ..io.validate import check_mpp
+
+        def bad(problem: str) -> InputError:
+            return InputError(f"{path}: malformed patch-set metadata: {problem}")
+
+        if not isinstance(meta["slides"], list):
+            raise bad("'slides' is not a list")
+        classes = meta["classes"]
+        if not isinstance(classes, list) or len(classes) < 2 or not all(
+                isinstance(c, str) for c in classes):
+            raise bad(f"'classes' {classes!r} is not a list of >= 2 names")
+        if meta.get("meta") is not None and not isinstance(meta["meta"], dict):
+            raise bad("'meta' is not an object")
+        known = set(SlideEntry.__dataclass_fields__)
+        slides = []
+        for i, e in enumerate(meta["slides"]):
+            if not isinstance(e, dict) or not {"path", "name", "patch_size", "level", "mpp",
+                                               "downsample", "slide_mpp"} <= set(e):
+                raise bad(f"slide {i} is not a complete slide entry")
+            if set(e) - known:
+                raise bad(f"slide {i} has unknown keys {sorted(set(e) - known)}")
+            if not isinstance(e["path"], str) or not isinstance(e["name"], str):
+                raise bad(f"slide {i}: 'path' and 'name' must be strings")
+            ps = e["patch_size"]
+            if isinstance(ps, bool) or not isinstance(ps, int) or not (1 <= ps <= 8192):
+                raise bad(f"slide {i}: patch_size {ps!r} is not a whole number of pixels")
+            if e["level"] is not None and (isinstance(e["level"], bool)
+                                           or not isinstance(e["level"], int) or e["level"] < 0):
+                raise bad(f"slide {i}: level {e['level']!r} is not a level number")
+            ds = e["downsample"]
+            if isinstance(ds, bool) or not isinstance(ds, (int, float)) or not (
+                    math.isfinite(ds) and ds > 0):
+                raise bad(f"slide {i}: downsample {ds!r} is not a finite number > 0")
+            for k in ("mpp", "slide_mpp", "mpp_override"):
+                if e.get(k) is not None:
+                    e[k] = check_mpp(e[k], what=f"slide {i} '{k}'", path=path)
+            slides.append(SlideEntry(**e))
+        si, labels = arrays["slide_index"], arrays["labels"]
+        coords, fr = arrays["coords"], arrays["fractions"]
+        for name, a in arrays.items():
+            if a.dtype.kind not in "iuf" or (a.dtype.kind == "f" and not np.isfinite(a).all()):
+                raise bad(f"array '{name}' is not finite numbers ({a.dtype})")
+        n = len(labels)
+        if labels.ndim != 1 or si.shape != (n,) or coords.shape != (n, 2) or fr.shape != (n,):
+            raise bad(f"arrays differ in length or shape (labels {labels.shape}, slide_index "
+                      f"{si.shape}, coords {coords.shape}, fractions {fr.shape})")
+        if n and (si.min() < 0 or si.max() >= len(slides)):
+            raise bad(f"slide_index outside 0..{len(slides) - 1}")
+        if n and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise bad(f"labels outside 0..{len(classes) - 1}")
+        return cls(slides, si, coords, labels, fr, classes, meta.get("meta"))
 
 
 # --------------------------------------------------------------------------------------
