@@ -36,6 +36,10 @@ def predict(p):
     p.add_argument("--decode", choices=("cpu", "device"), default="cpu",
                    help="decode JPEG tiles in the reader threads (default) or whole tiles "
                         "on the GPU (nvJPEG; pays when few CPU cores feed a fast GPU)")
+    p.add_argument("--on-corrupt-tile", choices=("fail", "skip"), default="fail",
+                   help="a stored tile that is damaged (fails to decode or the JPEG checks): "
+                        "fail naming the tile (default), or skip it and mark the cells it "
+                        "touches as unknown (NaN, counted in summary.json)")
     p.add_argument("--dtype", choices=("float16", "uint8"), default="float16",
                    help="storage type of the heatmap")
     p.add_argument("--tumour-class", default=None, help="name of the tumour class of the model")
@@ -77,7 +81,7 @@ def predict(p):
                               lesion_threshold=args.lesion_threshold,
                               lesion_radius_um=args.lesion_radius,
                               lesion_method=args.lesion_method, compile=args.compile,
-                              amp=not args.no_amp)
+                              amp=not args.no_amp, on_corrupt_tile=args.on_corrupt_tile)
         try:
             pred = drive(predict_to_folder(slide, args.out, cfg, overwrite=args.overwrite,
                                            truth=args.truth, truth_scale=args.truth_scale),
@@ -97,6 +101,13 @@ def predict(p):
         print(f"patches:   {s['counts']['patches']} ({s['counts']['positive_cells']} with p > 0.5; "
               f"tiers {s['counts']['tiers']})")
         print(f"lesions:   {s['counts']['lesions']}")
+        if s["counts"].get("unknown_cells"):
+            tiles = s["corrupt_tiles"]
+            shown = "; ".join(f"level {t['level']} tile {tuple(t['tile'])} rows "
+                              f"{t['region'][0]}-{t['region'][2]} cols {t['region'][1]}-"
+                              f"{t['region'][3]}" for t in tiles[:5])
+            print(f"unknown:   {s['counts']['unknown_cells']} cells (NaN) from "
+                  f"{len(tiles)} corrupt tile(s): {shown}" + (" ..." if len(tiles) > 5 else ""))
         rate = t.get("patches_per_s")
         print(f"time:      {t['total_s']:.1f} s total, inference {t['inference_s']:.1f} s"
               + (f" ({rate:.0f} patches/s)" if rate else "")

@@ -113,8 +113,8 @@ def to_storage(prob: np.ndarray, dtype: str = "float16") -> np.ndarray:
     p = np.clip(np.asarray(prob, dtype=np.float32), 0.0, 1.0)
     if dtype == "float16":
         return p.astype(np.float16)
-    if dtype == "uint8":
-        return np.round(p * 255).astype(np.uint8)
+    if dtype == "uint8":  # no NaN in uint8: unknown cells are 0 (see analysed.ome.zarr)
+        return np.round(np.nan_to_num(p, nan=0.0) * 255).astype(np.uint8)
     if dtype == "float32":
         return p
     raise ValueError(f"heatmap dtype must be 'float16', 'uint8' or 'float32', got {dtype!r}")

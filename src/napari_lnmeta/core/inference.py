@@ -116,6 +116,12 @@ class InferenceConfig:
         How often progress is saved to the checkpoint folder.
     partial_seconds
         How often a copy of the filling heatmap is attached to a progress step.
+    on_corrupt_tile
+        What a stored tile that fails to decode or the JPEG checks does
+        (:class:`~napari_lnmeta.io.slide.CorruptTileError`, docs/formats.md): ``"fail"``
+        stops the run with an error naming the tile; ``"skip"`` marks the cells whose
+        patches touch it as unknown (NaN in the heatmap, left out of lesions and score,
+        counted in the summary). ``"skip"`` needs ``decode="cpu"``.
     """
 
     model: str | None = None
@@ -144,6 +150,7 @@ class InferenceConfig:
     checkpoint_seconds: float = 10.0
     partial_seconds: float = 1.0
     max_batch_size: int = 1024
+    on_corrupt_tile: str = "fail"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,6 +192,11 @@ class InferenceResult:
         Seconds per stage, patches analysed in this run, patches/s, read stall time.
     warnings
         Things the user should know (µm/px mismatch, unknown slide µm/px...).
+    unknown
+        ``grid_shape`` bool: cells whose patch touched a corrupt tile (``on_corrupt_tile
+        ="skip"``); their probability is NaN and they are not in ``scored``.
+    corrupt_tiles
+        The corrupt tiles met in this run (level, tile, level-0 region, problem).
     """
 
     probability: np.ndarray
@@ -202,6 +214,8 @@ class InferenceResult:
     config: InferenceConfig
     warnings: list[str] = field(default_factory=list)
     resumed: int = 0
+    unknown: np.ndarray | None = None
+    corrupt_tiles: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def size0(self) -> float:
@@ -713,8 +727,14 @@ class BatchReader:
     """
 
     def __init__(self, slide: Slide, grid: PatchGrid, batches: list[np.ndarray], *,
-                 batch_size: int, workers: int = 0, depth: int = 3, pin: bool = False):
+                 batch_size: int, workers: int = 0, depth: int = 3, pin: bool = False,
+                 on_corrupt_tile: str = "fail"):
         import torch
+
+        self.on_corrupt_tile = on_corrupt_tile
+        #: grid patch index -> CorruptTileError, for patches left blank (``"skip"``)
+        self.corrupt: dict[int, Exception] = {}
+        self._corrupt_lock = threading.Lock()
 
         self.slide, self.grid, self.batches = slide, grid, batches
         self.workers = workers or self.default_workers()
@@ -745,8 +765,21 @@ class BatchReader:
     def _fill(self, slot: int, idx: np.ndarray, part: slice) -> None:
         if self._stop.is_set():
             return
+        from ..io.slide import CorruptTileError
+
         buf = self.slots[slot].numpy()
-        read_patches_into(buf[part], self.slide, self.grid, idx[part])
+        try:
+            read_patches_into(buf[part], self.slide, self.grid, idx[part])
+        except CorruptTileError:
+            if self.on_corrupt_tile != "skip":
+                raise
+            for k in range(part.start, part.stop):  # patch by patch: find the damaged ones
+                try:
+                    read_patches_into(buf[k:k + 1], self.slide, self.grid, idx[k:k + 1])
+                except CorruptTileError as e:
+                    buf[k] = 0
+                    with self._corrupt_lock:
+                        self.corrupt[int(idx[k])] = e
 
     def _submit(self) -> None:
         idx = self.batches[self.next]
@@ -965,7 +998,7 @@ class DeviceTileReader:
 
 def make_reader(slide: Slide, grid: PatchGrid, batches: list[np.ndarray], *,
                 batch_size: int, device: torch.device, workers: int = 0, depth: int = 3,
-                decode: str = "cpu") -> tuple[Any, str]:
+                decode: str = "cpu", on_corrupt_tile: str = "fail") -> tuple[Any, str]:
     """The reader for a run and its name: with ``decode="device"`` whole JPEG tiles
     decoded on the device where the level allows it and the decoder agrees with the
     CPU's, else (and with ``"cpu"``) the reader threads."""
@@ -990,7 +1023,7 @@ def make_reader(slide: Slide, grid: PatchGrid, batches: list[np.ndarray], *,
                           f"by {diff:.1f} grey levels on average; decoding on the CPU",
                           RuntimeWarning, stacklevel=2)
     reader = BatchReader(slide, grid, batches, batch_size=batch_size, workers=workers,
-                         depth=depth, pin=device.type == "cuda")
+                         depth=depth, pin=device.type == "cuda", on_corrupt_tile=on_corrupt_tile)
     return reader, "threads"
 
 
@@ -1136,6 +1169,11 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
     from .tissue import tissue_mask_job
 
     cfg = config or InferenceConfig()
+    if cfg.on_corrupt_tile not in ("fail", "skip"):
+        raise InputError(f"on_corrupt_tile must be 'fail' or 'skip', got {cfg.on_corrupt_tile!r}")
+    if cfg.on_corrupt_tile == "skip" and cfg.decode != "cpu":
+        raise InputError("skipping corrupt tiles (--on-corrupt-tile skip) needs CPU decoding "
+                         "(--decode cpu): tiles decoded on the device are not checked")
     t0 = time.perf_counter()
     timing: dict[str, Any] = {}
     yield Progress(0, 0, "loading model")  # at once: the bar moves in the first second
@@ -1191,6 +1229,8 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
         if state is not None:
             prob, done = state
             done &= in_grid
+            if cfg.on_corrupt_tile == "fail":  # cells a skipping run left unknown: retry
+                done &= ~np.isnan(prob)
             prob[~done] = 0.0
             resumed = int(done.sum())
         ckpt.start(grid.grid_shape, prob, done)
@@ -1226,7 +1266,8 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
     cuda = device.type == "cuda"
     reader, timing["reader"] = make_reader(slide, read_grid, batches, batch_size=bs,
                                            device=device, workers=cfg.workers,
-                                           depth=cfg.prefetch, decode=cfg.decode)
+                                           depth=cfg.prefetch, decode=cfg.decode,
+                                           on_corrupt_tile=cfg.on_corrupt_tile)
     cache = 0
     if timing["reader"] == "threads":
         # the batches being read at once (prefetch depth + the one in the model) share
@@ -1267,6 +1308,13 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
         idx, slot, p_dev = item
         p = p_dev.float().cpu().numpy()
         reader.release(slot)
+        bad = ~np.isfinite(p)
+        if bad.any():
+            raise ModelError(mname, f"produced {int(bad.sum())} non-finite probabilities "
+                             "(NaN/inf): its weights or metadata are broken")
+        corrupt = getattr(reader, "corrupt", None)
+        if corrupt:
+            p[[int(k) in corrupt for k in idx]] = np.nan  # unknown: a corrupt tile
         rows, cols = grid.index[idx, 0], grid.index[idx, 1]
         prob[rows, cols] = p
         done[rows, cols] = True
@@ -1315,8 +1363,19 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
                    "patches_per_s": n_run / t_inf if t_inf > 0 else None,
                    "total_s": time.perf_counter() - t0, "oom_backoffs": ooms,
                    "forward_batch_size": micro})
+    unknown = done & in_grid & np.isnan(prob)
+    corrupt_tiles: dict[tuple, dict[str, Any]] = {}
+    for e in getattr(reader, "corrupt", {}).values():
+        d = e.to_json()
+        corrupt_tiles.setdefault((d["level"], *d["tile"]), d)
+    if unknown.any():
+        warns.append(f"{int(unknown.sum())} heatmap cells are unknown (NaN): their patches "
+                     f"touch {len(corrupt_tiles) or 'earlier-found'} corrupt tile(s) of the "
+                     "slide, skipped (--on-corrupt-tile skip)")
     yield Progress(total, total, "inference done", partial())
-    return InferenceResult(probability=prob, scored=done & in_grid, frame=frame, grid=grid,
+    return InferenceResult(probability=prob, scored=done & in_grid & ~unknown, frame=frame,
+                           grid=grid, unknown=unknown,
+                           corrupt_tiles=[corrupt_tiles[k] for k in sorted(corrupt_tiles)],
                            tissue=tissue, meta=meta, params=params, timing=timing,
                            device=str(device), batch_size=bs, slide_path=str(slide.path),
                            model_path=str(mpath) if mpath else None, config=cfg,

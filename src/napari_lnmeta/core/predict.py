@@ -11,7 +11,8 @@ The result folder::
       probability.ome.zarr   heatmap (float16 or uint8), multiscale OME-Zarr, slide-aligned
       binary.ome.zarr        labels: 1 where p > 0.5 (red)
       tiers.ome.zarr         labels: 1 blue (0.5-0.7), 2 green (0.7-0.9), 3 red (> 0.9)
-      analysed.ome.zarr      labels: 1 on the cells that were analysed (tissue patches)
+      analysed.ome.zarr      labels: 1 on the cells that were analysed (tissue patches),
+                             2 on unknown cells (a corrupt tile, ``--on-corrupt-tile skip``)
       lesions.geojson        lesion candidates (QuPath GeoJSON points)
       overview.png           thumbnail with the 3-tier map
       summary.json           written last: its presence means the folder is complete
@@ -87,6 +88,7 @@ class Prediction:
         mpp0 = r.frame.slide_mpp
         cell_um2 = (r.frame.downsample * mpp0) ** 2 if mpp0 else None
         n_cells = int(r.scored.sum())
+        n_unknown = 0 if r.unknown is None else int(r.unknown.sum())
         tissue_um2 = r.tissue.area_um2
         return {
             "format": SUMMARY_FORMAT,
@@ -96,6 +98,7 @@ class Prediction:
                       "shape": list(r.grid.slide_shape), "mpp": mpp0},
             "score": self.score,
             "counts": {"patches": int(len(r.grid)), "cells_analysed": n_cells,
+                       "unknown_cells": n_unknown,
                        "positive_cells": int((self.binary > 0).sum()),
                        "tiers": tier_counts(self.tiers), "lesions": len(self.lesions)},
             "tissue": {"area_um2": tissue_um2,
@@ -117,7 +120,9 @@ class Prediction:
                            "lesion_radius_um": cfg.lesion_radius_um,
                            "lesion_method": cfg.lesion_method, "top_k": cfg.top_k,
                            "amp": cfg.amp, "channels_last": cfg.channels_last,
-                           "compile": cfg.compile, "decode": cfg.decode},
+                           "compile": cfg.compile, "decode": cfg.decode,
+                           "on_corrupt_tile": cfg.on_corrupt_tile},
+            "corrupt_tiles": r.corrupt_tiles[:1000],
             "frame": r.frame.to_json(),
             "lesions": self.lesions.to_json(),
             "lesion_notes": self.lesions.notes,
@@ -214,14 +219,19 @@ def write_prediction(pred: Prediction, out_dir: str | Path, *, overwrite: bool =
                   "contrast_limits": [0, 255] if u8 else [0.0, 1.0],
                   "model": r.meta.architecture}
     prob = np.where(r.scored, r.probability, 0.0)
+    analysed = r.scored.astype(np.uint8)
+    if r.unknown is not None and r.unknown.any():
+        prob = np.where(r.unknown, np.nan, prob)  # float heatmaps: NaN; uint8: 0
+        analysed[r.unknown] = 2
     write_ome_zarr(out / "probability.ome.zarr", to_storage(prob, r.config.heatmap_dtype),
                    kind="image", name="tumour probability", attrs=prob_attrs, **common)
     write_ome_zarr(out / "binary.ome.zarr", pred.binary, kind="labels", name="tumour (p > 0.5)",
                    colors=BINARY_COLORS, **common)
     write_ome_zarr(out / "tiers.ome.zarr", pred.tiers, kind="labels",
                    name="tumour probability tiers", colors=TIER_COLORS, **common)
-    write_ome_zarr(out / "analysed.ome.zarr", r.scored.astype(np.uint8), kind="labels",
-                   name="analysed cells", colors={1: (128, 128, 128, 255)}, **common)
+    write_ome_zarr(out / "analysed.ome.zarr", analysed, kind="labels",
+                   name="analysed cells", colors={1: (128, 128, 128, 255),
+                                                  2: (255, 0, 255, 255)}, **common)
     write_lesions_geojson(out / "lesions.geojson", pred.lesions, overwrite=True)
     if slide is None:
         from ..io.slide import open_slide
