@@ -57,7 +57,13 @@ def run(job: Job[T], callback: Callable[[Progress], Any] | None = None) -> T:
 
 
 class TextProgress:
-    """A small stderr progress printer for the CLI (no extra dependency)."""
+    """A small stderr progress printer for the CLI (no extra dependency).
+
+    ``TextProgress.open_line`` is true while a progress line waits for its newline, so a
+    message printed next (an error) can start on a line of its own.
+    """
+
+    open_line = False
 
     def __init__(self, stream=None, min_interval: float = 0.5):
         self.stream = stream or sys.stderr
@@ -75,6 +81,7 @@ class TextProgress:
         self.stream.write(f"\r{pct} {p.done}/{p.total} {p.message} [{now - self._t0:.1f}s]")
         if final:
             self.stream.write("\n")
+        TextProgress.open_line = not final
         self.stream.flush()
 
 

@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(argv)  # option types may refuse a value (pixel sizes)
             code = args._run(args)
         except LnmetaError as e:
+            _end_progress_line()
             print(f"lnmeta: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -108,12 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(code or 0)
 
 
+def _end_progress_line() -> None:
+    """End a progress line left open on stderr, so the next message has its own line."""
+    from ..progress import TextProgress
+
+    if TextProgress.open_line:
+        print(file=sys.stderr)
+        TextProgress.open_line = False
+
+
 _default_showwarning = warnings.showwarning
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """Repairs the user must know about (:class:`LnmetaWarning`) as one line on stderr."""
     if issubclass(category, LnmetaWarning):
+        _end_progress_line()
         print(f"lnmeta: warning: {message}", file=sys.stderr)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)

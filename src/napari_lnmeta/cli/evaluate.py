@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..io import jsonio
-from ..io.validate import mpp_arg
+from ..io.validate import mpp_arg, positive_arg
 from . import add_overwrite, command
 
 _EPILOG_SLIDES = """\
@@ -60,7 +60,7 @@ def evaluate_slides(p):
                         "comma-separated names")
     p.add_argument("--mpp", type=mpp_arg("--mpp"), default=None,
                    help="level-0 µm/px of the slides when the predictions do not say")
-    p.add_argument("--truth-scale", type=float, default=1.0, metavar="S",
+    p.add_argument("--truth-scale", type=positive_arg("--truth-scale"), default=1.0, metavar="S",
                    help="slide pixels per polygon-file pixel (e.g. 0.03125 for level-0 "
                         "CAMELYON polygons on a level-5 slide)")
     p.add_argument("--mask-downsample", type=float, default=None, metavar="D",

@@ -6,7 +6,7 @@ import sys
 import warnings
 
 from ..io import jsonio
-from ..io.validate import mpp_arg
+from ..io.validate import mpp_arg, positive_arg
 from . import add_mpp, add_overwrite, command
 
 
@@ -54,7 +54,7 @@ def predict(p):
     p.add_argument("--truth", default=None, metavar="MASK",
                    help="tumour ground truth (OME-Zarr mask, CAMELYON XML/JSON, GeoJSON) for "
                         "patch-level ACC, SEN, SPE, F1, AUC in summary.json")
-    p.add_argument("--truth-scale", type=float, default=1.0, metavar="S",
+    p.add_argument("--truth-scale", type=positive_arg("--truth-scale"), default=1.0, metavar="S",
                    help="slide pixels per file pixel of a polygon --truth file (e.g. 0.03125 "
                         "for CAMELYON16 polygons on a level-5 image)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

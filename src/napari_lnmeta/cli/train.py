@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..io import jsonio
-from ..io.validate import mpp_arg
+from ..io.validate import mpp_arg, positive_arg
 from . import add_mpp, add_overwrite, command
 
 _EPILOG_PATCHES = """\
@@ -159,9 +159,9 @@ def make_patches(p: argparse.ArgumentParser):
     p.add_argument("--labels", action="append", required=True,
                    help="labels of the slide given at the same position (repeat)")
     p.add_argument("--out", required=True, help="patch-set file to write (.npz)")
-    p.add_argument("--labels-scale", type=float, action="append",
+    p.add_argument("--labels-scale", type=positive_arg("--labels-scale"), action="append",
                    help="slide pixels per label-file pixel (once, or once per slide)")
-    p.add_argument("--labels-mpp", type=float, action="append",
+    p.add_argument("--labels-mpp", type=mpp_arg("--labels-mpp"), action="append",
                    help="µm/px of the label file's coordinates (alternative to --labels-scale)")
     p.add_argument("--patch-size", type=int, default=90, help="patch side in px (default 90, seed 000)")
     p.add_argument("--patch-mpp", type=mpp_arg("--patch-mpp"), default=None,

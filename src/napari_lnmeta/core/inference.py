@@ -1196,9 +1196,23 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
 
     t1 = time.perf_counter()
     yield Progress(0, 0, "detecting tissue")
+    tissue_corrupt: list[dict[str, Any]] = []
     if tissue is None:  # a mask already computed with these parameters is re-used
-        tissue = yield from tissue_mask_job(slide, target_mpp=cfg.tissue_mpp,
-                                            method=cfg.tissue_method)
+        from ..io.slide import CorruptTileError
+
+        try:
+            tissue = yield from tissue_mask_job(slide, target_mpp=cfg.tissue_mpp,
+                                                method=cfg.tissue_method)
+        except CorruptTileError as e:
+            if cfg.on_corrupt_tile != "skip":
+                raise
+            # a damaged tile of the overview only blurs the tissue mask: use it as decoded
+            tissue_corrupt.append(e.to_json())
+            warns.append(f"tissue detection read a corrupt tile ({e.reason}) at level "
+                         f"{e.level}, tile {e.tile}; the tissue mask there may be wrong")
+            with slide.unchecked_reads():
+                tissue = yield from tissue_mask_job(slide, target_mpp=cfg.tissue_mpp,
+                                                    method=cfg.tissue_method)
     grid = yield from in_thread(make_grid, slide, patch_size=params["patch_size"],
                                 stride=params["stride"], mpp=params["mpp"],
                                 level=params["level"], tissue=tissue,
@@ -1365,8 +1379,7 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
                    "forward_batch_size": micro})
     unknown = done & in_grid & np.isnan(prob)
     corrupt_tiles: dict[tuple, dict[str, Any]] = {}
-    for e in getattr(reader, "corrupt", {}).values():
-        d = e.to_json()
+    for d in tissue_corrupt + [e.to_json() for e in getattr(reader, "corrupt", {}).values()]:
         corrupt_tiles.setdefault((d["level"], *d["tile"]), d)
     if unknown.any():
         warns.append(f"{int(unknown.sum())} heatmap cells are unknown (NaN): their patches "

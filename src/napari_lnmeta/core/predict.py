@@ -237,9 +237,14 @@ def write_prediction(pred: Prediction, out_dir: str | Path, *, overwrite: bool =
         from ..io.slide import open_slide
 
         slide = open_slide(r.slide_path, mpp=r.grid.slide_mpp)
-    write_png(out / "overview.png",
-              overview_image(slide, pred.tiers, frame, lesions=pred.lesions.coords,
-                             scored=r.scored), overwrite=True)
+    import contextlib
+
+    # skipping corrupt tiles: a damaged tile of the thumbnail's level is drawn as decoded
+    unchecked = r.config.on_corrupt_tile == "skip" and hasattr(slide, "unchecked_reads")
+    with slide.unchecked_reads() if unchecked else contextlib.nullcontext():
+        thumb = overview_image(slide, pred.tiers, frame, lesions=pred.lesions.coords,
+                               scored=r.scored)
+    write_png(out / "overview.png", thumb, overwrite=True)
     write_json_atomic(out / SUMMARY, _jsonable(pred.summary()), overwrite=True)
     return out
 

@@ -412,6 +412,24 @@ class Slide:
         return None
 
     # -- lifecycle ---------------------------------------------------------------------
+    def unchecked_reads(self):
+        """A context in which large region reads skip the JPEG tile checks (damaged tiles
+        are decoded as the decoder repairs them); reads that fail to decode still raise.
+        Used where a damaged tile may only blur a low-resolution overview (tissue
+        detection while skipping corrupt tiles)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            old = self.__dict__.get("_check_reads", True)
+            self._check_reads = False
+            try:
+                yield self
+            finally:
+                self._check_reads = old
+
+        return ctx()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles (they are re-opened on demand)."""
 
@@ -521,6 +539,8 @@ class OpenSlideSlide(Slide):
         if mx and my:
             self._file_mpp = (_stored_mpp(mx) + _stored_mpp(my)) / 2
             self._file_mpp_source = "openslide.mpp"
+        elif props.get("aperio.MPP"):  # stored, but OpenSlide could not read it as a number
+            self._file_mpp, self._file_mpp_source = _stored_mpp(props["aperio.MPP"]), "aperio.MPP"
         if self._file_mpp is None:
             self._file_mpp, self._file_mpp_source = _tiff_resolution_mpp(self.path)
         try:
@@ -562,6 +582,8 @@ class OpenSlideSlide(Slide):
         return dec
 
     def _verify(self, level: int, y: int, x: int, h: int, w: int) -> None:
+        if not self.__dict__.get("_check_reads", True):
+            return
         dec = self._tile_verifier(level)
         if dec is not None:
             dec.verify_region(y, x, h, w)
@@ -849,6 +871,9 @@ class TiffSlide(Slide):
                 idx.append(slice(None))
             else:
                 idx.append(0)
+        dec = self._tile_decoder(level)
+        if dec is not None and self.__dict__.get("_check_reads", True):
+            dec.verify_region(y, x, h, w)  # the zarr store repairs damaged JPEG silently
         try:
             out = np.asarray(arr[tuple(idx)])
         except Exception as e:

@@ -70,6 +70,19 @@ def mpp_arg(option: str):
     return parse
 
 
+def positive_arg(option: str):
+    """argparse ``type=`` for a scale factor: a finite number > 0, else a one-line error."""
+
+    def parse(text: str) -> float:
+        v = finite_float(text, what=option)
+        if v <= 0:
+            raise InputError(f"{option}: {text!r} must be > 0")
+        return v
+
+    parse.__name__ = "positive number"
+    return parse
+
+
 def finite_float(value: Any, *, what: str, path: str | Path | None = None) -> float:
     """``value`` as a finite float, or a one-line InputError."""
     if isinstance(value, bool):
