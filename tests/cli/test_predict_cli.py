@@ -63,6 +63,9 @@ def test_predict_bad_input_is_one_line(inputs, tmp_path, capsys):
             "--patch-size", "48", "--device", "cpu"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "trained on 32 px patches" in err and len(err.strip().splitlines()) == 1
+    # one error line, on its own line after the progress output
+    errors = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(errors) == 1 and errors[0].startswith("lnmeta: error: ")
+    assert "trained on 32 px patches" in errors[0] and err.strip().splitlines()[-1] == errors[0]
     assert main(["predict", str(tmp_path / "missing.svs"), "-o", str(tmp_path / "o2")]) == 2
     assert "no such file" in capsys.readouterr().err

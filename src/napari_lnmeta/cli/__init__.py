@@ -91,6 +91,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..progress import TextProgress
+
+    TextProgress.open_line = False
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     with warnings.catch_warnings():

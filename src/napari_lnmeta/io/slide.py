@@ -1036,8 +1036,8 @@ class _TileDecoder:
         self.path = path
         self.level = int(level)
         self.downsample = downsample  # level-0 px per level px (rows, cols)
-        self.jpeg = int(page.compression) == 7
-        self.check = _jpeg_check_enabled() if self.jpeg else "off"
+        self.is_jpeg = int(page.compression) == 7
+        self.check = _jpeg_check_enabled() if self.is_jpeg else "off"
         self.th, self.tw = int(page.tilelength), int(page.tilewidth)
         self.h, self.w = int(page.imagelength), int(page.imagewidth)
         self.ntx = -(-self.w // self.tw)
