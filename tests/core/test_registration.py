@@ -221,3 +221,26 @@ def test_landmark_nudge_affine():
     a = np.array([[1.1, 0.2, 3.0], [-0.1, 0.9, -4.0], [0, 0, 1]])
     np.testing.assert_allclose(affine_from_points(pts, pts @ a[:2, :2].T + a[:2, 2]), a,
                                atol=1e-9)
+
+
+@pytest.mark.parametrize("change", [
+    {"matrix": None}, {"matrix": "identity"}, {"matrix": [[1, 0], [0, 1]]},
+    {"matrix": [[0, 0, 0], [0, 0, 0], [0, 0, 1]]}, {"fixed": [10, 10]},
+    {"fixed": {"shape": ["a", 1]}}, {"moving": {"shape": [10, 10], "mpp": -1}},
+    {"field": "f.npz"}, {"field": {"file": "missing.npz"}}, {"mode": 3}, {"metrics": [1]},
+])
+def test_transform_files_are_validated_on_load(tmp_path, change):
+    import json
+
+    d = {"format": "lnmeta-transform", "version": 1, "mode": "affine",
+         "fixed": {"shape": [10, 10], "mpp": 0.5}, "moving": {"shape": [10, 10], "mpp": 0.5},
+         "matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "field": None}
+    Transform._from_file_json(tmp_path / "ok.json", d)  # the unchanged file is fine
+    d.update(change)
+    if d["matrix"] is None:
+        del d["matrix"]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(InputError) as e:
+        Transform.load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

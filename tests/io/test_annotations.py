@@ -143,3 +143,49 @@ def test_a_picture_is_not_a_label_mask(tmp_path, camelyon):
     Image.fromarray(np.ascontiguousarray(rgb)).save(p)
     with pytest.raises(InputError, match="colour"):
         load_labels(p, slide_shape=(7168, 3072), slide_mpp=7.776)
+
+
+def test_nan_vertices_are_dropped_with_a_warning_naming_the_polygon(camelyon, tmp_path):
+    """One NaN vertex in the real CAMELYON16 polygons: the polygon is kept, minus that
+    vertex, and the user is told which annotation was repaired."""
+    import math
+    import warnings
+
+    from napari_lnmeta.io.annotations import AnnotationWarning
+
+    d = json.loads((camelyon / "Tumor_001.json").read_text())
+    i = max(range(len(d["positive"])), key=lambda k: len(d["positive"][k]["vertices"]))
+    n = len(d["positive"][i]["vertices"])
+    d["positive"][i]["vertices"][5] = [math.nan, 12.0]
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(d))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        polys = read_camelyon_json(path)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, AnnotationWarning)]
+    assert len(msgs) == 1 and f"positive[{i}]" in msgs[0] and f"1 of {n}" in msgs[0]
+    clean = read_camelyon_json(camelyon / "Tumor_001.json")
+    assert len(polys) == len(clean)
+    assert len(polys[i].vertices) == n - 1
+    assert abs(polys[i].area - clean[i].area) < 0.01 * clean[i].area
+    d["positive"][i]["vertices"] = [[math.nan, 1.0]] * (n - 2) + [[1.0, 2.0], [3.0, 4.0]]
+    path.write_text(json.dumps(d))
+    with pytest.raises(InputError, match="cannot be repaired"):
+        read_camelyon_json(path)
+
+
+@pytest.mark.parametrize("doc", [
+    {"type": "FeatureCollection", "features": "abc"},
+    {"type": "FeatureCollection", "features": [7]},
+    {"type": "Feature", "properties": [], "geometry": {"type": "Polygon", "coordinates": []}},
+    {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": "x"}},
+    {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon",
+                                                       "coordinates": [[[0, 0], "a", [1, 1]]]}},
+    {"positive": "abc"},
+])
+def test_wrong_types_are_one_line_errors(tmp_path, doc):
+    path = tmp_path / ("x.json" if "positive" in doc else "x.geojson")
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InputError) as e:
+        read_polygons(path)
+    assert str(path) in str(e.value)

@@ -166,3 +166,28 @@ def test_default_model_ships_with_metadata():
     # the safetensors header is plain JSON after an 8-byte length
     raw = p.read_bytes()[:8]
     assert struct.unpack("<Q", raw)[0] < p.stat().st_size
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"std": [0.0, 0.2, 0.2]}, "std"), ({"mean": [float("nan"), 0.5, 0.5]}, "mean"),
+    ({"patch_size": "sixteen"}, "patch_size"), ({"patch_size": 0}, "patch_size"),
+    ({"mpp": "abc"}, "mpp"), ({"mpp": 1e9}, "mpp"), ({"normalisation": "macenko"}, "normalisation"),
+    ({"normalisation": {"method": "reinhard"}}, "stain normalisation"),
+    ({"normalisation": {"method": "macenko", "target": {"stains": [[1, 2], [3, 4]]}}},
+     "stain normalisation"),
+    ({"classes": ["a", "a"]}, "classes"), ({"head": ["softmax"]}, "head"), ({"extra": 3}, "extra"),
+])
+def test_model_metadata_is_validated_on_load(tmp_path, change, words):
+    """Broken metadata is refused by read_meta/load_model, naming the model file."""
+    from safetensors.torch import save_file
+
+    model = build_model("lnmeta_cnn_small", 2)
+    meta = _meta().to_json()
+    meta.update(change)
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"format": "pt", "lnmeta": json.dumps(meta)})
+    for load in (read_meta, load_model):
+        with pytest.raises(ModelError) as e:
+            load(path)
+        assert str(path) in str(e.value) and words in str(e.value)
