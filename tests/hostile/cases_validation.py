@@ -301,11 +301,16 @@ def _(ws: Workspace) -> Spec:
     out = ws.path("out", "patches.npz")
 
     def check(ws):
+        import contextlib
+        import io
+
         from napari_lnmeta.cli import main
         from napari_lnmeta.train.datasets import PatchSet
 
         ref = ws.path("ref", "patches.npz")
-        if main(_make_patches(ws, clean, ref, slide)) != 0:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            rc = main(_make_patches(ws, clean, ref, slide))
+        if rc != 0:
             return "the clean reference run failed"
         got, want = PatchSet.load(out).counts()[1], PatchSet.load(ref).counts()[1]
         if got < 0.95 * want:
