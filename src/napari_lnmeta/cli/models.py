@@ -10,8 +10,8 @@ command that downloads); afterwards it loads offline by name (``--init`` /
 from __future__ import annotations
 
 import argparse
-import json
 
+from ..io import jsonio
 from . import command
 
 _EPILOG = """\
@@ -40,7 +40,7 @@ def models(p: argparse.ArgumentParser):
         if args.models_command == "list":
             rows = cached_sources()
             if args.json:
-                print(json.dumps(rows, indent=2))
+                print(jsonio.dumps(rows, indent=2))
                 return 0
             print(f"{'name':18s} {'cached':>9s}  {'gated':5s} {'µm/px':5s}  id / licence")
             for r in rows:

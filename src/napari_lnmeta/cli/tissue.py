@@ -27,7 +27,7 @@ def _add_tissue_options(p) -> None:
     p.add_argument("--method", choices=METHODS, default="otsu",
                    help="otsu: Otsu on HSV saturation (default); od: Otsu on optical density "
                         "(also for grayscale); hsv: fixed saturation/brightness thresholds")
-    p.add_argument("--target-mpp", type=float, default=10.0,
+    p.add_argument("--target-mpp", type=mpp_arg("--target-mpp"), default=10.0,
                    help="µm/px of the low-resolution level analysed (default 10)")
     p.add_argument("--threshold", type=float, default=None,
                    help="fixed threshold instead of Otsu's (saturation or OD, by method)")

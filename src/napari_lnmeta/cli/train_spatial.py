@@ -44,7 +44,7 @@ def train_spatial(p: argparse.ArgumentParser):
                    help="labels of the slide at the same position (repeat)")
     d.add_argument("--labels-scale", type=float, action="append",
                    help="slide pixels per label-file pixel (once, or once per slide)")
-    d.add_argument("--labels-mpp", type=float, action="append",
+    d.add_argument("--labels-mpp", type=mpp_arg("--labels-mpp"), action="append",
                    help="µm/px of the label file's coordinates (alternative to --labels-scale)")
     d.add_argument("--patch-size", type=int, default=16, help="patch (cell) side in px")
     d.add_argument("--patch-mpp", type=mpp_arg("--patch-mpp"), default=None, help="read patches at this µm/px")
