@@ -69,3 +69,18 @@ def test_predict_bad_input_is_one_line(inputs, tmp_path, capsys):
     assert "trained on 32 px patches" in errors[0] and err.strip().splitlines()[-1] == errors[0]
     assert main(["predict", str(tmp_path / "missing.svs"), "-o", str(tmp_path / "o2")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_predict_refuses_a_bad_truth_before_inference(inputs, tmp_path, capsys):
+    """A malformed --truth fails at once: no checkpoint, no result folder, one line."""
+    synth, model = inputs
+    truth = tmp_path / "truth.geojson"
+    truth.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", '
+                     '"properties": {}, "geometry": {"type": "Polygon", "coordinates": "x"}}]}')
+    out = tmp_path / "out"
+    argv = ["predict", str(synth.path), "-o", str(out), "--model", str(model), "--device", "cpu",
+            "--truth", str(truth)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"lnmeta: error: {truth}")
+    assert "inference" not in err and not out.exists()
