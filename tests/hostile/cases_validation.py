@@ -563,3 +563,12 @@ def _(ws: Workspace) -> Spec:
 
     spec.check = check
     return spec
+
+
+@case("tissue on an OME-Zarr with a damaged chunk", expect="error")
+def _(ws: Workspace) -> Spec:
+    z = _ngff(ws)
+    chunk = next(p for p in sorted((z / "0").iterdir()) if not p.name.startswith("."))
+    chunk.write_bytes(b"\x02\x01garbage" + bytes(64))
+    return Spec(["tissue", str(z), "-o", str(ws.path("m.ome.zarr"))], inputs=[z],
+                outputs=[ws.root])

@@ -1425,13 +1425,16 @@ class ZarrSlide(Slide):
             self._file_mpp, self._file_mpp_source = (sx + sy) / 2, "ngff.scale"
         return arrays, axes, scale0
 
+    def _index(self, y, x, h, w):
+        return tuple(slice(y, y + h) if a == "y" else slice(x, x + w) if a == "x"
+                     else slice(None) if a == "c" else 0 for a in self._axes)
+
     def _read_level(self, level, y, x, h, w):
         arr = self._arrays[level]
-        idx = []
-        for a in self._axes:
-            idx.append(slice(y, y + h) if a == "y" else slice(x, x + w) if a == "x"
-                       else slice(None) if a == "c" else 0)
-        out = np.asarray(arr[tuple(idx)])
+        try:
+            out = np.asarray(arr[self._index(y, x, h, w)])
+        except Exception as e:  # noqa: BLE001 - codecs raise many types for a damaged chunk
+            raise self._corrupt_chunk(level, y, x, h, w, e) from e
         kept = [a for a in self._axes if a in ("y", "x", "c")]
         if "c" not in kept:
             out = np.repeat(out[..., None], 3, axis=-1)
@@ -1440,6 +1443,28 @@ class ZarrSlide(Slide):
         if out.shape[-1] == 1:
             out = np.repeat(out, 3, axis=-1)
         return np.ascontiguousarray(out[..., :3])
+
+
+    def _corrupt_chunk(self, level, y, x, h, w, err: Exception) -> SlideError:
+        """The :class:`CorruptTileError` of the first chunk under the read that fails to
+        decode (chunks are this format's tiles), else a SlideError for the region."""
+        arr = self._arrays[level]
+        ch = dict(zip(self._axes, arr.chunks, strict=False))
+        th, tw = int(ch["y"]), int(ch["x"])
+        lh, lw = self.level_shapes[level]
+        ds = self.level_downsamples[level]
+        for ty in range(max(y, 0) // th, (min(y + h, lh) - 1) // th + 1):
+            for tx in range(max(x, 0) // tw, (min(x + w, lw) - 1) // tw + 1):
+                try:
+                    np.asarray(arr[self._index(ty * th, tx * tw, th, tw)])
+                except Exception as e:  # noqa: BLE001
+                    r0, c0 = ty * th, tx * tw
+                    region = (round(r0 * ds), round(c0 * ds), round(min(r0 + th, lh) * ds),
+                              round(min(c0 + tw, lw) * ds))
+                    return CorruptTileError(self.path, level, (ty, tx), region,
+                                            f"cannot decode the chunk ({type(e).__name__}: {e})")
+        return SlideError(self.path, f"cannot read level {level} at ({y}, {x}): "
+                                     f"{type(err).__name__}: {err}")
 
 
 # --------------------------------------------------------------------------------------
