@@ -236,9 +236,10 @@ class StainTarget:
                 setattr(self, name, a)
         if self.lab_std is not None and not (self.lab_std > 0).all():
             raise ValueError(f"lab_std must be > 0, got {self.lab_std.tolist()}")
-        for name in ("io", "alpha", "beta"):
+        for name in ("io", "alpha", "beta"):  # beta may be -inf: every pixel is tissue
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or np.isnan(v) or (
+                    name != "beta" and not np.isfinite(v)):
                 raise ValueError(f"{name} {v!r} is not a finite number")
 
     def to_json(self) -> dict[str, Any]:
