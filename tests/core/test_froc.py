@@ -309,3 +309,15 @@ def test_truth_that_is_not_a_mask_or_not_in_the_frame_is_refused(camelyon, tmp_p
     m = np.asarray(Image.open(camelyon / "tumor_001_level5_tumor_mask.png"))
     Image.fromarray(np.stack([m] * 3, axis=-1)).save(same)
     assert load_truth(same, slide_mpp=7.776, slide_shape=(7168, 3072)).n_tumours == 2
+
+
+@pytest.mark.parametrize("text", [b"p,x,y\n0.5,10,nan\n", b"0.5,10,inf\n", b"\xff\xfe\x00bin",
+                                  b"probability,x,y\n0.5,10\n"])
+def test_detection_csvs_with_non_finite_or_binary_content_are_refused(tmp_path, text):
+    from napari_lnmeta.core.froc import _read_point_csv
+
+    p = tmp_path / "slide.csv"
+    p.write_bytes(text)
+    with pytest.raises(InputError) as e:
+        _read_point_csv(p)
+    assert str(p) in str(e.value)

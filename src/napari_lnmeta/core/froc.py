@@ -876,17 +876,25 @@ class SlidePrediction:
 def _read_point_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Detections of a CSV: CAMELYON16 submission ``p, x, y`` (no header) or columns
     ``probability``/``confidence`` + ``x``/``y`` or ``row``/``col``."""
-    text = path.read_text(encoding="utf-8-sig")
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a text CSV (byte {e.start} is not UTF-8)") from e
+    except csv.Error as e:
+        raise InputError(f"{path}: not a readable CSV ({e})") from e
     if not rows:
         return np.zeros((0, 2)), np.zeros(0)
     head = [c.strip().lower() for c in rows[0]]
 
     def num(v: str) -> float:
         try:
-            return float(v)
+            f = float(v)
         except ValueError as e:
             raise InputError(f"{path}: {v!r} is not a number") from e
+        if not math.isfinite(f):
+            raise InputError(f"{path}: {v.strip()!r} is not a finite number")
+        return f
 
     if all(_is_number(c) for c in head):
         data = [[num(c) for c in r[:3]] for r in rows]
@@ -907,6 +915,8 @@ def _read_point_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if ip is None or ix is None or iy is None:
         raise InputError(f"{path}: expected columns probability (or confidence), x (or col) and "
                          f"y (or row); got {', '.join(rows[0])}")
+    if any(len(r) <= max(ip, ix, iy) for r in rows[1:]):
+        raise InputError(f"{path}: a line has fewer columns than the header")
     a = np.asarray([[num(r[ip]), num(r[iy]), num(r[ix])] for r in rows[1:]],
                    np.float64).reshape(-1, 3)
     return a[:, 1:3], a[:, 0]
