@@ -84,15 +84,22 @@ def json_text(obj: Any) -> str:
     Every line is encoded by the C encoder (``indent`` would switch ``json`` to its pure
     Python encoder: seconds for a few thousand lesions).
     """
+    from .jsonio import jsonable
+
+    obj = jsonable(obj)  # strict JSON: non-finite numbers become null (io/jsonio.py)
+
+    def dumps(v: Any) -> str:
+        return json.dumps(v, allow_nan=False)
+
     if not isinstance(obj, dict):
-        return json.dumps(obj)
+        return dumps(obj)
     parts = []
     for k, v in obj.items():
         if isinstance(v, list) and v:
-            items = ",\n  ".join(json.dumps(x) for x in v)
-            parts.append(f" {json.dumps(k)}: [\n  {items}\n ]")
+            items = ",\n  ".join(dumps(x) for x in v)
+            parts.append(f" {dumps(k)}: [\n  {items}\n ]")
         else:
-            parts.append(f" {json.dumps(k)}: {json.dumps(v)}")
+            parts.append(f" {dumps(k)}: {dumps(v)}")
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 

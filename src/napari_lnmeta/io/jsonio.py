@@ -7,6 +7,9 @@ Every JSON file the package writes goes through :func:`dumps` (or :func:`write_j
 * numpy scalars and arrays become plain numbers and lists, paths become strings;
 * ``allow_nan=False`` is kept as the last guard: anything non-finite that slipped
   through is a bug, raised, not written.
+
+:func:`napari_lnmeta.io.atomic.json_text` / ``write_json_atomic`` (one line per item,
+for large result files) apply the same rule through :func:`jsonable`.
 """
 
 from __future__ import annotations
