@@ -50,3 +50,12 @@ class Cancelled(LnmetaError):
 class LnmetaWarning(UserWarning):
     """Something was repaired or left out on the way in; the CLI prints it as one line
     (``lnmeta: warning: ...``) and the widgets as a notification."""
+
+
+class OutputLockedError(LnmetaError):
+    """Another run is writing the same output."""
+
+    def __init__(self, path: str | Path, holder: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: being written by {holder}; wait for it to finish "
+                         "or choose another output")

@@ -14,7 +14,9 @@ file::
         return run
 
 Errors derived from :class:`napari_lnmeta.errors.LnmetaError` print one line
-(``lnmeta: error: FILE: problem``) and exit with status 2, without a traceback.
+(``lnmeta: error: FILE: problem``) and exit with status 2, without a traceback; so do
+operating-system errors (``OSError``: a read-only output, ``-o`` under a file, a full
+disk), as ``lnmeta: error: PATH: problem (ERRNO)``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_text(e: OSError) -> str:
+    """``PATH: problem (ERRNAME)`` in one line, from an operating-system error."""
+    import errno as _errno
+
+    name = _errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+    problem = e.strerror or str(e) or type(e).__name__
+    where = e.filename if e.filename is not None else "(no path)"
+    if e.filename2 is not None:
+        where = f"{where} -> {e.filename2}"
+    return f"{where}: {problem}" + (f" ({name})" if name else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..progress import TextProgress
 
@@ -105,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except LnmetaError as e:
             _end_progress_line()
             print(f"lnmeta: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # read-only output, -o under a file, disk full, ...
+            _end_progress_line()
+            print(f"lnmeta: error: {os_error_text(e)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("lnmeta: interrupted", file=sys.stderr)

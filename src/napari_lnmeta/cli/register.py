@@ -65,11 +65,16 @@ def register_cmd(p):
     add_overwrite(p)
 
     def run(args):
+        from ..io.atomic import claim_output
+
+        with claim_output(args.output, overwrite=args.overwrite,
+                          inputs=[args.fixed, args.moving]):
+            _register(args)
+
+    def _register(args):
         from ..core.registration import RegistrationConfig, register
-        from ..io.atomic import check_output
         from ..progress import run as drive
 
-        check_output(args.output, overwrite=args.overwrite, inputs=[args.fixed, args.moving])
         fixed, moving = _open_pair(args)
         kw = {"mode": args.mode, "nonrigid_size": args.nonrigid_size,
               "allow_flip": not args.no_flip, "device": args.device, "threads": args.threads}
@@ -144,28 +149,29 @@ def warp_points(p):
         import numpy as np
 
         from ..core.registration import Transform
-        from ..io.atomic import check_output, write_text_atomic
+        from ..io.atomic import claim_output, write_text_atomic
 
-        check_output(args.output, overwrite=args.overwrite, inputs=[args.points, args.transform])
-        t = Transform.load(args.transform)
-        header, body, ix, iy = read_points_csv(args.points)
-        pts = np.array([[float(r[iy]), float(r[ix])] for r in body], dtype=np.float64)
-        out = t.fixed_to_moving(pts) if args.inverse else t.moving_to_fixed(pts)
-        bad = ~np.isfinite(np.asarray(out, dtype=np.float64).reshape(-1, 2)).all(axis=1)
-        if bad.any():
-            from ..errors import InputError
+        with claim_output(args.output, overwrite=args.overwrite,
+                          inputs=[args.points, args.transform]):
+            t = Transform.load(args.transform)
+            header, body, ix, iy = read_points_csv(args.points)
+            pts = np.array([[float(r[iy]), float(r[ix])] for r in body], dtype=np.float64)
+            out = t.fixed_to_moving(pts) if args.inverse else t.moving_to_fixed(pts)
+            bad = ~np.isfinite(np.asarray(out, dtype=np.float64).reshape(-1, 2)).all(axis=1)
+            if bad.any():
+                from ..errors import InputError
 
-            raise InputError(f"{args.transform}: maps {int(bad.sum())} of {len(pts)} points "
-                             f"of {args.points} to non-finite coordinates (first: point "
-                             f"{int(np.flatnonzero(bad)[0]) + 1}); nothing written")
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(header)
-        for r, (y, x) in zip(body, out.reshape(-1, 2), strict=True):
-            r = list(r)
-            r[ix], r[iy] = f"{x:.4f}", f"{y:.4f}"
-            w.writerow(r)
-        write_text_atomic(args.output, buf.getvalue(), overwrite=args.overwrite)
+                raise InputError(f"{args.transform}: maps {int(bad.sum())} of {len(pts)} "
+                                 f"points of {args.points} to non-finite coordinates (first: "
+                                 f"point {int(np.flatnonzero(bad)[0]) + 1}); nothing written")
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(header)
+            for r, (y, x) in zip(body, out.reshape(-1, 2), strict=True):
+                r = list(r)
+                r[ix], r[iy] = f"{x:.4f}", f"{y:.4f}"
+                w.writerow(r)
+            write_text_atomic(args.output, buf.getvalue(), overwrite=args.overwrite)
         direction = "fixed -> moving" if args.inverse else "moving -> fixed"
         print(f"{len(body)} points mapped ({direction}); wrote {args.output}")
 
@@ -194,15 +200,29 @@ def transfer_mask_cmd(p):
     add_overwrite(p)
 
     def run(args):
-        from ..core.dab import DabParams, mask_outlines, transfer_mask
-        from ..core.registration import Transform
-        from ..io.atomic import check_output
+        import contextlib
+
+        from ..io.atomic import claim_output
         from ..io.omezarr import read_ome_zarr
         from ..progress import run as drive
 
-        check_output(args.output, overwrite=args.overwrite, inputs=[args.fixed, args.moving])
-        if args.geojson:
-            check_output(args.geojson, overwrite=args.overwrite, inputs=[args.fixed, args.moving])
+        inputs = [args.fixed, args.moving, args.transform]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(claim_output(args.output, overwrite=args.overwrite,
+                                             inputs=inputs))
+            if args.geojson:
+                if Path(args.geojson).resolve() == Path(args.output).resolve():
+                    from ..errors import InputError
+
+                    raise InputError(f"{args.geojson}: --geojson and -o name the same path")
+                stack.enter_context(claim_output(args.geojson, overwrite=args.overwrite,
+                                                 inputs=inputs))
+            _transfer(args, read_ome_zarr, drive)
+
+    def _transfer(args, read_ome_zarr, drive):
+        from ..core.dab import DabParams, mask_outlines, transfer_mask
+        from ..core.registration import Transform
+
         fixed, moving = _open_pair(args)
         t = Transform.load(args.transform)
         params = DabParams(threshold=args.threshold, min_area_um2=args.min_area_um2,

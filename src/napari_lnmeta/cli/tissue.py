@@ -61,12 +61,12 @@ def tissue(p):
     add_overwrite(p)
 
     def run(args):
-        from ..io.atomic import check_output
+        from ..io.atomic import claim_output
 
-        check_output(args.output, overwrite=args.overwrite, inputs=[args.slide])
-        slide = _open(args)
-        tm = _tissue(slide, args)
-        tm.save(args.output, overwrite=args.overwrite, inputs=(args.slide,))
+        with claim_output(args.output, overwrite=args.overwrite, inputs=[args.slide]):
+            slide = _open(args)
+            tm = _tissue(slide, args)
+            tm.save(args.output, overwrite=args.overwrite, inputs=(args.slide,))
         print(_describe(tm))
         print(f"wrote {args.output}")
 
@@ -97,13 +97,17 @@ def grid(p):
     add_overwrite(p)
 
     def run(args):
+        from ..io.atomic import claim_output
+
+        with claim_output(args.output, overwrite=args.overwrite, inputs=[args.slide]):
+            _grid(args)
+
+    def _grid(args):
         from ..core.tiling import make_grid_job
         from ..core.tissue import TissueMask
-        from ..io.atomic import check_output
         from ..progress import TextProgress
         from ..progress import run as run_job
 
-        check_output(args.output, overwrite=args.overwrite, inputs=[args.slide])
         slide = _open(args)
         tm = None
         if args.tissue:
@@ -144,13 +148,14 @@ def stain_fit(p):
     def run(args):
 
         from ..core.stain import fit_slide_target
-        from ..io.atomic import check_output
+        from ..io.atomic import claim_output
 
-        check_output(args.output, overwrite=args.overwrite, inputs=[args.slide])
-        slide = _open(args)
-        t = fit_slide_target(slide, args.method, n_patches=args.n_patches,
-                             patch_size=args.patch_size, mpp=args.patch_mpp, seed=args.seed)
-        t.save(args.output, overwrite=args.overwrite)
+        with claim_output(args.output, overwrite=args.overwrite, inputs=[args.slide]):
+            slide = _open(args)
+            t = fit_slide_target(slide, args.method, n_patches=args.n_patches,
+                                 patch_size=args.patch_size, mpp=args.patch_mpp,
+                                 seed=args.seed)
+            t.save(args.output, overwrite=args.overwrite)
         d = t.to_json()
         shown = {k: d[k] for k in ("method", "stains", "max_conc", "lab_mean", "lab_std")
                  if d[k] is not None}

@@ -1062,16 +1062,34 @@ class Checkpoint:
         """The saved heatmap and done-mask, or ``None`` when there is nothing to resume."""
         import zarr
 
+        self.damaged = 0
         if not self.matches() or not (self.root / "state.zarr").exists():
             return None
         try:
             g = zarr.open_group(str(self.root / "state.zarr"), mode="r")
-            prob, done = np.asarray(g["probability"]), np.asarray(g["done"]) > 0
-        except (KeyError, ValueError, OSError):
+            zp, zd = g["probability"], g["done"]
+        except (KeyError, ValueError, OSError, TypeError):
             return None
-        if prob.shape != tuple(grid_shape) or done.shape != tuple(grid_shape):
+        if zp.shape != tuple(grid_shape) or zd.shape != tuple(grid_shape):
             return None
-        return prob.astype(np.float32), done
+        prob = np.zeros(grid_shape, np.float32)
+        done = np.zeros(grid_shape, bool)
+        ch0, ch1 = zp.chunks[0], zp.chunks[1]
+        for r0 in range(0, grid_shape[0], ch0):
+            for c0 in range(0, grid_shape[1], ch1):
+                sl = (slice(r0, r0 + ch0), slice(c0, c0 + ch1))
+                try:  # a damaged chunk (a killed disk write, a flipped byte) is recomputed
+                    p, d = np.asarray(zp[sl], np.float32), np.asarray(zd[sl]) > 0
+                except (RuntimeError, ValueError, OSError) as e:
+                    self.damaged += 1
+                    warnings.warn(f"{self.root}: discarding a damaged checkpoint chunk at rows "
+                                  f"{r0}.., columns {c0}.. ({type(e).__name__}); its patches "
+                                  "are computed again", RuntimeWarning, stacklevel=2)
+                    continue
+                ok = d & np.isfinite(p)
+                prob[sl] = np.where(ok, p, 0.0)
+                done[sl] = ok
+        return prob, done
 
     def start(self, grid_shape: tuple[int, int], prob: np.ndarray, done: np.ndarray) -> None:
         """Create (or reopen) the store for ``grid_shape``; write params if new."""
@@ -1081,7 +1099,14 @@ class Checkpoint:
 
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "state.zarr"
-        fresh = not self.matches() or not path.exists()
+        fresh = not self.matches() or not path.exists() or getattr(self, "damaged", 0) > 0
+        if not fresh:
+            try:
+                g = zarr.open_group(str(path), mode="r")
+                fresh = (g["probability"].shape != tuple(grid_shape)
+                         or g["done"].shape != tuple(grid_shape))
+            except (KeyError, ValueError, OSError, TypeError):
+                fresh = True
         if fresh:
             import shutil
 
@@ -1094,6 +1119,9 @@ class Checkpoint:
             g.create_array("probability", shape=grid_shape, dtype="float32", chunks=ch,
                            fill_value=0.0)
             g.create_array("done", shape=grid_shape, dtype="uint8", chunks=ch, fill_value=0)
+            if done.any():  # what survived a damaged store
+                g["probability"][:] = np.where(done, prob, 0.0).astype(np.float32)
+                g["done"][:] = done.astype(np.uint8)
         g = zarr.open_group(str(path), mode="r+")
         self._arrays = (g["probability"], g["done"])
 

@@ -19,13 +19,15 @@ The result folder::
       .partial/              checkpoint while a run is unfinished (removed at the end)
 
 Every file is written atomically; ``summary.json`` comes last, so a cancelled or crashed
-run never leaves a folder that claims to be complete.
+run never leaves a folder that claims to be complete. The folder is built beside the
+target (``.OUT_DIR.tmp-*``) and swapped in when complete, so ``--overwrite`` keeps the
+previous result until the new one is ready; a run holds the writer lock on ``OUT_DIR``
+(:func:`napari_lnmeta.io.atomic.output_lock`) from start to finish.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,16 +203,30 @@ def write_prediction(pred: Prediction, out_dir: str | Path, *, overwrite: bool =
     inputs
         Paths never to write into (the slide).
     """
-    from ..io.atomic import check_output, write_json_atomic
-    from ..io.omezarr import write_ome_zarr
+    from ..io.atomic import atomic_path
 
     out = Path(out_dir)
     r = pred.result
     inputs = tuple(inputs) + (r.slide_path,)
-    check_output(out / SUMMARY, overwrite=overwrite, inputs=inputs)
-    check_output(out, overwrite=True, inputs=inputs)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_outputs(out)  # never leave an old summary beside new files
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    # The new folder is built beside the old one and swapped in when complete: an
+    # existing result (or an unfinished run's checkpoint) stays until then.
+    replace_ok = overwrite or not (out / SUMMARY).exists()
+    with atomic_path(out, overwrite=replace_ok, inputs=inputs) as tmp:
+        if (out / SUMMARY).exists() and not overwrite:
+            raise OutputExistsError(out)
+        tmp.mkdir()
+        _write_files(pred, tmp, slide, inputs)
+    return out
+
+
+def _write_files(pred: Prediction, out: Path, slide: Slide | None,
+                 inputs: tuple[str | Path, ...]) -> None:
+    from ..io.atomic import write_json_atomic
+    from ..io.omezarr import write_ome_zarr
+
+    r = pred.result
     frame = r.frame
     common = {"frame": frame, "overwrite": True, "inputs": inputs}
     u8 = r.config.heatmap_dtype == "uint8"
@@ -246,18 +262,6 @@ def write_prediction(pred: Prediction, out_dir: str | Path, *, overwrite: bool =
                                scored=r.scored)
     write_png(out / "overview.png", thumb, overwrite=True)
     write_json_atomic(out / SUMMARY, _jsonable(pred.summary()), overwrite=True)
-    return out
-
-
-def _remove_outputs(out: Path) -> None:
-    """Remove a previous result's files, ``summary.json`` first."""
-    (out / SUMMARY).unlink(missing_ok=True)
-    for name in OUTPUTS:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
 
 
 def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
@@ -282,25 +286,22 @@ def prepare_output(out_dir: str | Path, *, overwrite: bool = False,
     -------
     (path, has_partial)
     """
-    from ..io.atomic import check_output
+    from ..io.atomic import check_inputs, is_replaceable
 
     out = Path(out_dir)
-    check_output(out, overwrite=True, inputs=inputs)
+    check_inputs(out, inputs)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
         return out, False
-    if (out / SUMMARY).exists():
+    if (out / SUMMARY).exists() or not (out / PARTIAL).is_dir():
         if not overwrite:
             raise OutputExistsError(out)
-        _remove_outputs(out)
-        shutil.rmtree(out / PARTIAL, ignore_errors=True)
-        return out, False
-    if (out / PARTIAL).is_dir():
-        return out, True
-    if not overwrite:
-        raise OutputExistsError(out)
-    return out, False
+        if not is_replaceable(out):
+            raise InputError(f"{out}: --overwrite replaces only result folders napari-lnmeta "
+                             "wrote; this folder holds other files (choose another output)")
+    # an unfinished run (also a killed --overwrite re-run beside the old result) resumes
+    return out, (out / PARTIAL).is_dir()
 
 
 def predict_to_folder(slide: Slide | str | Path, out_dir: str | Path,
@@ -342,21 +343,24 @@ def predict_to_folder(slide: Slide | str | Path, out_dir: str | Path,
 
     if not hasattr(slide, "read_region"):
         slide = open_slide(slide, mpp=mpp)
+    from ..io.atomic import check_inputs, output_lock
+
     cfg = config or InferenceConfig()
     if truth is not None:  # a bad ground truth fails now, not after the whole inference
         from .evaluation import check_truth
 
         check_truth(truth, slide_shape=tuple(slide.level_shapes[0]), slide_mpp=slide.mpp,
                     scale=truth_scale)
-    out, has_partial = prepare_output(out_dir, overwrite=overwrite, inputs=(slide.path,))
-    ckdir = out / PARTIAL
-    result = yield from run_inference(
-        slide, cfg, model=model, checkpoint_dir=ckdir,
-        on_mismatch="error" if has_partial and not overwrite else "restart")
-    t0 = time.perf_counter()
-    yield Progress(result.timing["patches"], result.timing["patches"], "writing results")
-    pred = postprocess(result, truth=truth, truth_scale=truth_scale)
-    result.timing["postprocess_s"] = time.perf_counter() - t0
-    write_prediction(pred, out, overwrite=True, slide=slide)
-    shutil.rmtree(ckdir, ignore_errors=True)
+    check_inputs(out_dir, (slide.path,))
+    with output_lock(out_dir):  # one writer per result folder, checkpoint included
+        out, has_partial = prepare_output(out_dir, overwrite=overwrite, inputs=(slide.path,))
+        ckdir = out / PARTIAL
+        result = yield from run_inference(
+            slide, cfg, model=model, checkpoint_dir=ckdir,
+            on_mismatch="error" if has_partial and not overwrite else "restart")
+        t0 = time.perf_counter()
+        yield Progress(result.timing["patches"], result.timing["patches"], "writing results")
+        pred = postprocess(result, truth=truth, truth_scale=truth_scale)
+        result.timing["postprocess_s"] = time.perf_counter() - t0
+        write_prediction(pred, out, overwrite=True, slide=slide)  # the checkpoint goes too
     return pred
