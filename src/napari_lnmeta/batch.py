@@ -73,12 +73,36 @@ class CohortItem:
     units: dict[str, Any] | None = None
 
 
+_ID_RE = re.compile(r"[\w][\w.-]{0,199}")
+
+
+def check_id(slide_id: str, where: str) -> str:
+    """A cohort id names the slide's result folder: a plain name, nothing else.
+
+    Letters, digits, ``_``, ``-`` and ``.``, not starting with ``.`` or ``-`` (no path
+    separators, no ``..``, not absolute, no hidden names), at most 200 characters.
+    """
+    if not _ID_RE.fullmatch(slide_id) or slide_id.lower() in _RESERVED:
+        raise InputError(f"{where}: id {slide_id!r} is not a plain folder name (letters, "
+                         "digits, '_', '-', '.'; not starting with '.' or '-')")
+    return slide_id
+
+
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
+             *(f"lpt{i}" for i in range(10))}
+
+
 def _slide_id(path: str) -> str:
     name = Path(path).name
     for suf in (".ome.tiff", ".ome.tif", ".ome.zarr"):
         if name.lower().endswith(suf):
-            return re.sub(r"[^\w.-]", "_", name[: -len(suf)])
-    return re.sub(r"[^\w.-]", "_", Path(name).stem)
+            name = name[: -len(suf)]
+            break
+    else:
+        name = Path(name).stem
+    sid = re.sub(r"[^\w.-]", "_", name)
+    sid = re.sub(r"^[.-]", "_", sid)[:200] or "slide"
+    return sid if sid.lower() not in _RESERVED else f"{sid}_"
 
 
 def load_cohort(source: str | Path) -> list[CohortItem]:
@@ -91,6 +115,7 @@ def load_cohort(source: str | Path) -> list[CohortItem]:
     """
     src = str(source)
     items: list[CohortItem] = []
+    explicit: dict[str, str] = {}  # ids given in the CSV, case-folded: each names a folder
     if src.lower().endswith(".csv"):
         csv_path = Path(src)
         if not csv_path.is_file():
@@ -110,6 +135,15 @@ def load_cohort(source: str | Path) -> list[CohortItem]:
                 ihc = _resolve(row["ihc"], csv_path.parent) if row.get("ihc") else None
                 clinical = {k: v for k, v in row.items()
                             if k not in (key, "id", "ihc", "label")}
+                if row.get("id"):
+                    check_id(row["id"], f"{csv_path}: line {reader.line_num}")
+                    key_id = row["id"].casefold()
+                    if key_id in explicit:
+                        raise InputError(
+                            f"{csv_path}: line {reader.line_num}: id {row['id']!r} is used "
+                            f"twice (ids are folder names: {explicit[key_id]!r} and "
+                            f"{row['id']!r} would share one folder)")
+                    explicit[key_id] = row["id"]
                 items.append(CohortItem(id=row.get("id") or _slide_id(slide), slide=slide,
                                         ihc=ihc, clinical=clinical, label=row.get("label") or None))
     else:
@@ -132,11 +166,12 @@ def load_cohort(source: str | Path) -> list[CohortItem]:
             it.id = f"{it.id}__dup{seen_ids.get(it.id, 0) + 1}"
             continue
         seen_slides[real] = it.id
-        if it.id in seen_ids:  # same name, different folder
-            seen_ids[it.id] += 1
-            it.id = f"{it.id}_{seen_ids[it.id]}"
+        key = it.id.casefold()  # folder names collide without case on some filesystems
+        if key in seen_ids:  # same name, different folder
+            seen_ids[key] += 1
+            it.id = f"{it.id}_{seen_ids[key]}"
         else:
-            seen_ids[it.id] = 0
+            seen_ids[key] = 0
         if not Path(it.slide).exists():
             it.error = f"{it.slide}: no such file or directory"
         elif it.ihc and not Path(it.ihc).exists():
@@ -321,16 +356,25 @@ def register_step(name: str):
 # --------------------------------------------------------------------------------------
 # Running one slide (inside a Dask task, or in-process)
 # --------------------------------------------------------------------------------------
-def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any]) -> dict[str, Any]:
+def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any], *,
+             overwrite: bool = False) -> dict[str, Any]:
     """Run ``step`` on one slide into ``out_root/<id>/``, atomically and idempotently.
+
+    The slide's folder is built under a temporary name and renamed into place when
+    complete. A finished folder (``result.json``) is returned as it is, or with
+    ``overwrite`` replaced only once the new one is complete. Any other existing
+    ``out_root/<id>`` is not ours: it is never touched, and the slide fails.
 
     Returns the slide's record (also stored as ``result.json``). Raises on failure so
     that Dask retries the task.
     """
+    from .io.atomic import replace
+
     root = Path(out_root)
-    final = root / item.id
-    if (final / RESULT_FILE).is_file():
+    final = root / check_id(item.id, "cohort")
+    if (final / RESULT_FILE).is_file() and not overwrite:
         return json.loads((final / RESULT_FILE).read_text())
+    _check_free(final)
     tmp = root / f".{item.id}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -352,14 +396,17 @@ def run_item(item: CohortItem, step: str, out_root: str, params: dict[str, Any])
                   **_units_of(item),
                   "host": os.uname().nodename, "pid": os.getpid()}
         (tmp / RESULT_FILE).write_text(jsonio.dumps(record, indent=2))
+        if overwrite and (final / RESULT_FILE).is_file():
+            replace(tmp, final)  # the old folder goes only now
+            return record
         try:
             os.rename(tmp, final)  # atomic; fails if another run already finished it
         except OSError:
             if (final / RESULT_FILE).is_file():
                 shutil.rmtree(tmp, ignore_errors=True)
                 return json.loads((final / RESULT_FILE).read_text())
-            shutil.rmtree(final, ignore_errors=True)  # a stale, incomplete folder
-            os.rename(tmp, final)
+            _check_free(final)
+            raise
         return record
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -377,6 +424,13 @@ def _units_of(item: CohortItem) -> dict[str, Any]:
     if item.units["mpp"] is None:
         out["warning"] = NO_MPP
     return out
+
+
+def _check_free(final: Path) -> None:
+    """Refuse a slide folder that exists but is not a finished slide of ours."""
+    if (final.exists() or final.is_symlink()) and not (final / RESULT_FILE).is_file():
+        raise InputError(f"{final}: exists and is not a finished slide of this cohort "
+                         "(never touched; move it away or choose another -o)")
 
 
 def worker_device(requested: Any, worker_index: int | None, n_gpus: int) -> str | None:
@@ -496,7 +550,7 @@ def run_batch(items: list[CohortItem], step: str, out: str | Path, *,
               params: dict[str, Any] | None = None, scheduler: str | None = None,
               n_workers: int | None = None, threads_per_worker: int | None = None,
               retries: int = 1, client: Any = None,
-              on_start: Callable[[Any], None] | None = None,
+              on_start: Callable[[Any], None] | None = None, overwrite: bool = False,
               ) -> Generator[Progress, None, CohortReport]:
     """Run ``step`` over ``items``; yields one :class:`Progress` per finished slide.
 
@@ -512,20 +566,79 @@ def run_batch(items: list[CohortItem], step: str, out: str | Path, *,
         An existing ``distributed.Client`` to use instead.
     on_start
         Called with the client once the cluster is up (e.g. to print the dashboard).
+    overwrite
+        Run finished slides again; each old folder is replaced only when its new one is
+        complete. Without it a finished slide is skipped (a rerun resumes the cohort).
+
+    Raises
+    ------
+    InputError
+        Before any work: an ``OUT/<id>`` that exists and is not a finished slide (a
+        folder of the user's, e.g. ``-o`` pointed at the slides' folder), ``OUT`` or a
+        slide folder that is or holds an input, or an ``OUT/cohort_summary.csv`` that
+        this command did not write.
+    OutputLockedError
+        Another run writes into ``OUT``.
     """
+    from .io.atomic import output_lock
+
     if step not in STEPS:
         raise InputError(f"unknown step {step!r}; choose from {', '.join(sorted(STEPS))}")
     # paths are resolved here, on the client: a worker's working folder may be another
     params = _absolute_paths(dict(params or {}))
     out = Path(out).expanduser().resolve()
+    _check_out(items, out)
     out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):  # one cohort run per output folder
+        _check_out(items, out)
+        return (yield from _run_batch(items, step, out, params, scheduler, n_workers,
+                                      threads_per_worker, retries, client, on_start,
+                                      overwrite))
+
+
+def _check_out(items: list[CohortItem], out: Path) -> None:
+    """Everything ``run_batch`` refuses, checked before any slide runs."""
+    from .io.atomic import check_inputs
+
+    inputs = [p for it in items for p in (it.slide, it.ihc) if p]
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    check_inputs(out, inputs, whole=False)
+    clashes = []
+    for it in items:
+        final = out / check_id(it.id, "cohort")
+        check_inputs(final, [p for p in (it.slide, it.ihc) if p])
+        if (final.exists() or final.is_symlink()) and not (final / RESULT_FILE).is_file():
+            clashes.append(final)
+    if clashes:
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        raise InputError(f"{clashes[0]}: exists and is not a finished slide of a cohort run"
+                         f"{more}; nothing was run or touched (choose another -o)")
+    summ = out / SUMMARY_FILE
+    if summ.exists() and not _is_our_summary(summ):
+        raise InputError(f"{summ}: exists and was not written by lnmeta batch; nothing was "
+                         "run or touched (choose another -o)")
+
+
+def _is_our_summary(path: Path) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return (header[:5] == ["id", "slide", "status", "seconds", "error"]
+            and (path.parent / "cohort.json").is_file())
+
+
+def _run_batch(items, step, out, params, scheduler, n_workers, threads_per_worker, retries,
+               client, on_start, overwrite) -> Generator[Progress, None, CohortReport]:
     records: dict[str, dict[str, Any]] = {}
     todo: list[CohortItem] = []
     for it in items:
         base = {"id": it.id, "slide": it.slide, "step": step}
         if it.error:
             records[it.id] = {**base, "status": "failed", "error": it.error}
-        elif (out / it.id / RESULT_FILE).is_file():
+        elif (out / it.id / RESULT_FILE).is_file() and not overwrite:
             rec = json.loads((out / it.id / RESULT_FILE).read_text())
             records[it.id] = {**rec, "status": "skipped"}
         else:
@@ -539,7 +652,7 @@ def run_batch(items: list[CohortItem], step: str, out: str | Path, *,
             rec = None
             for attempt in range(retries + 1):
                 try:
-                    rec = run_item(it, step, str(out), params)
+                    rec = run_item(it, step, str(out), params, overwrite=overwrite)
                     break
                 except Exception as e:  # reported per slide, never stops the cohort
                     err = _error_text(e)
@@ -569,7 +682,8 @@ def run_batch(items: list[CohortItem], step: str, out: str | Path, *,
             on_start(client)
         try:
             futures = {client.submit(run_item, it, step, str(out), params, key=f"{step}-{it.id}",
-                                     retries=retries, pure=False): it for it in todo}
+                                     retries=retries, pure=False, overwrite=overwrite): it
+                       for it in todo}
             try:
                 for fut in as_completed(futures):
                     it = futures[fut]
@@ -590,8 +704,11 @@ def run_batch(items: list[CohortItem], step: str, out: str | Path, *,
                 if cluster is not None:
                     cluster.close()
     ordered = [records[it.id] for it in items]
-    for it in items:  # temporary folders of tasks whose worker died mid-write
-        for stale in out.glob(f".{glob.escape(it.id)}.tmp-*"):
+    tmp_name = re.compile(r"\.(.+)\.(tmp|old)-[0-9a-f]{8}")
+    ids = {it.id for it in items}
+    for stale in out.iterdir():  # temporary folders of tasks whose worker died mid-write
+        m = tmp_name.fullmatch(stale.name)
+        if m and m.group(1) in ids and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
     write_summary(out, ordered)
     from .io.atomic import write_text_atomic

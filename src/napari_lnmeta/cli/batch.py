@@ -26,6 +26,10 @@ def batch(p):
     p.add_argument("--mpp", type=float, default=None,
                    help="level-0 µm/px for the slides whose file does not give one (slides "
                         "that have it keep theirs; a CSV 'mpp' column sets it per slide)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run finished slides again (each old folder is replaced only once its "
+                   "new one is complete); folders and files not written by a cohort run are "
+                   "never touched")
 
     def run(args):
         from ..batch import load_cohort, run_batch
@@ -61,7 +65,7 @@ def batch(p):
         report = drive(run_batch(items, args.step, args.out, params=params,
                                  scheduler=args.scheduler, n_workers=args.workers,
                                  threads_per_worker=args.threads, retries=args.retries,
-                                 on_start=started), show)
+                                 on_start=started, overwrite=args.overwrite), show)
         counts = ", ".join(f"{v} {k}" for k, v in sorted(report.counts.items()))
         print(f"{len(report.records)} slides: {counts}; summary in {report.out / 'cohort_summary.csv'}")
         for r in report.failed():
