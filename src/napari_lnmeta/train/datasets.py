@@ -847,10 +847,29 @@ class BatchLoader:
         self.prefetch = max(1, int(prefetch))
         self.drop_last = drop_last
         self._order: np.ndarray | None = None
+        self._skip = 0
+        #: the sampler's random state just before the current epoch's order was drawn
+        self.epoch_state: dict | None = None
 
     def _new_order(self) -> np.ndarray:
+        self.epoch_state = self.rng.bit_generator.state
         return epoch_indices(self.ps, sampler=self.sampler, rng=self.rng,
                              epoch_size=self.epoch_size)
+
+    def set_state(self, state: dict) -> None:
+        """Continue from a saved sampler state at an epoch boundary."""
+        self.rng.bit_generator.state = state
+        self._order, self._skip = None, 0
+
+    def resume_epoch(self, epoch_state: dict, skip: int) -> None:
+        """Redraw an epoch's order from the state before it and start at batch ``skip``.
+
+        The next iteration yields exactly the batches ``skip, skip + 1, ...`` an
+        uninterrupted epoch would have yielded (the skipped ones are not read).
+        """
+        self.rng.bit_generator.state = epoch_state
+        self._order = self._new_order()
+        self._skip = max(0, int(skip))
 
     def __len__(self) -> int:
         if self._order is None:
@@ -864,6 +883,7 @@ class BatchLoader:
         chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.drop_last and chunks and len(chunks[-1]) < self.batch_size:
             chunks.pop()
+        chunks, self._skip = chunks[self._skip:], 0
         if self.ps._pixels is not None or self.workers <= 1:
             for c in chunks:
                 yield self.ps.read(c), self.ps.labels[c]

@@ -14,14 +14,18 @@ previous version intact, never a half-written file):
 ``best.safetensors``
     the best model by ``monitor`` so far;
 ``state-<step>.safetensors``
-    optimiser, scheduler and random-number state of ``last`` (for ``resume``);
+    optimiser, scheduler, AMP scaler and random-number state of ``last`` (torch, numpy,
+    Python and the batch sampler, with the sampler's state at the start of the epoch and
+    the batch reached, for ``resume``);
 ``log.csv``
     one row per epoch: losses, validation metrics, learning rate, time;
 ``config.json``
     the training and patch configuration.
 
 Seeds: ``seed`` fixes weight init, batch order and augmentations (``deterministic``
-also asks cuDNN / torch for deterministic kernels). AMP (float16 autocast + gradient
+also asks cuDNN / torch for deterministic kernels). A resumed run continues with the
+same random streams and, after a mid-epoch checkpoint, at the next batch of the same
+epoch order, so with ``deterministic`` it ends with the weights of an uninterrupted run. AMP (float16 autocast + gradient
 scaling) is used on CUDA when ``amp`` is true.
 """
 
@@ -275,6 +279,10 @@ def _state_tensors(opt, sched, rng_state: dict, extra: dict) -> tuple[dict, dict
             else:
                 plain[f"{pid}.{k}"] = v
     tensors["rng.torch"] = torch.get_rng_state().clone()
+    np_state = np.random.get_state()
+    tensors["rng.numpy.key"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    rng_state = {**rng_state, "python": json.loads(json.dumps(random.getstate())),
+                 "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s.clone()
@@ -330,6 +338,14 @@ def _load_state(path: Path, opt, sched) -> dict:
     if sched is not None and meta.get("scheduler") is not None:
         sched.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
+    rng = meta.get("rng") or {}
+    if "python" in rng:  # random / numpy global states (files from older versions lack them)
+        v, internal, gauss = rng["python"]
+        random.setstate((v, tuple(internal), gauss))
+    if "numpy" in rng and "rng.numpy.key" in tensors:
+        name, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, tensors["rng.numpy.key"].numpy().astype(np.uint32), pos,
+                             has_gauss, cached))
     if torch.cuda.is_available():
         states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
                   if f"rng.cuda.{i}" in tensors]
@@ -524,6 +540,7 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
 
     history: list[dict[str, Any]] = []
     step, start_epoch = 0, 0
+    resume_batch, resume_running = 0, [0.0, 0, 0]
     better = (lambda a, b: a < b) if monitor.endswith("loss") else (lambda a, b: a > b)
     best_value = math.inf if monitor.endswith("loss") else -math.inf
     best_epoch, bad_epochs = -1, 0
@@ -542,7 +559,16 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
             raise ModelError(last_p, f"cannot resume: its training state state-{step}.safetensors "
                              "is missing")
         smeta = _load_state(st, opt, sched)
-        loader.rng.bit_generator.state = smeta["rng"]
+        srng = smeta["rng"]
+        in_epoch = int(smeta.get("batch_in_epoch", 0))
+        if in_epoch and srng.get("epoch"):  # mid-epoch: the same order, from the next batch
+            loader.resume_epoch(srng["epoch"], in_epoch)
+            resume_batch = in_epoch
+            resume_running = smeta.get("running") or [0.0, 0, 0]
+        else:
+            loader.set_state(srng.get("sampler", srng))
+        if scaler is not None and smeta.get("scaler"):
+            scaler.load_state_dict(smeta["scaler"])
         history = list(smeta.get("history", []))
         best_value = float(smeta.get("best_value", best_value))
         best_epoch, bad_epochs = int(smeta.get("best_epoch", -1)), int(smeta.get("bad_epochs", 0))
@@ -561,15 +587,19 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
          "trainable": count_parameters(model, trainable_only=True)}, indent=2, default=str),
         overwrite=True)
 
-    def checkpoint(epochs_done: int, *, best: bool) -> None:
+    def checkpoint(epochs_done: int, *, best: bool, batch_in_epoch: int = 0,
+                   running: list | None = None) -> None:
         meta.extra["checkpoint"] = {"step": step, "epochs_done": epochs_done,
                                     "history": history[-1] if history else None}
         meta.extra["history"] = history
-        rng_state = loader.rng.bit_generator.state
+        # the sampler now, and before this epoch's order was drawn (for a mid-epoch resume)
+        rng_state = {"sampler": loader.rng.bit_generator.state, "epoch": loader.epoch_state}
         state_p = out / f"state-{step}.safetensors"
         _save_state(state_p, opt, sched, rng_state,
                     {"history": history, "best_value": best_value, "best_epoch": best_epoch,
-                     "bad_epochs": bad_epochs, "step": step, "epochs_done": epochs_done})
+                     "bad_epochs": bad_epochs, "step": step, "epochs_done": epochs_done,
+                     "batch_in_epoch": batch_in_epoch, "running": running,
+                     "scaler": scaler.state_dict() if scaler is not None else None})
         save_model(last_p, model, meta, overwrite=True)  # the commit point
         for old in out.glob("state-*.safetensors"):
             if old != state_p:
@@ -586,9 +616,14 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
             break
         set_train_mode(model, True)
         running, n_run, correct = 0.0, 0, 0
+        first = 0
+        if resume_batch and epoch == start_epoch:  # finish the interrupted epoch
+            first = resume_batch
+            running, n_run, correct = (float(resume_running[0]), int(resume_running[1]),
+                                       int(resume_running[2]))
         t_epoch = time.perf_counter()
         t_prev = t_epoch
-        for b, (x_np, y_np) in enumerate(loader):
+        for b, (x_np, y_np) in enumerate(loader, start=first):
             x = torch.from_numpy(x_np).to(dev, non_blocking=True).permute(0, 3, 1, 2)
             y = torch.from_numpy(y_np).to(dev, non_blocking=True)
             x = _normalise(augment(x), mean_t, std_t)
@@ -617,8 +652,10 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
                            partial={"kind": "step", "step": step, "epoch": epoch,
                                     "epoch_float": epoch + (b + 1) / steps_per_epoch,
                                     "loss": lv, "lr": opt.param_groups[0]["lr"]})
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, best=False)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                    and b + 1 < steps_per_epoch:
+                checkpoint(epoch, best=False, batch_in_epoch=b + 1,
+                           running=[running, n_run, correct])
             t_prev = time.perf_counter()
             if step >= total_steps:
                 break
