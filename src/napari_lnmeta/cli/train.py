@@ -197,16 +197,20 @@ def make_patches(p: argparse.ArgumentParser):
 
     def run(args):
         from ..errors import InputError
-        from ..io.atomic import check_output
+        from ..io.atomic import claim_output
+
+        if len(args.slide) != len(args.labels):
+            raise InputError(f"give one --labels per --slide ({len(args.slide)} slides, "
+                             f"{len(args.labels)} labels)")
+        with claim_output(args.out, overwrite=args.overwrite, inputs=args.slide + args.labels):
+            return _patches(args)
+
+    def _patches(args):
         from ..io.slide import open_slide
         from ..progress import TextProgress
         from ..progress import run as drive
         from ..train.datasets import PatchConfig, build_patchset_job, cache_patches_job
 
-        if len(args.slide) != len(args.labels):
-            raise InputError(f"give one --labels per --slide ({len(args.slide)} slides, "
-                             f"{len(args.labels)} labels)")
-        check_output(args.out, overwrite=args.overwrite)
         n = len(args.slide)
         cfg = PatchConfig(patch_size=args.patch_size, mpp=args.patch_mpp, level=args.level,
                           stride=args.stride,

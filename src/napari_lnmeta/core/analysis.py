@@ -498,11 +498,22 @@ def write_separability(results: dict[str, SeparabilityResult], out_dir: str | Pa
     """``separability.json``, ``separability.png`` and ``points.csv`` (PCA coordinates,
     source and cluster of every patch), atomically; existing ones refused unless
     ``overwrite``."""
+    from ..io.atomic import output_lock
+
+    with output_lock(out_dir):  # one writer per output
+        return _write_separability_locked(results, out_dir, config=config, overwrite=overwrite, inputs=inputs)
+
+
+def _write_separability_locked(results: dict[str, SeparabilityResult], out_dir: str | Path, *,
+                               config: SeparabilityConfig | None = None, overwrite: bool = False,
+                               inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
     from ..errors import OutputExistsError
-    from ..io.atomic import check_output, write_bytes_atomic, write_text_atomic
+    from ..io.atomic import check_inputs, write_bytes_atomic, write_text_atomic
 
     out = Path(out_dir)
-    check_output(out, overwrite=True, inputs=inputs)
+    check_inputs(out, inputs, whole=False)
+    for name in SEPARABILITY_FILES:
+        check_inputs(out / name, inputs)
     for name in SEPARABILITY_FILES:
         if (out / name).exists() and not overwrite:
             raise OutputExistsError(out / name)

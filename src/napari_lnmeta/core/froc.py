@@ -1237,10 +1237,20 @@ def write_report(report: EvaluationReport, out_dir: str | Path, *, overwrite: bo
     Every output is checked before anything is written: an existing one is refused
     (:class:`~napari_lnmeta.errors.OutputExistsError`) unless ``overwrite``.
     """
-    from ..io.atomic import check_output, write_bytes_atomic, write_text_atomic
+    from ..io.atomic import output_lock
+
+    with output_lock(out_dir):  # one writer per output
+        return _write_report_locked(report, out_dir, overwrite=overwrite, inputs=inputs)
+
+
+def _write_report_locked(report: EvaluationReport, out_dir: str | Path, *, overwrite: bool = False,
+                         inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
+    from ..io.atomic import check_inputs, write_bytes_atomic, write_text_atomic
 
     out = Path(out_dir)
-    check_output(out, overwrite=True, inputs=inputs)
+    check_inputs(out, inputs, whole=False)
+    for name in REPORT_FILES:
+        check_inputs(out / name, inputs)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     for name in REPORT_FILES:

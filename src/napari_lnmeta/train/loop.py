@@ -470,6 +470,17 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
     patch_config
         How the patches were made (stored in the model's metadata).
     """
+    from ..io.atomic import output_lock
+
+    with output_lock(out_dir):  # one writer per output
+        return (yield from _train_job_locked(cfg, train_set, val_set, out_dir=out_dir,
+                                             resume=resume, overwrite=overwrite,
+                                             patch_config=patch_config))
+
+
+def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = None, *,
+                      out_dir: str | Path, resume: bool = False, overwrite: bool = False,
+                      patch_config: dict | None = None) -> Job[TrainResult]:
     t_start = time.perf_counter()
     out = Path(out_dir)
     last_p, best_p = out / "last.safetensors", out / "best.safetensors"
