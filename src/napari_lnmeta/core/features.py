@@ -306,6 +306,18 @@ def extract_features_job(slide: Slide, grid: PatchGrid, path: str | Path, *,
     -------
     FeatureCache
     """
+    from ..io.atomic import output_lock
+
+    with output_lock(path):  # one writer per output
+        return (yield from _extract_features_job_locked(slide, grid, path, extractor=extractor, batch_size=batch_size, device=device, amp=amp, dtype=dtype, chunk=chunk, overwrite=overwrite, key=key, extra_attrs=extra_attrs))
+
+
+def _extract_features_job_locked(slide: Slide, grid: PatchGrid, path: str | Path, *,
+                                 extractor: tuple[nn.Module, BackboneInfo],
+                                 batch_size: int = 64, device: str | torch.device = "auto",
+                                 amp: bool = False, dtype: str = "float32", chunk: int = 1024,
+                                 overwrite: bool = False, key: str | None = None,
+                                 extra_attrs: dict[str, Any] | None = None) -> Job[FeatureCache]:
     import torch
 
     from ..models.extractor import Preprocessor

@@ -378,6 +378,21 @@ def _train_mil_job(slides: Sequence[MILSlide], config: MILTrainConfig, *,
         standardises its input features with the training slides' per-dimension mean and
         SD (stored in the model file).
     """
+    import contextlib
+
+    from ..io.atomic import output_lock
+
+    lock = output_lock(out_dir) if out_dir is not None else contextlib.nullcontext()
+    with lock:  # one writer per output
+        return (yield from _train_mil_job_locked(slides, config, classes=classes, backbone=backbone, clinical=clinical, splits=splits, out_dir=out_dir, overwrite=overwrite, features_meta=features_meta, extra=extra))
+
+
+def _train_mil_job_locked(slides: Sequence[MILSlide], config: MILTrainConfig, *,
+                          classes: Sequence[str], backbone: BackboneInfo,
+                          clinical: ClinicalEncoder | None = None,
+                          splits: Sequence[str] | None = None, out_dir: str | Path | None = None,
+                          overwrite: bool = False, features_meta: dict[str, Any] | None = None,
+                          extra: dict[str, Any] | None = None) -> Job[MILTrainResult]:
     import torch
     from torch import nn
 
