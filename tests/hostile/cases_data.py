@@ -46,6 +46,20 @@ def _hold_lock(target: Path, seconds: float = 60.0) -> subprocess.Popen:
     return proc
 
 
+def _scaling_transform(fixed: Path, moving: Path, path: Path) -> None:
+    """A real transform file (the moving image stretched over the fixed slide)."""
+    import numpy as np
+
+    from napari_lnmeta.core.registration import SlideInfo, Transform
+    from napari_lnmeta.io.slide import open_slide
+
+    f, m = open_slide(fixed), open_slide(moving)
+    sy, sx = m.shape[0] / f.shape[0], m.shape[1] / f.shape[1]
+    Transform(matrix=np.diag([sy, sx, 1.0]),
+              fixed=SlideInfo(f.name if hasattr(f, "name") else None, f.shape, f.mpp),
+              moving=SlideInfo(None, m.shape, m.mpp)).save(path)
+
+
 def _predict_argv(slide: Path, out: Path, *extra: str) -> list[str]:
     return ["predict", str(slide), "-o", str(out), "--device", "cpu", "--workers", "1", *extra]
 
@@ -116,7 +130,7 @@ def _transfer_onto_transform(ws: Workspace) -> Spec:
     fixed = _cmu(ws)
     moving = ws.copy_shared(IHC)
     tr = ws.path("transform.json")
-    tr.write_text(json.dumps({"kind": "affine"}))
+    _scaling_transform(fixed, moving, tr)
     return Spec(["transfer-mask", str(fixed), str(moving), "--transform", str(tr), "-o", str(tr),
                  "--overwrite"], inputs=[fixed, moving, tr])
 
