@@ -1258,9 +1258,6 @@ def _write_report_locked(report: EvaluationReport, out_dir: str | Path, *, overw
             raise OutputExistsError(out / name)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    if overwrite:  # never leave a plot of an earlier run beside a new report
-        for name in ("roc.png", "froc.png"):
-            (out / name).unlink(missing_ok=True)
     if report.roc is not None:
         paths["roc"] = write_bytes_atomic(out / "roc.png", roc_figure_png(report.slides),
                                           overwrite=True)
@@ -1273,6 +1270,10 @@ def _write_report_locked(report: EvaluationReport, out_dir: str | Path, *, overw
     paths["detections"] = write_text_atomic(out / "detections.csv",
                                             _csv_text(report.detection_rows(), DETECTION_COLUMNS),
                                             overwrite=True)
+    if overwrite:  # never leave a plot of an earlier run beside a new report
+        for key in ("roc", "froc"):
+            if key not in paths:
+                (out / f"{key}.png").unlink(missing_ok=True)
     d = report.to_json()
     d["files"] = sorted(p.name for p in paths.values()) + ["report.json"]
     paths["report"] = write_text_atomic(out / "report.json", jsonio.dumps(d, indent=1),
