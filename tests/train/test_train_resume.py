@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_lnmeta.errors import InputError
 from napari_lnmeta.models.io import read_safetensors
 from napari_lnmeta.progress import run
 from napari_lnmeta.train.loop import TrainConfig, train_job
@@ -59,3 +60,23 @@ def test_resume_gives_the_uninterrupted_weights(ps, reference, tmp_path, where):
     for k in ref:
         assert np.array_equal(got[k].numpy(), ref[k].numpy()), k
     assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in ref_hist]
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(ps, tmp_path):
+    out = tmp_path / "run"
+    run(train_job(_cfg(epochs=1), ps, out_dir=out))
+    old = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    job = train_job(_cfg(epochs=2, seed=11), ps, out_dir=out, overwrite=True)
+    for p in job:  # stopped (Cancel, a crash, a kill) after its first epoch was saved
+        if isinstance(p.partial, dict) and p.partial.get("kind") == "epoch":
+            break
+    job.close()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    res = run(train_job(_cfg(epochs=2, seed=11), ps, out_dir=out, overwrite=True))
+    assert res.last == out / "last.safetensors" and res.last.read_bytes() != old["last.safetensors"]
+    assert [h["epoch"] for h in res.history] == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (out / "my_notes.txt").write_text("not a training file")
+    with pytest.raises(InputError, match="my_notes.txt"):
+        run(train_job(_cfg(epochs=1), ps, out_dir=out, overwrite=True))

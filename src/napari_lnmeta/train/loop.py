@@ -470,12 +470,47 @@ def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = 
     patch_config
         How the patches were made (stored in the model's metadata).
     """
-    from ..io.atomic import output_lock
+    import dataclasses
+    import shutil
+    import uuid
 
-    with output_lock(out_dir):  # one writer per output
-        return (yield from _train_job_locked(cfg, train_set, val_set, out_dir=out_dir,
-                                             resume=resume, overwrite=overwrite,
-                                             patch_config=patch_config))
+    from ..io.atomic import output_lock, replace
+
+    out = Path(out_dir)
+    with output_lock(out):  # one writer per output
+        if not (overwrite and not resume and (out / "last.safetensors").exists()):
+            return (yield from _train_job_locked(cfg, train_set, val_set, out_dir=out,
+                                                 resume=resume, overwrite=overwrite,
+                                                 patch_config=patch_config))
+        # --overwrite of an earlier run: train beside it, swap when complete
+        foreign = sorted(c.name for c in out.iterdir() if not _is_run_file(c.name))
+        if foreign:
+            raise InputError(f"{out}: --overwrite replaces a training run folder as a whole, "
+                             f"and this one also holds {', '.join(foreign[:3])}"
+                             f"{' ...' if len(foreign) > 3 else ''}; move those away or "
+                             "choose another output")
+        stage = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            res = yield from _train_job_locked(cfg, train_set, val_set, out_dir=stage,
+                                               resume=False, overwrite=False,
+                                               patch_config=patch_config)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        replace(stage, out)
+        return dataclasses.replace(res, out_dir=out, last=out / res.last.name,
+                                   best=out / res.best.name)
+
+
+_RUN_FILES = ("config.json", "last.safetensors", "best.safetensors", "log.csv", "tensorboard",
+              "eval", ".lnmeta")
+
+
+def _is_run_file(name: str) -> bool:
+    """A file or folder a training run writes (its folder may be replaced as a whole)."""
+    return (name in _RUN_FILES or (name.startswith("state-") and name.endswith(".safetensors"))
+            or (name.startswith(".") and (".tmp-" in name or ".old-" in name
+                                          or name.endswith(".lock"))))
 
 
 def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = None, *,
