@@ -218,13 +218,6 @@ def _acquire(lp: Path, path: Path) -> int:
         os.close(fd)
 
 
-def holds_lock(path: str | Path) -> bool:
-    """Whether this thread holds the writer lock on ``path``."""
-    path = Path(path)
-    owner = _held.get(str(lock_path(_real(path.parent) / path.name)))
-    return owner is not None and owner[0] == threading.get_ident()
-
-
 def clean_stale(path: str | Path) -> list[Path]:
     """Remove ``.NAME.tmp-*`` / ``.NAME.old-*`` beside ``path`` (call with the lock held).
 
