@@ -51,6 +51,25 @@ def add_mpp(p: argparse.ArgumentParser) -> None:
                         "(finite, within [0.01, 1000])")
 
 
+def add_out(p, help: str, *, required: bool = True, default: str | None = None,
+            metavar: str | None = None, old: Sequence[str] = ()) -> argparse.Action:
+    """The output option, spelt ``-o/--out`` by every subcommand (``args.out``).
+
+    ``old`` are earlier spellings (``--output``, ``--out-dir``) still accepted for one
+    release; they parse into the same option but are left out of ``--help``.
+    """
+    action = p.add_argument("-o", "--out", *old, dest="out", required=required,
+                            default=default, metavar=metavar, help=help)
+    action.option_strings = ["-o", "--out"]
+    return action
+
+
+def add_device(p, help: str = "torch device: auto (CUDA when available), cpu, cuda or "
+                              "cuda:N") -> argparse.Action:
+    """The ``--device`` option, ``auto`` by default in every subcommand."""
+    return p.add_argument("--device", default="auto", help=help)
+
+
 def add_overwrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import command
+from . import add_out, command
 
 
 @command("batch", help="Run a pipeline step over a cohort (folder, glob or CSV) on a Dask cluster")
@@ -14,7 +14,7 @@ def batch(p):
                    "columns)")
     p.add_argument("--step", required=True,
                    help="tissue | predict | register | extract-features | mil")
-    p.add_argument("-o", "--out", required=True, help="output folder: one sub-folder per slide")
+    add_out(p, "output folder: one sub-folder per slide")
     p.add_argument("--scheduler", default=None,
                    help="address of an existing Dask scheduler (tcp://host:8786); "
                    "default: a LocalCluster on this machine; 'sync' runs in this process")

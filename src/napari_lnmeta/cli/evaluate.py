@@ -6,7 +6,7 @@ import sys
 
 from ..io import jsonio
 from ..io.validate import mpp_arg, positive_arg
-from . import add_overwrite, command
+from . import add_out, add_overwrite, command
 
 _EPILOG_SLIDES = """\
 PRED_DIR holds lnmeta prediction folders (summary.json + lesions.geojson, as written by
@@ -53,7 +53,7 @@ def evaluate_slides(p):
     p.epilog = _EPILOG_SLIDES
     p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of predictions")
     p.add_argument("truth_dir", metavar="TRUTH_DIR", help="folder of ground-truth files")
-    p.add_argument("-o", "--out", required=True, metavar="REPORT_DIR", help="report folder")
+    add_out(p, "report folder", metavar="REPORT_DIR")
     p.add_argument("--negatives", default=None, metavar="FILE|NAMES",
                    help="tumour-free slides without a ground-truth file: a text/CSV file (one "
                         "slide per line; CAMELYON reference.csv keeps its Normal rows) or "
@@ -153,7 +153,7 @@ def separability(p):
     p.epilog = _EPILOG_SEP
     p.add_argument("a", metavar="A", help="first source: folder of patch images or a slide")
     p.add_argument("b", metavar="B", help="second source")
-    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
+    add_out(p, "output folder", metavar="OUT")
     p.add_argument("--backbone", default="resnet18",
                    help="registry architecture (random weights unless --init) or an lnmeta "
                         "model file (.safetensors)")

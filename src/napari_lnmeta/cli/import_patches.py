@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..io.validate import mpp_arg
-from . import add_overwrite, command
+from . import add_out, add_overwrite, command
 
 _EPILOG = """\
 inputs (the format follows from INPUT):
@@ -33,7 +33,7 @@ def import_patches(p: argparse.ArgumentParser):
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _EPILOG
     p.add_argument("input", help="*_x.h5 (PatchCamelyon), a folder of class folders, or a CSV")
-    p.add_argument("--out", required=True, help="patch-set file to write (.npz)")
+    add_out(p, "patch-set file to write (.npz)")
     p.add_argument("--mpp", type=mpp_arg("--mpp"), default=None,
                    help="µm/px of the patches (PatchCamelyon: 0.972 by default)")
     p.add_argument("--patch-size", type=int, default=None,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..io import jsonio
 from ..io.validate import mpp_arg
-from . import add_mpp, add_overwrite, command
+from . import add_mpp, add_out, add_overwrite, command
 
 
 def _add_feature_options(p: argparse.ArgumentParser) -> None:
@@ -109,8 +109,7 @@ def extract_features(p):
     p.add_argument("--cache-dir", default=None,
                    help="folder of feature caches (one <slide>.<backbone>.<key>.features.zarr "
                         "per slide, reused when the settings match)")
-    p.add_argument("-o", "--out", default=None,
-                   help="exact output .features.zarr (one slide only)")
+    add_out(p, "exact output .features.zarr (one slide only)", required=False)
     p.add_argument("--regions", default=None,
                    help="annotation file: only patches inside its regions (seed 002)")
     p.add_argument("--region-scale", type=float, default=1.0,
@@ -176,8 +175,8 @@ def train_mil(p):
                                  "cache) column, a 'label' column (class name or index), and "
                                  "optional 'split' (train/val/test), 'regions' and clinical "
                                  "columns; paths are relative to the CSV's folder")
-    p.add_argument("-o", "--out-dir", required=True,
-                   help="checkpoints, best.safetensors, metrics.json, history.json, splits.csv")
+    add_out(p, "checkpoints, best.safetensors, metrics.json, history.json, splits.csv",
+            metavar="OUT_DIR", old=("--out-dir",))
     p.add_argument("--classes", default=None,
                    help="class names in label order, comma-separated (default N0,N+ or "
                         "N0,N+(1-2),N+(>=3) when the labels are those)")
@@ -235,7 +234,7 @@ def train_mil(p):
             raise InputError(f"{table}: needs a 'label' column")
         if "slide" not in low and "features" not in low:
             raise InputError(f"{table}: needs a 'slide' or a 'features' column")
-        out_dir = Path(args.out_dir)
+        out_dir = Path(args.out)
         cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / "features"
         cfg = _feature_config(args)
         labels = [r[low["label"]] for r in rows]
@@ -343,8 +342,8 @@ def train_mil(p):
 @command("mil", help="Slide-level MIL prediction: class probabilities + attention heatmap")
 def mil(p):
     p.add_argument("slide", help="slide file")
-    p.add_argument("-o", "--out-dir", required=True,
-                   help="writes attention.ome.zarr and summary.json here")
+    add_out(p, "writes attention.ome.zarr and summary.json here", metavar="OUT_DIR",
+            old=("--out-dir",))
     p.add_argument("--model", required=True, help="MIL model (.safetensors from train-mil)")
     p.add_argument("--clinical", default=None,
                    help="CSV with the slide's clinical values (a 'slide' column picks the "
@@ -389,7 +388,7 @@ def mil(p):
                                  top_k=args.top_k, cache_dir=args.cache_dir)
         res = drive(predict_slide_job(slide, args.model, config=cfg, clinical=clinical,
                                       features=args.features, regions=args.regions,
-                                      region_scale=args.region_scale, out_dir=args.out_dir,
+                                      region_scale=args.region_scale, out_dir=args.out,
                                       overwrite=args.overwrite,
                                       clinical_source=str(args.clinical)), _progress())
         for note in res.extra.get("notes") or []:
@@ -397,7 +396,7 @@ def mil(p):
         probs = ", ".join(f"{c}: {p:.3f}" for c, p in zip(res.classes, res.probabilities,
                                                           strict=True))
         print(jsonio.dumps({"slide": res.slide, "predicted": res.predicted}) + f"  ({probs})")
-        print(f"wrote {Path(args.out_dir) / 'attention.ome.zarr'} and "
-              f"{Path(args.out_dir) / 'summary.json'}")
+        print(f"wrote {Path(args.out) / 'attention.ome.zarr'} and "
+              f"{Path(args.out) / 'summary.json'}")
 
     return run

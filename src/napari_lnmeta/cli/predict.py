@@ -7,16 +7,16 @@ import warnings
 
 from ..io import jsonio
 from ..io.validate import mpp_arg, positive_arg
-from . import add_mpp, add_overwrite, command
+from . import add_mpp, add_out, add_overwrite, command
 
 
 @command("predict", help="Detect metastases in a slide: probability heatmap, 3-tier map, "
                          "lesions, overview and summary in OUT_DIR")
 def predict(p):
     p.add_argument("slide", help="slide file or OME-Zarr directory")
-    p.add_argument("-o", "--out", required=True, metavar="OUT_DIR",
-                   help="result folder (probability.ome.zarr, summary.json, lesions.geojson, "
-                        "overview.png ...); an unfinished run there is resumed")
+    add_out(p, metavar="OUT_DIR",
+            help="result folder (probability.ome.zarr, summary.json, lesions.geojson, "
+                 "overview.png ...); an unfinished run there is resumed")
     p.add_argument("--model", default=None, metavar="PATH",
                    help="model file (.safetensors); default: the bundled model")
     add_mpp(p)

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from ..io.validate import mpp_arg
-from . import add_mpp, add_overwrite, command
+from . import add_mpp, add_out, add_overwrite, command
 
 
 def _open(path, mpp):
@@ -50,7 +50,7 @@ def register_cmd(p):
     from ..core.registration import MODES
 
     _add_pair(p)
-    p.add_argument("-o", "--output", required=True, help="transform file (.json)")
+    add_out(p, "transform file (.json)", old=("--output",))
     p.add_argument("--mode", choices=MODES, default="nonrigid",
                    help="rigid (rotation, flip, translation), affine, or nonrigid (affine + "
                         "smooth invertible deformation; default)")
@@ -67,7 +67,7 @@ def register_cmd(p):
     def run(args):
         from ..io.atomic import claim_output
 
-        with claim_output(args.output, overwrite=args.overwrite,
+        with claim_output(args.out, overwrite=args.overwrite,
                           inputs=[args.fixed, args.moving]):
             _register(args)
 
@@ -81,7 +81,7 @@ def register_cmd(p):
         if args.min_similarity is not None:
             kw["min_similarity"] = args.min_similarity
         t = drive(register(fixed, moving, RegistrationConfig(**kw)), _progress(args))
-        t.save(args.output, overwrite=args.overwrite, inputs=(args.fixed, args.moving))
+        t.save(args.out, overwrite=args.overwrite, inputs=(args.fixed, args.moving))
         st = t.metrics["stages"]
         pre = st["prealign"]
         print(f"{args.mode}: similarity {t.metrics['similarity']:.3f}, tissue overlap "
@@ -89,7 +89,7 @@ def register_cmd(p):
               f"{' (mirrored)' if pre['flip'] else ''}, {t.metrics['seconds']:.1f} s")
         for note in t.metrics.get("notes", []):
             print(f"note: {note}", file=sys.stderr)
-        print(f"wrote {args.output}")
+        print(f"wrote {args.out}")
 
     return run
 
@@ -137,7 +137,7 @@ def read_points_csv(path: str | Path) -> tuple[list[str], list[list[str]], int, 
 def warp_points(p):
     p.add_argument("transform", help="transform file written by `lnmeta register`")
     p.add_argument("points", help="CSV with columns X, Y (other columns are kept)")
-    p.add_argument("-o", "--output", required=True, help="output CSV")
+    add_out(p, "output CSV", old=("--output",))
     p.add_argument("--inverse", action="store_true",
                    help="the points are in the FIXED slide; map them into the MOVING one")
     add_overwrite(p)
@@ -151,7 +151,7 @@ def warp_points(p):
         from ..core.registration import Transform
         from ..io.atomic import claim_output, write_text_atomic
 
-        with claim_output(args.output, overwrite=args.overwrite,
+        with claim_output(args.out, overwrite=args.overwrite,
                           inputs=[args.points, args.transform]):
             t = Transform.load(args.transform)
             header, body, ix, iy = read_points_csv(args.points)
@@ -171,9 +171,9 @@ def warp_points(p):
                 r = list(r)
                 r[ix], r[iy] = f"{x:.4f}", f"{y:.4f}"
                 w.writerow(r)
-            write_text_atomic(args.output, buf.getvalue(), overwrite=args.overwrite)
+            write_text_atomic(args.out, buf.getvalue(), overwrite=args.overwrite)
         direction = "fixed -> moving" if args.inverse else "moving -> fixed"
-        print(f"{len(body)} points mapped ({direction}); wrote {args.output}")
+        print(f"{len(body)} points mapped ({direction}); wrote {args.out}")
 
     return run
 
@@ -183,7 +183,7 @@ def warp_points(p):
 def transfer_mask_cmd(p):
     _add_pair(p)
     p.add_argument("--transform", required=True, help="transform from `lnmeta register`")
-    p.add_argument("-o", "--output", required=True, help="output mask (.ome.zarr)")
+    add_out(p, "output mask (.ome.zarr)", old=("--output",))
     p.add_argument("--threshold", type=float, default=None,
                    help="DAB optical density threshold (default: Otsu over tissue)")
     p.add_argument("--min-area-um2", type=float, default=200.0,
@@ -208,10 +208,10 @@ def transfer_mask_cmd(p):
 
         inputs = [args.fixed, args.moving, args.transform]
         with contextlib.ExitStack() as stack:
-            stack.enter_context(claim_output(args.output, overwrite=args.overwrite,
+            stack.enter_context(claim_output(args.out, overwrite=args.overwrite,
                                              inputs=inputs))
             if args.geojson:
-                if Path(args.geojson).resolve() == Path(args.output).resolve():
+                if Path(args.geojson).resolve() == Path(args.out).resolve():
                     from ..errors import InputError
 
                     raise InputError(f"{args.geojson}: --geojson and -o name the same path")
@@ -227,16 +227,16 @@ def transfer_mask_cmd(p):
         t = Transform.load(args.transform)
         params = DabParams(threshold=args.threshold, min_area_um2=args.min_area_um2,
                            close_um=args.close_um, fibrosis_um=args.fibrosis_um)
-        res = drive(transfer_mask(fixed, moving, t, args.output, params,
+        res = drive(transfer_mask(fixed, moving, t, args.out, params,
                                   downsample=args.downsample, mask_mpp=args.mask_mpp,
                                   overwrite=args.overwrite), _progress(args))
         print(f"DAB threshold {res.threshold:.4f}; tumour {100 * res.tumour_fraction:.2f}% of "
               f"the mask grid ({res.shape[1]}x{res.shape[0]} at downsample "
-              f"{res.frame.downsample:g}); wrote {args.output}")
+              f"{res.frame.downsample:g}); wrote {args.out}")
         if args.geojson:
             from ..io.annotations import write_geojson
 
-            labels = read_ome_zarr(args.output).data.compute()
+            labels = read_ome_zarr(args.out).data.compute()
             polys = mask_outlines(labels, res.frame)
             write_geojson(args.geojson, polys, overwrite=args.overwrite)
             print(f"{len(polys)} outlines; wrote {args.geojson}")

@@ -7,7 +7,7 @@ import warnings
 
 from ..io import jsonio
 from ..io.validate import mpp_arg
-from . import add_mpp, add_overwrite, command
+from . import add_mpp, add_out, add_overwrite, command
 
 
 def _open(args):
@@ -55,7 +55,7 @@ def _describe(tm) -> str:
 @command("tissue", help="Detect tissue at low resolution and write a Labels OME-Zarr mask")
 def tissue(p):
     p.add_argument("slide", help="slide file or OME-Zarr directory")
-    p.add_argument("-o", "--output", required=True, help="output mask (.ome.zarr)")
+    add_out(p, "output mask (.ome.zarr)", old=("--output",))
     _add_tissue_options(p)
     add_mpp(p)
     add_overwrite(p)
@@ -63,12 +63,12 @@ def tissue(p):
     def run(args):
         from ..io.atomic import claim_output
 
-        with claim_output(args.output, overwrite=args.overwrite, inputs=[args.slide]):
+        with claim_output(args.out, overwrite=args.overwrite, inputs=[args.slide]):
             slide = _open(args)
             tm = _tissue(slide, args)
-            tm.save(args.output, overwrite=args.overwrite, inputs=(args.slide,))
+            tm.save(args.out, overwrite=args.overwrite, inputs=(args.slide,))
         print(_describe(tm))
-        print(f"wrote {args.output}")
+        print(f"wrote {args.out}")
 
     return run
 
@@ -76,7 +76,7 @@ def tissue(p):
 @command("grid", help="Make a patch grid over tissue (.npz: level-0 coordinates + read level)")
 def grid(p):
     p.add_argument("slide", help="slide file or OME-Zarr directory")
-    p.add_argument("-o", "--output", required=True, help="output grid (.npz)")
+    add_out(p, "output grid (.npz)", old=("--output",))
     p.add_argument("--patch-size", type=int, default=256, help="patch side in read pixels")
     p.add_argument("--stride", type=int, default=None, help="stride in read pixels "
                    "(default: the patch size)")
@@ -99,7 +99,7 @@ def grid(p):
     def run(args):
         from ..io.atomic import claim_output
 
-        with claim_output(args.output, overwrite=args.overwrite, inputs=[args.slide]):
+        with claim_output(args.out, overwrite=args.overwrite, inputs=[args.slide]):
             _grid(args)
 
     def _grid(args):
@@ -120,11 +120,11 @@ def grid(p):
                             min_tissue=args.min_tissue, entropy_min=args.entropy_min,
                             rois=args.rois)
         g = run_job(job, TextProgress() if args.entropy_min is not None else None)
-        g.save(args.output, overwrite=args.overwrite, inputs=(args.slide,))
+        g.save(args.out, overwrite=args.overwrite, inputs=(args.slide,))
         print(f"grid: {len(g)} patches of {g.patch_size} px (stride {g.stride}, "
               f"{'level ' + str(g.level) if g.level is not None else f'{g.mpp:g} µm/px'}) "
               f"out of {g.grid_shape[0]}x{g.grid_shape[1]} grid positions")
-        print(f"wrote {args.output}")
+        print(f"wrote {args.out}")
 
     return run
 
@@ -135,7 +135,7 @@ def stain_fit(p):
     from ..core.stain import NORMALISERS
 
     p.add_argument("slide", help="reference slide (or image)")
-    p.add_argument("-o", "--output", required=True, help="output target (.json)")
+    add_out(p, "output target (.json)", old=("--output",))
     p.add_argument("--method", choices=NORMALISERS, default="macenko")
     p.add_argument("--n-patches", type=int, default=32, help="random tissue patches used")
     p.add_argument("--patch-size", type=int, default=256)
@@ -150,16 +150,16 @@ def stain_fit(p):
         from ..core.stain import fit_slide_target
         from ..io.atomic import claim_output
 
-        with claim_output(args.output, overwrite=args.overwrite, inputs=[args.slide]):
+        with claim_output(args.out, overwrite=args.overwrite, inputs=[args.slide]):
             slide = _open(args)
             t = fit_slide_target(slide, args.method, n_patches=args.n_patches,
                                  patch_size=args.patch_size, mpp=args.patch_mpp,
                                  seed=args.seed)
-            t.save(args.output, overwrite=args.overwrite)
+            t.save(args.out, overwrite=args.overwrite)
         d = t.to_json()
         shown = {k: d[k] for k in ("method", "stains", "max_conc", "lab_mean", "lab_std")
                  if d[k] is not None}
         print(jsonio.dumps(shown))
-        print(f"wrote {args.output} ({t.n_pixels} tissue pixels)")
+        print(f"wrote {args.out} ({t.n_pixels} tissue pixels)")
 
     return run

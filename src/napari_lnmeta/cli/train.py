@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..io import jsonio
 from ..io.validate import mpp_arg, positive_arg
-from . import add_mpp, add_overwrite, command
+from . import add_mpp, add_out, add_overwrite, command
 
 _EPILOG_PATCHES = """\
 labels: CAMELYON JSON (.json with positive/negative), QuPath GeoJSON (.geojson), ASAP XML
@@ -158,7 +158,7 @@ def make_patches(p: argparse.ArgumentParser):
                    help="slide file (repeat for several slides)")
     p.add_argument("--labels", action="append", required=True,
                    help="labels of the slide given at the same position (repeat)")
-    p.add_argument("--out", required=True, help="patch-set file to write (.npz)")
+    add_out(p, "patch-set file to write (.npz)")
     p.add_argument("--labels-scale", type=positive_arg("--labels-scale"), action="append",
                    help="slide pixels per label-file pixel (once, or once per slide)")
     p.add_argument("--labels-mpp", type=mpp_arg("--labels-mpp"), action="append",
@@ -294,7 +294,7 @@ def train(p: argparse.ArgumentParser):
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _EPILOG_TRAIN
     p.add_argument("patches", nargs="+", help="patch sets from lnmeta make-patches (.npz)")
-    p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
+    add_out(p, "run folder for checkpoints and logs")
     p.add_argument("--val", nargs="+", default=None, help="separate validation patch sets")
     _add_split(p)
     p.add_argument("--mix", action="append", metavar="SOURCE=FRACTION",
@@ -446,7 +446,7 @@ def _print_metrics(m: dict) -> None:
 def evaluate(p: argparse.ArgumentParser):
     p.add_argument("model", help="model file (.safetensors)")
     p.add_argument("patches", nargs="+", help="held-out patch sets (.npz)")
-    p.add_argument("--out", default=None, help="folder for metrics.json, roc.png, predictions.csv")
+    add_out(p, "folder for metrics.json, roc.png, predictions.csv", required=False)
     p.add_argument("--holdout-region", default=None, metavar="ROW0,COL0,ROW1,COL1",
                    help="evaluate only patches inside this level-0 rectangle")
     p.add_argument("--holdout-slide", default=None)
