@@ -56,6 +56,17 @@ def test_old_output_spelling_parses_to_out(subparsers, name):
         assert ns.out == "target"
 
 
+def test_device_defaults_to_auto_everywhere(subparsers):
+    seen = []
+    for name, p in subparsers.items():
+        for a in p._actions:
+            if "--device" in a.option_strings:
+                assert a.default == "auto", name
+                seen.append(name)
+    assert {"predict", "register", "separability", "train", "train-mil", "mil",
+            "extract-features", "evaluate", "train-spatial"} <= set(seen)
+
+
 def test_old_and_new_output_spelling_write_the_same(cmu1, tmp_path, capsys):
     old, new = tmp_path / "old.ome.zarr", tmp_path / "new.ome.zarr"
     assert main(["tissue", str(cmu1), "--output", str(old)]) == 0

@@ -6,7 +6,7 @@ import sys
 
 from ..io import jsonio
 from ..io.validate import mpp_arg, positive_arg
-from . import add_out, add_overwrite, command
+from . import add_device, add_out, add_overwrite, command
 
 _EPILOG_SLIDES = """\
 PRED_DIR holds lnmeta prediction folders (summary.json + lesions.geojson, as written by
@@ -169,7 +169,7 @@ def separability(p):
     p.add_argument("--stain-target", default=None, metavar="JSON",
                    help="stain target (default: fitted on patches of both sources)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--batch-size", type=int, default=32)
     add_overwrite(p)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..io import jsonio
 from ..io.validate import mpp_arg
-from . import add_mpp, add_out, add_overwrite, command
+from . import add_device, add_mpp, add_out, add_overwrite, command
 
 
 def _add_feature_options(p: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
                    help="µm/px of tissue detection (default 10)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="patches per forward pass; 0 = as many as fit the free GPU memory")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    add_device(g)
     g.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     g.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32")
 
@@ -361,7 +361,7 @@ def mil(p):
     p.add_argument("--regions", default=None,
                    help="annotation file: bags only from its regions (seed 002 models)")
     p.add_argument("--region-scale", type=float, default=1.0)
-    p.add_argument("--device", default="auto")
+    add_device(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--top-k", type=int, default=16, help="top-attended patches in the summary")
     add_mpp(p)

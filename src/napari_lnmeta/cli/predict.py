@@ -7,7 +7,7 @@ import warnings
 
 from ..io import jsonio
 from ..io.validate import mpp_arg, positive_arg
-from . import add_mpp, add_out, add_overwrite, command
+from . import add_device, add_mpp, add_out, add_overwrite, command
 
 
 @command("predict", help="Detect metastases in a slide: probability heatmap, 3-tier map, "
@@ -29,7 +29,7 @@ def predict(p):
                    help="step between patches in read pixels (default: the patch size)")
     p.add_argument("--tta", action="store_true",
                    help="average the 8 dihedral transforms (seed 004)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    add_device(p)
     p.add_argument("--batch-size", type=int, default=0,
                    help="patches per forward pass (0 = from free memory)")
     p.add_argument("--workers", type=int, default=0, help="reader threads (0 = one per core)")

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from ..io.validate import mpp_arg
-from . import add_mpp, add_out, add_overwrite, command
+from . import add_device, add_mpp, add_out, add_overwrite, command
 
 
 def _open(path, mpp):
@@ -59,7 +59,7 @@ def register_cmd(p):
     p.add_argument("--min-similarity", type=float, default=None,
                    help="fail below this similarity (default 0.13, see docs/registration.md)")
     p.add_argument("--no-flip", action="store_true", help="do not try mirrored slides")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    add_device(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     add_overwrite(p)
@@ -76,8 +76,9 @@ def register_cmd(p):
         from ..progress import run as drive
 
         fixed, moving = _open_pair(args)
+        device = None if args.device == "auto" else args.device  # None: CUDA when present
         kw = {"mode": args.mode, "nonrigid_size": args.nonrigid_size,
-              "allow_flip": not args.no_flip, "device": args.device, "threads": args.threads}
+              "allow_flip": not args.no_flip, "device": device, "threads": args.threads}
         if args.min_similarity is not None:
             kw["min_similarity"] = args.min_similarity
         t = drive(register(fixed, moving, RegistrationConfig(**kw)), _progress(args))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..io import jsonio
 from ..io.validate import mpp_arg, positive_arg
-from . import add_mpp, add_out, add_overwrite, command
+from . import add_device, add_mpp, add_out, add_overwrite, command
 
 _EPILOG_PATCHES = """\
 labels: CAMELYON JSON (.json with positive/negative), QuPath GeoJSON (.geojson), ASAP XML
@@ -347,7 +347,7 @@ def train(p: argparse.ArgumentParser):
     o.add_argument("--val-every", type=int, default=1, metavar="EPOCHS",
                    help="validate every N epochs (and after the last)")
     r = p.add_argument_group("run")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device(r)
     r.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     r.add_argument("--workers", type=int, default=2, help="patch-reading threads")
     r.add_argument("--seed", type=int, default=0)
@@ -455,7 +455,7 @@ def evaluate(p: argparse.ArgumentParser):
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates for the AUC CI")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+    add_device(p)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_overwrite(p)

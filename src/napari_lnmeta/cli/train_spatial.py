@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..io import jsonio
 from ..io.validate import mpp_arg
-from . import add_mpp, add_out, add_overwrite, command
+from . import add_device, add_mpp, add_out, add_overwrite, command
 
 _EPILOG = """\
 seed 004 as written: --arch resnet34 --init RESNET34.safetensors --optimizer rmsprop --lr 0.01
@@ -95,7 +95,7 @@ def train_spatial(p: argparse.ArgumentParser):
     o.add_argument("--max-steps", type=int, default=None)
     r = p.add_argument_group("run")
     add_out(r, "run folder (last/best.safetensors, log.csv)")
-    r.add_argument("--device", default="auto")
+    add_device(r)
     r.add_argument("--no-amp", action="store_true")
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--seed", type=int, default=0)
