@@ -77,3 +77,19 @@ def test_old_and_new_output_spelling_write_the_same(cmu1, tmp_path, capsys):
         main(["tissue", str(cmu1)])
     assert exc.value.code == 2
     assert "-o/--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["info", "tissue", "predict"])
+def test_missing_mpp_warned_once_in_one_line(verb, ihc_png, tmp_path, capsys):
+    argv = {"info": ["info", str(ihc_png)],
+            "tissue": ["tissue", str(ihc_png), "-o", str(tmp_path / "m.ome.zarr"),
+                       "--target-mpp", "4"],
+            "predict": ["predict", str(ihc_png), "-o", str(tmp_path / "pred"),
+                        "--device", "cpu"]}[verb]
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "physical pixel size unknown" in ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"lnmeta: warning: {ihc_png}: physical pixel size unknown")
+    assert "MppWarning" not in err
+    assert code == 0

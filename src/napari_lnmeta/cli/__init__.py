@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..progress import TextProgress
 
     TextProgress.open_line = False
+    _shown.clear()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     with warnings.catch_warnings():
@@ -159,13 +160,28 @@ def _end_progress_line() -> None:
 
 
 _default_showwarning = warnings.showwarning
+_shown: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """The one way a subcommand warns: ``lnmeta: warning: MESSAGE`` on its own stderr line.
+
+    A message is shown once per command, however often it comes up (a slide opened by
+    several readers, twice in one run).
+    """
+    message = str(message)
+    if message in _shown:
+        return
+    _shown.add(message)
+    _end_progress_line()
+    print(f"lnmeta: warning: {message}", file=sys.stderr)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """Repairs the user must know about (:class:`LnmetaWarning`) as one line on stderr."""
+    """Repairs and gaps the user must know about (:class:`LnmetaWarning`, among them a
+    slide without µm/px, ``io.slide.MppWarning``) go through :func:`warn`."""
     if issubclass(category, LnmetaWarning):
-        _end_progress_line()
-        print(f"lnmeta: warning: {message}", file=sys.stderr)
+        warn(str(message))
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 

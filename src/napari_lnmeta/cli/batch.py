@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import add_out, command
+from . import add_out, command, warn
 
 
 @command("batch", help="Run a pipeline step over a cohort (folder, glob or CSV) on a Dask cluster")
@@ -71,7 +71,7 @@ def batch(p):
         for r in report.failed():
             print(f"failed: {r['id']}: {r.get('error')}", file=sys.stderr)
         for r in report.without_mpp():
-            print(f"warning: {r['id']}: {r['warning']}", file=sys.stderr)
+            warn(f"{r['id']}: {r['warning']}")
         return 1 if report.failed() else 0
 
     return run

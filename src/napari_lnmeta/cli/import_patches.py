@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..io.validate import mpp_arg
-from . import add_out, add_overwrite, command
+from . import add_out, add_overwrite, command, warn
 
 _EPILOG = """\
 inputs (the format follows from INPUT):
@@ -61,7 +61,6 @@ def import_patches(p: argparse.ArgumentParser):
     add_overwrite(p)
 
     def run(args):
-        import sys
         from pathlib import Path
 
         from ..errors import InputError
@@ -87,8 +86,8 @@ def import_patches(p: argparse.ArgumentParser):
                                     groups_csv=args.groups, group_column=args.group_column)
             source = args.source or src.name
             if args.groups is None:
-                print("warning: no --groups: every image is its own group, so a split by "
-                      "group is a split by image (near-duplicates may leak)", file=sys.stderr)
+                warn("no --groups: every image is its own group, so a split by group is a "
+                     "split by image (near-duplicates may leak)")
         elif src.suffix.lower() == ".csv":
             items = im.csv_items(src, path_column=args.path_column,
                                  label_column=args.label_column, slide_column=args.slide_column,
@@ -98,8 +97,8 @@ def import_patches(p: argparse.ArgumentParser):
             raise InputError(f"{src}: expected a PatchCamelyon *_x.h5 file, a folder of class "
                              "folders or a CSV")
         if mpp is None:
-            print("warning: µm/px unknown (give --mpp): models trained on this set cannot "
-                  "check the resolution of the slides they are used on", file=sys.stderr)
+            warn("µm/px unknown (give --mpp): models trained on this set cannot check the "
+                 "resolution of the slides they are used on")
         ps = drive(im.import_patches_job(items, args.out, source=source, mpp=mpp,
                                          patch_size=args.patch_size, classes=classes,
                                          h5_x=h5, overwrite=args.overwrite), TextProgress())

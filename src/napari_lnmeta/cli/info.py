@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 from ..io import jsonio
 from . import add_mpp, command
 
@@ -15,11 +13,9 @@ def info(p):
     add_mpp(p)
 
     def run(args):
-        from ..io.slide import MppWarning, open_slide
+        from ..io.slide import open_slide
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", MppWarning)
-            slide = open_slide(args.slide, mpp=args.mpp)
+        slide = open_slide(args.slide, mpp=args.mpp)
         d = slide.info()
         if args.json:
             print(jsonio.dumps(d, indent=2))
@@ -35,7 +31,5 @@ def info(p):
                 print(f"             {i:5d}  {w:>6d} x {h:<6d}  {ds:g}")
             if d["associated_images"]:
                 print(f"associated:  {', '.join(d['associated_images'])}")
-        for w in caught:
-            print(f"warning: {w.message}", file=__import__("sys").stderr)
 
     return run

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..io import jsonio
 from ..io.validate import mpp_arg
-from . import add_device, add_mpp, add_out, add_overwrite, command
+from . import add_device, add_mpp, add_out, add_overwrite, command, warn
 
 
 def _add_feature_options(p: argparse.ArgumentParser) -> None:
@@ -380,8 +380,7 @@ def mil(p):
         if args.clinical:
             clinical = clinical_row(args.clinical, slide.name)
             if info.clinical is None:
-                print("warning: the model uses no clinical data; --clinical is ignored",
-                      file=sys.stderr)
+                warn("the model uses no clinical data; --clinical is ignored")
                 clinical = None
         cfg = MILInferenceConfig(bags=args.bags, bag_size=args.bag_size, replace=args.replace,
                                  seed=args.seed, device=args.device, batch_size=args.batch_size,

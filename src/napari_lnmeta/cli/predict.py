@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sys
-import warnings
 
 from ..io import jsonio
 from ..io.validate import mpp_arg, positive_arg
-from . import add_device, add_mpp, add_out, add_overwrite, command
+from . import add_device, add_mpp, add_out, add_overwrite, command, warn
 
 
 @command("predict", help="Detect metastases in a slide: probability heatmap, 3-tier map, "
@@ -65,13 +64,11 @@ def predict(p):
     def run(args):
         from ..core.inference import InferenceConfig
         from ..core.predict import predict_to_folder
-        from ..io.slide import MppWarning, open_slide
+        from ..io.slide import open_slide
         from ..progress import TextProgress
         from ..progress import run as drive
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MppWarning)
-            slide = open_slide(args.slide, mpp=args.mpp)
+        slide = open_slide(args.slide, mpp=args.mpp)
         cfg = InferenceConfig(model=args.model, mpp=args.patch_mpp, level=args.level,
                               patch_size=args.patch_size, stride=args.stride, tta=args.tta,
                               device=args.device, batch_size=args.batch_size,
@@ -119,7 +116,7 @@ def predict(p):
                   f"F1w {fmt(e['F1_weighted'])} AUC {fmt(e['AUC'])} (n={e['n']}, "
                   f"{e['n_ambiguous']} ambiguous left out)")
         for w in s["warnings"]:
-            print(f"warning:   {w}", file=sys.stderr)
+            warn(w)
         print(f"written:   {args.out}")
         return 0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
 from pathlib import Path
 
 from ..io.validate import mpp_arg
@@ -12,14 +11,9 @@ from . import add_device, add_mpp, add_out, add_overwrite, command
 
 
 def _open(path, mpp):
-    from ..io.slide import MppWarning, open_slide
+    from ..io.slide import open_slide
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", MppWarning)
-        slide = open_slide(path, mpp=mpp)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    return slide
+    return open_slide(path, mpp=mpp)
 
 
 def _add_pair(p) -> None:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-import warnings
-
 from ..io import jsonio
 from ..io.validate import mpp_arg
 from . import add_mpp, add_out, add_overwrite, command
 
 
 def _open(args):
-    from ..io.slide import MppWarning, open_slide
+    from ..io.slide import open_slide
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", MppWarning)
-        slide = open_slide(args.slide, mpp=args.mpp)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    return slide
+    return open_slide(args.slide, mpp=args.mpp)
 
 
 def _add_tissue_options(p) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import SlideError
+from ..errors import LnmetaWarning, SlideError
 from .validate import MPP_MAX, MPP_MIN, check_mpp, mpp_problem
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def max_slide_pixels() -> int:
     return int(float(os.environ.get("LNMETA_MAX_SLIDE_PIXELS", MAX_SLIDE_PIXELS)))
 
 
-class MppWarning(UserWarning):
+class MppWarning(LnmetaWarning):
     """The slide has no physical pixel size; it is shown in pixel units."""
 
 
