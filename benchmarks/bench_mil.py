@@ -341,7 +341,7 @@ def main(argv: list[str]) -> int:
               f"AUC {probe(inst):.3f}", flush=True)
         seeds = [0] if quick else [0, 1, 2]
         poolings = (["gated_attention", "mean"] if quick else
-                    ["gated_attention", "attention", "seed002", "mean", "max"])
+                    ["gated_attention", "attention", "maxpool_attention", "mean", "max"])
         rows = mil_benchmark(inst, poolings=poolings, seeds=seeds, device=str(dev),
                              settings=BENCH, label="bench")
         if not quick:

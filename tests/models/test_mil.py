@@ -63,10 +63,23 @@ def test_instance_logits_give_the_bag_softmax(pooling):
 
 
 def test_seed002_variant_uses_max_pooled_features():
-    model = MILModel(MILConfig(feature_dim=24, pooling="seed002", embed_dim=None, attn_dim=8,
-                               seed002_pool=4))
+    model = MILModel(MILConfig(feature_dim=24, pooling="maxpool_attention", embed_dim=None,
+                               attn_dim=8, feature_pool=4))
     assert model.attn_fc[0].in_features == 24 // 4
     assert not hasattr(model, "attn_v")
+
+
+def test_earlier_pooling_names_still_load():
+    # model files written before the rename say pooling "seed002" and "seed002_pool"
+    cfg = MILConfig.from_json({"feature_dim": 24, "pooling": "seed002", "seed002_pool": 3,
+                               "embed_dim": None, "attn_dim": 8})
+    assert cfg.pooling == "maxpool_attention" and cfg.feature_pool == 3
+    assert MILModel(cfg).attn_fc[0].in_features == 24 // 3
+    from napari_lnmeta.cli import build_parser
+
+    args = build_parser(["train-mil"]).parse_args(
+        ["train-mil", "t.csv", "-o", "run", "--pooling", "seed002"])
+    assert args.pooling == "maxpool_attention"
 
 
 def test_clinical_fusion_repeats_and_requires_values():

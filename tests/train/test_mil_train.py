@@ -134,8 +134,9 @@ def test_sgd_l1_and_three_classes(tmp_path):
     slides, _ = _cohort(inst, n=18)
     for k, s in enumerate(slides):
         s.label = k % 3
-    cfg = MILTrainConfig.seed003(bag_size=8, bags_per_slide=2, epochs=2, pooling="seed002",
-                                 embed_dim=32, attn_dim=16, n_boot=20, device="cpu")
+    cfg = MILTrainConfig.sgd_warm_restarts(bag_size=8, bags_per_slide=2, epochs=2,
+                                           pooling="maxpool_attention", embed_dim=32,
+                                           attn_dim=16, n_boot=20, device="cpu")
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.l1) == ("sgd", 1e-4, 1e-3, 1e-6)
     res = run(train_mil_job(slides, cfg, classes=["N0", "N+(1-2)", "N+(>=3)"],
                             backbone=inst.backbone))

@@ -15,6 +15,11 @@ from ..io.validate import mpp_arg
 from . import add_device, add_mpp, add_out, add_overwrite, command, warn
 
 
+def _pooling_name(name: str) -> str:
+    """A ``--pooling`` value, its earlier name ``seed002`` read as ``maxpool_attention``."""
+    return {"seed002": "maxpool_attention"}.get(name, name)
+
+
 def _add_feature_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("features")
     g.add_argument("--recipe", choices=sorted(MIL_RECIPES), default=None,
@@ -192,7 +197,10 @@ def train_mil(p):
     _add_feature_options(p)
     g = p.add_argument_group("MIL")
     g.add_argument("--pooling", default="gated_attention",
-                   choices=("attention", "gated_attention", "seed002", "mean", "max"))
+                   type=_pooling_name,
+                   choices=("attention", "gated_attention", "maxpool_attention", "mean", "max"),
+                   help="maxpool_attention: the seed-002 variant (earlier name 'seed002', "
+                        "still accepted)")
     g.add_argument("--bag-size", type=int, default=16, help="N: patches per bag (default 16)")
     g.add_argument("--bags", type=int, default=10, help="M: bags per slide (default 10)")
     g.add_argument("--replace", action="store_true",

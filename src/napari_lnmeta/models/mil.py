@@ -10,9 +10,9 @@ vs N+; 3 classes: N0 / N+(1-2) / N+(>=3)). Poolings (``MILConfig.pooling``):
     ``z = sum_k a_k h_k``.
 ``gated_attention``
     Ilse et al. eq. 9: ``a_k = softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k)))``.
-``seed002``
+``maxpool_attention``
     The variant seed 002 describes: each instance vector is max-pooled (kernel
-    ``seed002_pool`` along the feature axis) and reshaped, two fully connected layers
+    ``feature_pool`` along the feature axis) and reshaped, two fully connected layers
     (ReLU between) turn it into one weight per instance, the weights (softmax over the
     bag) multiply the original instance vectors, which are summed. This is our reading
     of the paper's text; it is Ilse's attention with a max-pooled input and a ReLU MLP.
@@ -56,9 +56,11 @@ from .clinical import ClinicalEncoder
 from .extractor import BackboneInfo
 from .io import ModelMeta, read_meta, read_safetensors, save_model
 
-POOLINGS = ("attention", "gated_attention", "seed002", "mean", "max")
+POOLINGS = ("attention", "gated_attention", "maxpool_attention", "mean", "max")
 #: poolings whose instance weights come from a learned attention network
-ATTENTION_POOLINGS = ("attention", "gated_attention", "seed002")
+ATTENTION_POOLINGS = ("attention", "gated_attention", "maxpool_attention")
+#: earlier names of poolings, still read (model files written before the rename)
+POOLING_ALIASES = {"seed002": "maxpool_attention"}
 #: the class sets of seed 002
 CLASSES_2 = ["N0", "N+"]
 CLASSES_3 = ["N0", "N+(1-2)", "N+(>=3)"]
@@ -86,8 +88,8 @@ class MILConfig:
     clinical_dim, clinical_repeat
         Length of the encoded clinical vector (0: no clinical fusion) and how often it
         is repeated before concatenation (seed 002: 10).
-    seed002_pool
-        Max-pooling kernel along the feature axis of the seed-002 variant.
+    feature_pool
+        Max-pooling kernel along the feature axis of ``maxpool_attention`` (seed 002).
     """
 
     feature_dim: int
@@ -98,9 +100,10 @@ class MILConfig:
     dropout: float = 0.25
     clinical_dim: int = 0
     clinical_repeat: int = 10
-    seed002_pool: int = 4
+    feature_pool: int = 4
 
     def __post_init__(self) -> None:
+        self.pooling = POOLING_ALIASES.get(self.pooling, self.pooling)
         if self.pooling not in POOLINGS:
             raise InputError(f"unknown MIL pooling {self.pooling!r}; choose one of "
                              + ", ".join(POOLINGS))
@@ -122,6 +125,9 @@ class MILConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MILConfig:
+        d = dict(d)
+        if "seed002_pool" in d:  # the field's earlier name
+            d.setdefault("feature_pool", d.pop("seed002_pool"))
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
@@ -143,8 +149,8 @@ class MILModel(nn.Module):
             if cfg.pooling == "gated_attention":
                 self.attn_u = nn.Linear(e, cfg.attn_dim)
             self.attn_w = nn.Linear(cfg.attn_dim, 1)
-        elif cfg.pooling == "seed002":
-            k = max(1, min(int(cfg.seed002_pool), e))
+        elif cfg.pooling == "maxpool_attention":
+            k = max(1, min(int(cfg.feature_pool), e))
             self.pool = nn.MaxPool1d(k, stride=k)
             self.attn_fc = nn.Sequential(nn.Linear(e // k, cfg.attn_dim), nn.ReLU(),
                                          nn.Linear(cfg.attn_dim, 1))
@@ -185,7 +191,7 @@ class MILModel(nn.Module):
             return self.attn_w(torch.tanh(self.attn_v(h))).squeeze(-1)
         if p == "gated_attention":
             return self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
-        if p == "seed002":
+        if p == "maxpool_attention":
             shp = h.shape
             pooled = self.pool(h.reshape(-1, 1, shp[-1])).reshape(*shp[:-1], -1)
             return self.attn_fc(pooled).squeeze(-1)
@@ -464,6 +470,6 @@ def default_classes(n: int) -> list[str]:
     return list(CLASSES_2 if n == 2 else CLASSES_3 if n == 3 else [f"class{i}" for i in range(n)])
 
 
-__all__ = ["ATTENTION_POOLINGS", "CLASSES_2", "CLASSES_3", "POOLINGS", "MILConfig", "MILInfo",
+__all__ = ["ATTENTION_POOLINGS", "CLASSES_2", "CLASSES_3", "POOLINGS", "POOLING_ALIASES", "MILConfig", "MILInfo",
            "MILModel", "bag_probabilities", "build_mil", "count_parameters", "default_classes",
            "load_mil", "read_mil_info", "relative_attention", "save_mil"]

@@ -54,7 +54,7 @@ class MILTrainConfig:
     """Everything about one MIL training run (passed from widget/CLI to core as one object).
 
     Model: ``pooling``, ``embed_dim``, ``attn_dim``, ``dropout``, ``clinical_repeat``,
-    ``seed002_pool`` (see :class:`napari_lnmeta.models.mil.MILConfig`).
+    ``feature_pool`` (see :class:`napari_lnmeta.models.mil.MILConfig`).
     Bags: ``bag_size`` (N), ``bags_per_slide`` (M), ``replace``, ``resample`` (new bags
     every epoch), ``eval_bags`` (M for validation/test, default ``bags_per_slide``).
     Optimisation: ``epochs``, ``batch_size`` (bags per step), ``optimizer`` (``"adam"``
@@ -70,7 +70,7 @@ class MILTrainConfig:
     attn_dim: int = 128
     dropout: float = 0.25
     clinical_repeat: int = 10
-    seed002_pool: int = 4
+    feature_pool: int = 4
     bag_size: int = 16
     bags_per_slide: int = 10
     replace: bool = False
@@ -107,8 +107,8 @@ class MILTrainConfig:
             raise InputError("test_fraction and val_fraction must be in [0, 1)")
 
     @classmethod
-    def seed003(cls, **kw) -> MILTrainConfig:
-        """Seed 003's optimiser: SGD lr 1e-4, weight decay 1e-3, L1 1e-6, warm restarts."""
+    def sgd_warm_restarts(cls, **kw) -> MILTrainConfig:
+        """SGD lr 1e-4, weight decay 1e-3, L1 1e-6, cosine warm restarts (seed 003's)."""
         return cls(**{"optimizer": "sgd", "lr": 1e-4, "weight_decay": 1e-3, "l1": 1e-6, **kw})
 
     def bag_spec(self) -> BagSpec:
@@ -439,7 +439,7 @@ def _train_mil_job_locked(slides: Sequence[MILSlide], config: MILTrainConfig, *,
     mcfg = MILConfig(feature_dim=dim, n_classes=len(classes), pooling=config.pooling,
                      embed_dim=config.embed_dim, attn_dim=config.attn_dim,
                      dropout=config.dropout, clinical_dim=cdim,
-                     clinical_repeat=config.clinical_repeat, seed002_pool=config.seed002_pool)
+                     clinical_repeat=config.clinical_repeat, feature_pool=config.feature_pool)
     model = MILModel(mcfg)
     # the model standardises its inputs with the training slides' statistics
     mean, sd = feature_stats([s.features for s in by["train"]])
