@@ -121,10 +121,27 @@ def test_augment_presets_batch_and_per_sample():
         assert torch.equal(torch.sort(y[i].flatten()).values, torch.sort(xs[i].flatten()).values)
     assert sum(not torch.equal(y[i], xs[i]) for i in range(8)) >= 4
     # seed-004 colour jitter draws its factors per sample
-    z = make_augment("seed004")(torch.full((6, 3, 8, 8), 0.5))
+    z = make_augment("dihedral-jitter")(torch.full((6, 3, 8, 8), 0.5))
     assert len({round(float(z[i].mean()), 4) for i in range(6)}) > 3
     with pytest.raises(InputError, match="unknown augmentation preset"):
         make_augment("seed999")
+
+
+def test_earlier_preset_names_are_read_as_the_current_ones():
+    from napari_lnmeta.cli import build_parser
+    from napari_lnmeta.train.options import AUGMENT_ALIASES
+    from napari_lnmeta.train.spatial import SpatialTrainConfig
+
+    for old, new in AUGMENT_ALIASES.items():
+        assert new in PRESETS
+        assert make_augment(old).name == new
+        assert ([type(t) for t in make_augment(old).transforms]
+                == [type(t) for t in make_augment(new).transforms])
+    assert type(make_augment("seed003").transforms[2].transform).__name__ == "TrivialAugmentWide"
+    args = build_parser(["train"]).parse_args(["train", "p.npz", "-o", "r",
+                                               "--augment", "seed000"])
+    assert args.augment == "photometric"
+    assert SpatialTrainConfig(augment="seed004").augment == "dihedral-jitter"
 
 
 @pytest.mark.gpu

@@ -42,7 +42,7 @@ last.safetensors, best.safetensors, log.csv, config.json (+ eval/ with --eval).
 
 recipes (--recipe; options given explicitly win):
   seed000 = --arch resnet50 --freeze-convs 3 --optimizer sgd --lr 2e-2 --scheduler cosine
-    --weight-decay 1e-4 --batch-size 128 --epochs 18 --augment seed000;
+    --weight-decay 1e-4 --batch-size 128 --epochs 18 --augment photometric;
   seed001 = --arch resnet50 --optimizer adam --lr 1e-4 --weight-decay 1e-3
     --scheduler plateau --early-stopping 20 --head sigmoid.
   Both start from ImageNet weights (--init imagenet) when they are in the torch cache,
@@ -57,7 +57,7 @@ the architecture (--arch may be left out).
 RECIPES = {
     "seed000": {"arch": "resnet50", "freeze_convs": 3, "optimizer": "sgd", "lr": 2e-2,
                 "scheduler": "cosine", "weight_decay": 1e-4, "batch_size": 128, "epochs": 18,
-                "augment": "seed000"},
+                "augment": "photometric"},
     "seed001": {"arch": "resnet50", "optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-3,
                 "scheduler": "plateau", "early_stopping": 20, "head": "sigmoid"},
 }
@@ -289,7 +289,7 @@ def _add_split(p):
 def train(p: argparse.ArgumentParser):
     from ..models.registry import list_architectures
     from ..train.options import AUGMENT_PRESETS as PRESETS
-    from ..train.options import OPTIMIZERS, SCHEDULERS
+    from ..train.options import OPTIMIZERS, SCHEDULERS, augment_name
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _EPILOG_TRAIN
@@ -332,7 +332,10 @@ def train(p: argparse.ArgumentParser):
     o.add_argument("--early-stopping", type=int, default=None, metavar="EPOCHS")
     o.add_argument("--monitor", default="val_loss",
                    choices=["val_loss", "val_auc", "val_acc", "val_f1", "train_loss"])
-    o.add_argument("--augment", choices=PRESETS, default="none")
+    o.add_argument("--augment", choices=PRESETS, default="none", type=augment_name,
+                   help="photometric: seed 000's; policy-*: seed 003's; dihedral-jitter: seed "
+                        "004's (the earlier names seed000, seed003[-POLICY], seed004 are "
+                        "still accepted)")
     o.add_argument("--sampler", choices=["shuffle", "balanced"], default="shuffle",
                    help="balanced: equal patches per class each epoch (negatives re-drawn)")
     o.add_argument("--epoch-size", type=int, default=None, help="patches per epoch")

@@ -23,7 +23,7 @@ from . import add_device, add_mpp, add_out, add_overwrite, command
 
 _EPILOG = """\
 seed 004 as written: --arch resnet34 --init RESNET34.safetensors --optimizer rmsprop --lr 0.01
-  --momentum 0.9 --augment seed004 --beta B (B cross-validated in the paper; not given).
+  --momentum 0.9 --augment dihedral-jitter --beta B (B cross-validated in the paper; not given).
 the held-out split is on whole windows: no pixel a training window reads is in a test window.
 --beta 0 trains CNN + LSTM with cross-entropy only (the seed's ablation).
 """
@@ -33,7 +33,7 @@ the held-out split is on whole windows: no pixel a training window reads is in a
                                "k x k neighbourhoods, spatial-consistency loss)")
 def train_spatial(p: argparse.ArgumentParser):
     from ..models.registry import list_architectures
-    from ..train.options import OPTIMIZERS, SCHEDULERS
+    from ..train.options import OPTIMIZERS, SCHEDULERS, augment_name
     from ..train.options import SPATIAL_AUGMENTS as AUGMENTS
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -86,7 +86,8 @@ def train_spatial(p: argparse.ArgumentParser):
     o.add_argument("--weight-decay", type=float, default=1e-4)
     o.add_argument("--momentum", type=float, default=0.9)
     o.add_argument("--scheduler", choices=SCHEDULERS, default="cosine")
-    o.add_argument("--augment", choices=AUGMENTS, default="flips")
+    o.add_argument("--augment", choices=AUGMENTS, default="flips", type=augment_name,
+                   help="dihedral-jitter: seed 004's (earlier name seed004, still accepted)")
     o.add_argument("--normalise", choices=["dataset", "imagenet"], default="dataset")
     o.add_argument("--monitor", default="val_loss",
                    choices=["val_loss", "val_auc", "val_acc", "val_f1", "train_loss"])

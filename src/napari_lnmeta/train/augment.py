@@ -13,15 +13,15 @@ Named presets (:func:`make_augment`):
     identity.
 ``flips``
     the 8 dihedral transforms.
-``seed000``
-    seed 000: grayscale, HSV saturation, Gaussian noise, salt-and-pepper noise, RGB
+``photometric``
+    seed 000's: grayscale, HSV saturation, Gaussian noise, salt-and-pepper noise, RGB
     channel split, contrast α / brightness β (each with a probability).
-``seed003``
-    seed 003: flips, rotation ≤ 10°, shear, TrivialAugmentWide, random erasing;
-    ``seed003-autoaugment`` / ``-randaugment`` / ``-augmix`` / ``-trivialaugment`` swap
-    the policy.
-``seed004``
-    seed 004: 8 dihedral transforms + colour jitter (hue 0.04, saturation 0.25,
+``policy-trivialaugment``
+    seed 003's: flips, rotation ≤ 10°, shear, TrivialAugmentWide, random erasing;
+    ``policy-autoaugment`` / ``policy-randaugment`` / ``policy-augmix`` use that policy
+    instead.
+``dihedral-jitter``
+    seed 004's: 8 dihedral transforms + colour jitter (hue 0.04, saturation 0.25,
     contrast 0.75, brightness 64/255 additive).
 ``stain``
     HED stain jitter (Tellez et al. 2018 style, on Ruifrok & Johnston vectors) + flips.
@@ -42,6 +42,7 @@ from torch import nn
 
 from ..errors import InputError
 from .options import AUGMENT_PRESETS as PRESETS
+from .options import augment_name
 
 
 def _uniform(b: int, lo: float, hi: float, x: torch.Tensor) -> torch.Tensor:
@@ -392,11 +393,12 @@ def make_augment(preset: str = "none", **overrides: Any) -> Augment:
     """A named augmentation preset (see module docstring).
 
     ``overrides`` are passed to the seed-000 transforms by class name in lower case,
-    e.g. ``make_augment("seed000", gaussiannoise={"p": 0.5})``.
+    e.g. ``make_augment("photometric", gaussiannoise={"p": 0.5})``. The earlier preset
+    names (``seed000``, ``seed003[-POLICY]``, ``seed004``) are still accepted.
     """
     from torchvision.transforms import v2
 
-    preset = (preset or "none").lower()
+    preset = augment_name(preset)
     if preset not in PRESETS:
         raise InputError(f"unknown augmentation preset {preset!r}; choose one of "
                          + ", ".join(PRESETS))
@@ -408,19 +410,19 @@ def make_augment(preset: str = "none", **overrides: Any) -> Augment:
         ts: list[Any] = []
     elif preset == "flips":
         ts = [RandomDihedral()]
-    elif preset == "seed000":
+    elif preset == "photometric":
         ts = [RandomGrayscale(**kw(RandomGrayscale)), HSVSaturation(**kw(HSVSaturation)),
               GaussianNoise(**kw(GaussianNoise)), SaltPepper(**kw(SaltPepper)),
               ChannelSplit(**kw(ChannelSplit)), ContrastBrightness(**kw(ContrastBrightness))]
-    elif preset.startswith("seed003"):
-        policy = preset.split("-", 1)[1] if "-" in preset else "trivialaugment"
+    elif preset.startswith("policy-"):
+        policy = preset.split("-", 1)[1]
         pol = {"autoaugment": v2.AutoAugment(), "randaugment": v2.RandAugment(),
                "augmix": v2.AugMix(), "trivialaugment": v2.TrivialAugmentWide()}[policy]
         ts = [RandomFlips(),
               PerSample(v2.RandomAffine(degrees=10, shear=10, fill=1.0), p=0.5),
               PerSample(pol, uint8=True, p=0.5),
               PerSample(v2.RandomErasing(p=1.0, scale=(0.02, 0.15), value=1.0), p=0.25)]
-    elif preset == "seed004":
+    elif preset == "dihedral-jitter":
         ts = [RandomDihedral(), ColorJitter(**kw(ColorJitter))]
     elif preset == "stain":
         ts = [RandomDihedral(), HEDJitter(**kw(HEDJitter))]

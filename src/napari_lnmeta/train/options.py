@@ -8,7 +8,18 @@ from __future__ import annotations
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "cosine", "onecycle", "plateau", "cosine_restarts")
-AUGMENT_PRESETS = ("none", "flips", "seed000", "seed003", "seed003-autoaugment",
-                   "seed003-randaugment", "seed003-augmix", "seed003-trivialaugment", "seed004",
-                   "stain")
-SPATIAL_AUGMENTS = ("none", "flips", "seed004")
+AUGMENT_PRESETS = ("none", "flips", "photometric", "policy-trivialaugment",
+                   "policy-autoaugment", "policy-randaugment", "policy-augmix",
+                   "dihedral-jitter", "stain")
+SPATIAL_AUGMENTS = ("none", "flips", "dihedral-jitter")
+#: earlier names of the presets (the seed that describes them), still accepted
+AUGMENT_ALIASES = {"seed000": "photometric", "seed003": "policy-trivialaugment",
+                   **{f"seed003-{p}": f"policy-{p}"
+                      for p in ("autoaugment", "randaugment", "augmix", "trivialaugment")},
+                   "seed004": "dihedral-jitter"}
+
+
+def augment_name(name: str | None) -> str:
+    """A preset's name, an earlier name (``seed000`` ...) read as the current one."""
+    name = (name or "none").lower()
+    return AUGMENT_ALIASES.get(name, name)

@@ -65,6 +65,7 @@ from .loop import (
     write_log,
 )
 from .options import SPATIAL_AUGMENTS as AUGMENTS
+from .options import augment_name
 
 
 # --------------------------------------------------------------------------------------
@@ -363,7 +364,7 @@ class SpatialTrainConfig:
         ``lr=0.01``, ``momentum=0.9``).
     augment
         ``none`` | ``flips`` (the 8 dihedral transforms of the whole window and its label
-        grid) | ``seed004`` (flips + colour jitter of seed 004 per window).
+        grid) | ``dihedral-jitter`` (flips + colour jitter of seed 004 per window).
     normalise
         ``"dataset"`` (mean / std of the training windows) or ``"imagenet"``.
     init, freeze
@@ -406,6 +407,7 @@ class SpatialTrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.spatial, dict):
             self.spatial = SpatialConfig.from_json(self.spatial)
+        self.augment = augment_name(self.augment)
         if self.augment not in AUGMENTS:
             raise InputError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if self.ce_cells not in ("all", "centre"):
@@ -579,7 +581,7 @@ def train_spatial(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
     sched, sched_unit = make_scheduler(tcfg, opt, steps_per_epoch, total_steps)
     use_amp = bool(cfg.amp and dev.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    jitter = ColorJitter().to(dev) if cfg.augment == "seed004" else None
+    jitter = ColorJitter().to(dev) if cfg.augment == "dihedral-jitter" else None
     mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
     out.mkdir(parents=True, exist_ok=True)
