@@ -11,7 +11,7 @@ overlapping).
 
 * CNN: :func:`napari_lnmeta.train.loop.train_job` on the centre patches, class-balanced
   sampling (``sampler="balanced"``: half normal, half tumour per epoch).
-* Spatial: :func:`napari_lnmeta.train.spatial.train_spatial` on the 3 x 3 neighbourhoods
+* Spatial: :func:`napari_lnmeta.train.spatial.train_spatial_job` on the 3 x 3 neighbourhoods
   of the same patches, seed-004 sampler (class, then slide, then patch; with one slide
   this is the same class balance), ``CE + β·L_spatial``.
 * Same backbone (``lnmeta_cnn_small``), epochs, samples per epoch, batch size, optimiser,
@@ -64,14 +64,14 @@ def main(argv=None) -> int:
     from napari_lnmeta.models.spatial import SpatialConfig
     from napari_lnmeta.progress import run
     from napari_lnmeta.train.datasets import PatchConfig
-    from napari_lnmeta.train.loop import TrainConfig, predict_job, train_job
+    from napari_lnmeta.train.loop import TrainConfig, predict_patches_job, train_job
     from napari_lnmeta.train.metrics import delong_test, evaluate_binary
     from napari_lnmeta.train.spatial import (
         SpatialTrainConfig,
         neighbourhoods_from_slide_job,
         predict_neighbourhoods_job,
         split_neighbourhoods,
-        train_spatial,
+        train_spatial_job,
     )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -123,11 +123,11 @@ def main(argv=None) -> int:
     t2 = time.perf_counter()
     scfg = SpatialConfig(backbone="lnmeta_cnn_small", k=args.k, hidden=args.hidden,
                          bidirectional=args.bidirectional)
-    sp = run(train_spatial(SpatialTrainConfig(spatial=scfg, beta=args.beta, **common),
+    sp = run(train_spatial_job(SpatialTrainConfig(spatial=scfg, beta=args.beta, **common),
                            train, None, out_dir=tmp / "spatial", overwrite=True))
     t_sp = time.perf_counter() - t2
 
-    p_cnn = run(predict_job(cnn.model, test_c, cnn.meta, device="cpu"))[:, 1]
+    p_cnn = run(predict_patches_job(cnn.model, test_c, cnn.meta, device="cpu"))[:, 1]
     p_sp = run(predict_neighbourhoods_job(sp.model, test, sp.meta, device="cpu"))[:, 1]
     y = test.labels
     m_cnn, m_sp = evaluate_binary(y, p_cnn), evaluate_binary(y, p_sp)

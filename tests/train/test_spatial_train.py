@@ -21,7 +21,7 @@ from napari_lnmeta.train.spatial import (
     neighbourhoods_from_slide_job,
     predict_neighbourhoods_job,
     split_neighbourhoods,
-    train_spatial,
+    train_spatial_job,
 )
 
 #: the region of tumor_001 (level-0 rows 4050-7168 of the 7.776 µm/px image) held out
@@ -138,7 +138,7 @@ def test_short_training_run_decreases_the_loss(t001_nb, t001, tmp_path):
     tr, te = split_neighbourhoods(t001_nb, region=HOLDOUT, margin=16)
     te = te.subset((te.labels == 1) | (np.arange(len(te)) % 4 == 0))  # a quick validation
     steps = []
-    job = train_spatial(_cfg(), tr, te, out_dir=tmp_path / "run")
+    job = train_spatial_job(_cfg(), tr, te, out_dir=tmp_path / "run")
     res = None
     while True:
         try:
@@ -181,13 +181,13 @@ def test_short_training_run_decreases_the_loss(t001_nb, t001, tmp_path):
     assert 50 < inf.scored.sum() < 700
     # refusals: an existing run, other classes, another k
     with pytest.raises(InputError, match="already holds a training run"):
-        run(train_spatial(_cfg(), tr, out_dir=tmp_path / "run"))
+        run(train_spatial_job(_cfg(), tr, out_dir=tmp_path / "run"))
     with pytest.raises(InputError, match="k=5"):
-        run(train_spatial(_cfg(spatial=SpatialConfig(k=5)), tr, out_dir=tmp_path / "k5"))
+        run(train_spatial_job(_cfg(spatial=SpatialConfig(k=5)), tr, out_dir=tmp_path / "k5"))
     three = NeighbourhoodSet(PatchSet(tr.windows.slides, tr.slide_index, tr.windows.coords,
                                       tr.labels, None, ["a", "b", "c"]), tr.grid_labels, 3)
     with pytest.raises(InputError, match="two classes"):
-        run(train_spatial(_cfg(), three, out_dir=tmp_path / "three"))
+        run(train_spatial_job(_cfg(), three, out_dir=tmp_path / "three"))
 
 
 def test_cli_train_spatial(camelyon, tmp_path, capsys):

@@ -415,11 +415,11 @@ def train(p: argparse.ArgumentParser):
         report_and_export(res, args, unit="patches")
         _print_init(res.last)
         if args.eval and val_set is not None:
-            from ..train.evaluate import evaluate_job, write_report
+            from ..train.evaluate import evaluate_job, write_patch_report
 
             ev = drive(evaluate_job(res.last, val_set, device=args.device,
                                     workers=args.workers), TextProgress())
-            write_report(ev, Path(args.out) / "eval", val_set, overwrite=True)
+            write_patch_report(ev, Path(args.out) / "eval", val_set, overwrite=True)
             _print_metrics(ev.metrics)
 
     return run
@@ -467,7 +467,7 @@ def evaluate(p: argparse.ArgumentParser):
         from ..progress import TextProgress
         from ..progress import run as drive
         from ..train.datasets import split_by_region
-        from ..train.evaluate import evaluate_job, write_report
+        from ..train.evaluate import evaluate_job, write_patch_report
         from ..train.metrics import delong_test
 
         ps = _load_sets(args.patches)
@@ -488,7 +488,7 @@ def evaluate(p: argparse.ArgumentParser):
             out["compare"] = {"model": args.compare, "metrics": ev2.metrics,
                               "delong": delong_test(ev.labels, ev.score, ev2.score).to_dict()}
         if args.out:
-            write_report(ev, args.out, ps, overwrite=args.overwrite)
+            write_patch_report(ev, args.out, ps, overwrite=args.overwrite)
             if args.compare:
                 from ..io.atomic import write_text_atomic
 

@@ -31,7 +31,7 @@ the held-out split is on whole windows: no pixel a training window reads is in a
 
 @command("train-spatial", help="Train the seed-004 spatial-context model (CNN + LSTM over "
                                "k x k neighbourhoods, spatial-consistency loss)")
-def train_spatial(p: argparse.ArgumentParser):
+def train_spatial_cmd(p: argparse.ArgumentParser):
     from ..models.registry import list_architectures
     from ..train.options import OPTIMIZERS, SCHEDULERS, augment_name
     from ..train.options import SPATIAL_AUGMENTS as AUGMENTS
@@ -118,8 +118,8 @@ def train_spatial(p: argparse.ArgumentParser):
             SpatialTrainConfig,
             build_neighbourhoods_job,
             split_neighbourhoods,
+            train_spatial_job,
         )
-        from ..train.spatial import train_spatial as train_job
         from .train import _floats, _per_slide
 
         if len(args.slide) != len(args.labels):
@@ -166,7 +166,7 @@ def train_spatial(p: argparse.ArgumentParser):
         from .train import announce_sets, report_and_export
 
         announce_sets(train_set, val_set, in_memory=args.in_memory)
-        res = drive(train_job(tcfg, train_set, val_set, out_dir=args.out,
+        res = drive(train_spatial_job(tcfg, train_set, val_set, out_dir=args.out,
                               overwrite=args.overwrite, patch_config=pcfg.to_json()),
                     TextProgress())
         report_and_export(res, args, unit="neighbourhoods")

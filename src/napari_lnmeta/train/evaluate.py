@@ -15,7 +15,7 @@ from ..io import jsonio
 from ..models.io import ModelMeta, load_model
 from ..progress import Job, Progress
 from .datasets import PatchSet
-from .loop import predict_job, resolve_device
+from .loop import predict_patches_job, resolve_device
 from .metrics import evaluate_binary, format_table, multiclass_metrics, plot_roc, summary_table
 
 
@@ -59,7 +59,7 @@ def evaluate_job(model_path: str | Path, ps: PatchSet, *, device: str = "auto",
     model, meta = load_model(model_path, device=dev)
     check_compatible(meta, ps, Path(model_path).name)
     yield Progress(0, 1, "predicting")
-    probs = yield from predict_job(model, ps, meta, device=dev, batch_size=batch_size,
+    probs = yield from predict_patches_job(model, ps, meta, device=dev, batch_size=batch_size,
                                    workers=workers)
     y = ps.labels
     binary = len(meta.classes) == 2
@@ -83,7 +83,7 @@ def evaluate_job(model_path: str | Path, ps: PatchSet, *, device: str = "auto",
                       per_slide=rows, model=str(model_path))
 
 
-def write_report(result: EvalResult, out_dir: str | Path, ps: PatchSet, *,
+def write_patch_report(result: EvalResult, out_dir: str | Path, ps: PatchSet, *,
                  overwrite: bool = False) -> dict[str, Path]:
     """metrics.json, predictions.csv, per_slide.csv, summary.md and roc.png in ``out_dir``."""
     from ..io.atomic import check_output, write_text_atomic
@@ -128,4 +128,4 @@ def write_report(result: EvalResult, out_dir: str | Path, ps: PatchSet, *,
     return paths
 
 
-__all__ = ["EvalResult", "check_compatible", "evaluate_job", "write_report"]
+__all__ = ["EvalResult", "check_compatible", "evaluate_job", "write_patch_report"]

@@ -373,7 +373,7 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------------------
 # Prediction
 # --------------------------------------------------------------------------------------
-def predict_job(model: nn.Module, ps: PatchSet, meta: ModelMeta, *, device: torch.device,
+def predict_patches_job(model: nn.Module, ps: PatchSet, meta: ModelMeta, *, device: torch.device,
                 batch_size: int = 256, amp: bool = False, workers: int = 2,
                 message: str = "predicting") -> Job[np.ndarray]:
     """Class probabilities ``(N, C)`` of every patch of ``ps`` (in order)."""
@@ -712,7 +712,7 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
                                "seconds": round(time.perf_counter() - t_epoch, 3)}
         last_epoch = epoch + 1 == cfg.epochs or step >= total_steps
         if val_set is not None and ((epoch + 1) % max(1, cfg.val_every) == 0 or last_epoch):
-            job = predict_job(model, val_set, meta, device=dev, batch_size=max(cfg.batch_size, 128),
+            job = predict_patches_job(model, val_set, meta, device=dev, batch_size=max(cfg.batch_size, 128),
                               amp=use_amp, workers=cfg.workers, message="validating")
             while True:
                 try:
@@ -767,5 +767,5 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
 
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "TrainConfig", "TrainResult", "dataset_stats",
-           "make_optimizer", "make_scheduler", "predict_job", "resolve_device",
+           "make_optimizer", "make_scheduler", "predict_patches_job", "resolve_device",
            "seed_everything", "train_job"]

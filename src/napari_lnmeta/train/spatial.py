@@ -12,7 +12,7 @@ probability, then a slide that has patches of that class uniformly at random, th
 of its patches of that class uniformly at random (with replacement). Slides with many
 patches are therefore not favoured over slides with few.
 
-:func:`train_spatial` (a progress generator, like :func:`~napari_lnmeta.train.loop.train_job`)
+:func:`train_spatial_job` (a progress generator, like :func:`~napari_lnmeta.train.loop.train_job`)
 trains :class:`~napari_lnmeta.models.spatial.SpatialContextModel` with
 ``L_CE + β L_spatial``; the window and its label grid go through the same dihedral
 transform, so augmented labels stay under their cells. Output folder: ``last.safetensors``,
@@ -509,7 +509,7 @@ def predict_neighbourhoods_job(model: SpatialContextModel, ns: NeighbourhoodSet,
     return out
 
 
-def train_spatial(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
+def train_spatial_job(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
                   val_set: NeighbourhoodSet | None = None, *, out_dir: str | Path,
                   overwrite: bool = False, patch_config: dict | None = None
                   ) -> Job[TrainResult]:
@@ -707,4 +707,4 @@ def train_spatial(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
 __all__ = ["AUGMENTS", "ClassSlideSampler", "NeighbourhoodSet", "SpatialTrainConfig",
            "build_neighbourhoods", "build_neighbourhoods_job", "dihedral_windows",
            "label_cells", "neighbourhoods_from_slide_job", "predict_neighbourhoods_job",
-           "split_neighbourhoods", "train_spatial"]
+           "split_neighbourhoods", "train_spatial_job"]
