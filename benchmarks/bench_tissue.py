@@ -7,7 +7,7 @@ Prints, in one run:
   the level it analysed and the peak RSS growth (bounded by that low-resolution level,
   not by level 0);
 * patches/s of the stain normalisers on batches of real 256 px H&E tiles: numpy
-  (:func:`normalize`, one tile at a time) vs :class:`TorchStainNormalizer` (whole batch)
+  (:func:`normalise`, one tile at a time) vs :class:`TorchStainNormaliser` (whole batch)
   on the CPU and, when there is one, on the GPU; the ratio torch / numpy.
 
 The pyramid is generated once (pre-compressed JPEG tiles, tifffile) under
@@ -150,9 +150,9 @@ def bench_normalisers(batch: int, repeats: int, devices: list[str]) -> None:
 
     from napari_lnmeta.core.stain import (
         NORMALISERS,
-        TorchStainNormalizer,
+        TorchStainNormaliser,
         fit_target,
-        normalize,
+        normalise,
     )
 
     tiles = real_tiles(16, 256)
@@ -161,10 +161,10 @@ def bench_normalisers(batch: int, repeats: int, devices: list[str]) -> None:
           f"{torch.__version__} ({torch.get_num_threads()} CPU threads)")
     for method in NORMALISERS:
         target = fit_target(tiles[0], method)
-        np_rate = _rate(lambda t=target: [normalize(x, t) for x in data], batch, 1)
+        np_rate = _rate(lambda t=target: [normalise(x, t) for x in data], batch, 1)
         line = f"  {method:9s} numpy {np_rate:8.1f} patches/s"
         for dev in devices:
-            norm = TorchStainNormalizer(target, device=dev)
+            norm = TorchStainNormaliser(target, device=dev)
             x = torch.from_numpy(data).to(dev)
 
             def run(norm=norm, x=x, dev=dev):

@@ -376,14 +376,14 @@ class TissueStainWidget(DockWidget):
                                   "tissue pixels")
 
     def _preview_job(self, slide: Slide, box, target: StainTarget | None, method: str):
-        from ..core.stain import StainTarget, normalize
+        from ..core.stain import StainTarget, normalise
 
         yield Progress(0, 2, "reading view")
         rgb, ds = read_box(slide, box)
         yield Progress(1, 2, "normalising")
         if target is None:
             target = StainTarget.default(method if method != "reinhard" else "macenko")
-        out = normalize(rgb, target)
+        out = normalise(rgb, target)
         yield Progress(2, 2, "normalising")
         return out, ds, box[:2], target
 

@@ -394,9 +394,9 @@ def extract_features(patches: np.ndarray, *, backbone: str = "resnet18",
 
 
 def _normalise_all(patches: np.ndarray, target) -> np.ndarray:
-    from .stain import normalize
+    from .stain import normalise
 
-    return np.stack([normalize(p, target) for p in patches])
+    return np.stack([normalise(p, target) for p in patches])
 
 
 def separability_job(a: PatchSource | str | Path, b: PatchSource | str | Path,

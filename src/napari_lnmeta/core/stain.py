@@ -5,8 +5,8 @@
   (:func:`estimate_stains`: Macenko or Vahadane);
 * normalisation by Macenko, Vahadane or Reinhard, fitted on tissue pixels only
   (optical density >= ``beta`` in every channel), as a reusable :class:`StainTarget`
-  saved/loaded as JSON; :func:`normalize` and :class:`StainNormalizer` in numpy;
-* :class:`TorchStainNormalizer`, the same maps on ``(B, H, W, 3)`` batches on a device
+  saved/loaded as JSON; :func:`normalise` and :class:`StainNormaliser` in numpy;
+* :class:`TorchStainNormaliser`, the same maps on ``(B, H, W, 3)`` batches on a device
   (torch is imported only when it is built).
 
 Blank or background-only tiles are returned unchanged: nothing here produces NaN/inf.
@@ -43,7 +43,7 @@ def od_to_rgb(od: np.ndarray, *, background: float = 255.0) -> np.ndarray:
     return np.clip(background * np.exp(-od), 0, 255).astype(np.uint8)
 
 
-def normalize_stains(stains: np.ndarray) -> np.ndarray:
+def normalise_stains(stains: np.ndarray) -> np.ndarray:
     """Unit-length rows; a missing third vector is completed by the cross product."""
     stains = np.asarray(stains, dtype=np.float64)
     if stains.shape == (2, 3):
@@ -64,7 +64,7 @@ def deconvolve(rgb: np.ndarray, stains: np.ndarray = RUIFROK_HED) -> np.ndarray:
         raise ValueError(f"expected RGB (..., 3), got shape {rgb.shape}")
     stains = np.asarray(stains, dtype=np.float64)
     # Used as given (skimage does not normalise Ruifrok's rows); 2 vectors get a third.
-    inv = np.linalg.inv(stains if stains.shape == (3, 3) else normalize_stains(stains))
+    inv = np.linalg.inv(stains if stains.shape == (3, 3) else normalise_stains(stains))
     img = rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64)
     img = np.maximum(img, 1e-6)
     log_adjust = np.log(1e-6)
@@ -193,7 +193,7 @@ def estimate_stains(rgb: np.ndarray, *, method: str = "macenko", io: float = 240
                          "cannot estimate stain vectors")
     he = vahadane_stains(od[keep]) if method == "vahadane" else macenko_stains(od[keep],
                                                                                alpha=alpha)
-    return normalize_stains(he)
+    return normalise_stains(he)
 
 
 # ------------------------------------------------------------------------------------------
@@ -377,7 +377,7 @@ def _as_rgb(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def normalize(rgb: np.ndarray, target: StainTarget, *, mask: np.ndarray | None = None,
+def normalise(rgb: np.ndarray, target: StainTarget, *, mask: np.ndarray | None = None,
               conc_pixels: str = "tissue") -> np.ndarray:
     """Map ``rgb`` onto ``target``'s stain appearance (same shape, uint8).
 
@@ -411,7 +411,7 @@ def normalize(rgb: np.ndarray, target: StainTarget, *, mask: np.ndarray | None =
     return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(shape)
 
 
-class StainNormalizer:
+class StainNormaliser:
     """Fit once, apply many times (numpy); ``save``/``load`` the fitted target as JSON.
 
     Parameters
@@ -430,14 +430,14 @@ class StainNormalizer:
         self.params = params
 
     def fit(self, rgb: np.ndarray, *, mask: np.ndarray | None = None,
-            source: str | None = None) -> StainNormalizer:
+            source: str | None = None) -> StainNormaliser:
         self.target = fit_target(rgb, self.method, mask=mask, source=source, **self.params)
         return self
 
     def transform(self, rgb: np.ndarray, *, mask: np.ndarray | None = None) -> np.ndarray:
         if self.target is None:
             raise RuntimeError("fit the normaliser (or give a target) first")
-        return normalize(rgb, self.target, mask=mask)
+        return normalise(rgb, self.target, mask=mask)
 
     __call__ = transform
 
@@ -447,13 +447,13 @@ class StainNormalizer:
         return self.target.save(path, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | Path) -> StainNormalizer:
+    def load(cls, path: str | Path) -> StainNormaliser:
         return cls(target=StainTarget.load(path))
 
-    def to_torch(self, device: str = "cpu") -> TorchStainNormalizer:
+    def to_torch(self, device: str = "cpu") -> TorchStainNormaliser:
         if self.target is None:
             raise RuntimeError("fit the normaliser (or give a target) first")
-        return TorchStainNormalizer(self.target, device=device)
+        return TorchStainNormaliser(self.target, device=device)
 
 
 def reference_mosaic(slide: Slide, *, tissue: Any = None, n_patches: int = 32,
@@ -499,11 +499,11 @@ _XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423],
 _D65 = np.array([0.95047, 1.0, 1.08883])
 
 
-class TorchStainNormalizer:
+class TorchStainNormaliser:
     """Apply a fitted :class:`StainTarget` to ``(B, H, W, 3)`` uint8 batches with torch.
 
     Each image of the batch gets its own statistics (tissue pixels only), as
-    :func:`normalize` does; images with too few tissue pixels come back unchanged.
+    :func:`normalise` does; images with too few tissue pixels come back unchanged.
     Runs on any torch device; everything is batched (no Python loop over images).
 
     Parameters
@@ -687,7 +687,7 @@ class TorchStainNormalizer:
             out = out.permute(0, 3, 1, 2)
         return out
 
-    def normalize_float(self, x):
+    def normalise_float(self, x):
         """Float NCHW batches in [0, 1] -> normalised float NCHW in [0, 1] (same dtype).
 
         For model pipelines that already converted uint8 to float on the device.
@@ -715,4 +715,4 @@ def torch_normaliser(normalisation: dict[str, Any] | StainTarget, *, device: Any
             target = StainTarget.from_json({"method": method, **td})
         else:
             target = StainTarget.default(method)
-    return TorchStainNormalizer(target, device=device, **kwargs).normalize_float
+    return TorchStainNormaliser(target, device=device, **kwargs).normalise_float
