@@ -19,7 +19,7 @@ generated once under ``~/.cache/lnmeta-bench`` or ``$LNMETA_BENCH_CACHE``. Model
 with random weights (speed does not depend on them).
 
 6. with ``--cohort N``: N copies of the 100 000 x 200 000 px slide through
-   ``predict_to_folder`` in one fresh process: the cold first slide (from process start)
+   ``predict_to_folder_job`` in one fresh process: the cold first slide (from process start)
    and the warm ones (model cache, probed batch size), peak RSS (GPU targets: warm
    < 5 s resnet18, < 8 s resnet50; cold < 10 s).
 
@@ -265,7 +265,7 @@ def device_decode_rate(slide_path: Path, grid, batch: int, device: str,
 
 
 def child_predict(slide: Path, cfg: dict, out: Path) -> dict:
-    """``predict_to_folder`` in a fresh process: wall time, timing, peak RSS (and GPU)."""
+    """``predict_to_folder_job`` in a fresh process: wall time, timing, peak RSS (and GPU)."""
     code = RSS_CHILD.format(bench=str(Path(__file__).resolve().parent), cfg=json.dumps(cfg),
                             slide=str(slide), out=str(out))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -289,12 +289,12 @@ import json, sys, time, resource, threading
 sys.path.insert(0, {bench!r})
 from _common import PeakRSS
 from napari_lnmeta.core.inference import InferenceConfig
-from napari_lnmeta.core.predict import predict_to_folder
+from napari_lnmeta.core.predict import predict_to_folder_job
 from napari_lnmeta.progress import run
 cfg = InferenceConfig(**json.loads({cfg!r}))
 t0 = time.perf_counter()
 with PeakRSS(interval=0.01) as rss:
-    pred = run(predict_to_folder({slide!r}, {out!r}, cfg, overwrite=True))
+    pred = run(predict_to_folder_job({slide!r}, {out!r}, cfg, overwrite=True))
 wall = time.perf_counter() - t0
 gpu = None
 if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
@@ -313,14 +313,14 @@ t_start = time.perf_counter()
 sys.path.insert(0, {bench!r})
 from _common import PeakRSS
 from napari_lnmeta.core.inference import InferenceConfig
-from napari_lnmeta.core.predict import predict_to_folder
+from napari_lnmeta.core.predict import predict_to_folder_job
 from napari_lnmeta.progress import run
 cfg = InferenceConfig(**json.loads({cfg!r}))
 out = []
 with PeakRSS(interval=0.01) as rss:
     for k, slide in enumerate(json.loads({slides!r})):
         t0 = time.perf_counter()
-        pred = run(predict_to_folder(slide, os.path.join({out!r}, str(k)), cfg, overwrite=True))
+        pred = run(predict_to_folder_job(slide, os.path.join({out!r}, str(k)), cfg, overwrite=True))
         out.append({{"wall_s": time.perf_counter() - (t_start if k == 0 else t0),
                      "patches": len(pred.result.grid), "timing": pred.result.timing}})
 gpu = None
@@ -332,7 +332,7 @@ print(json.dumps({{"slides": out, "peak_rss_mb": rss.peak, "gpu_peak_mb": gpu,
 
 
 def run_cohort(wsi: Path, n: int, cfg: dict, work: Path, arch: str) -> None:
-    """``n`` copies (symbolic links) of ``wsi`` through ``predict_to_folder`` one after the
+    """``n`` copies (symbolic links) of ``wsi`` through ``predict_to_folder_job`` one after the
     other in one fresh process: the first is the cold slide (imports, CUDA start, model
     load), the others run warm (model cache, probed batch size)."""
     links = []

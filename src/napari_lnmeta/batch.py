@@ -263,12 +263,12 @@ def _config(cls, params: dict[str, Any], step: str, *, extra: tuple[str, ...] = 
 def step_predict(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Heatmap, maps, lesions and summary of the slide (``lnmeta predict``)."""
     from .core.inference import InferenceConfig
-    from .core.predict import predict_to_folder
+    from .core.predict import predict_to_folder_job
     from .progress import run as drive
 
     cfg = _config(InferenceConfig, params, "predict", extra=("truth", "truth_scale"))
     slide = _open(item, params)
-    pred = drive(predict_to_folder(slide, out / "predict", cfg, overwrite=True,
+    pred = drive(predict_to_folder_job(slide, out / "predict", cfg, overwrite=True,
                                    truth=params.get("truth"),
                                    truth_scale=params.get("truth_scale", 1.0)))
     s = pred.summary()

@@ -311,33 +311,33 @@ def test_out_of_memory_backs_off(synth, tissue):
 # Result folder: refuse, cancel, resume
 # --------------------------------------------------------------------------------------
 def test_existing_output_is_refused_unless_overwrite(synth, model_file, tmp_path):
-    from napari_lnmeta.core.predict import predict_to_folder
+    from napari_lnmeta.core.predict import predict_to_folder_job
 
     cfg = InferenceConfig(model=str(model_file), device="cpu", batch_size=64)
     out = tmp_path / "out"
-    run(predict_to_folder(synth.path, out, cfg))
+    run(predict_to_folder_job(synth.path, out, cfg))
     s = json.loads((out / "summary.json").read_text())
     assert s["complete"] and s["counts"]["patches"] > 0 and s["timing"]["patches_per_s"] > 0
     for name in ("probability.ome.zarr", "lesions.geojson", "overview.png", "tiers.ome.zarr"):
         assert (out / name).exists()
     assert not (out / ".partial").exists()
     with pytest.raises(OutputExistsError):
-        run(predict_to_folder(synth.path, out, cfg))
-    run(predict_to_folder(synth.path, out, cfg, overwrite=True))
+        run(predict_to_folder_job(synth.path, out, cfg))
+    run(predict_to_folder_job(synth.path, out, cfg, overwrite=True))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(OutputExistsError):
-        run(predict_to_folder(synth.path, foreign, cfg))
+        run(predict_to_folder_job(synth.path, foreign, cfg))
 
 
 def test_cancelled_run_is_incomplete_and_resumes(synth, tmp_path):
-    from napari_lnmeta.core.predict import predict_to_folder
+    from napari_lnmeta.core.predict import predict_to_folder_job
 
     model = redness_model(synth)
     cfg = InferenceConfig(device="cpu", batch_size=8, workers=2, partial_seconds=0.0)
     out = tmp_path / "out"
-    job = predict_to_folder(synth.path, out, cfg, model=model)
+    job = predict_to_folder_job(synth.path, out, cfg, model=model)
     steps = []
     for p in job:
         steps.append(p)
@@ -356,13 +356,13 @@ def test_cancelled_run_is_incomplete_and_resumes(synth, tmp_path):
     # another run with other parameters neither reuses nor destroys the unfinished run
     other = InferenceConfig(device="cpu", stride=PATCH // 2)
     with pytest.raises(InputError, match="unfinished run with other parameters"):
-        run(predict_to_folder(synth.path, out, other, model=model))
+        run(predict_to_folder_job(synth.path, out, other, model=model))
     assert (out / ".partial" / "params.json").exists()
     # resume: only the missing patches are read, and the result equals an uninterrupted run
-    pred = run(predict_to_folder(synth.path, out, cfg, model=model))
+    pred = run(predict_to_folder_job(synth.path, out, cfg, model=model))
     assert pred.result.resumed == saved
     assert pred.result.timing["patches_run"] == len(pred.result.grid) - saved
-    full = run(predict_to_folder(synth.path, tmp_path / "full", cfg, model=model))
+    full = run(predict_to_folder_job(synth.path, tmp_path / "full", cfg, model=model))
     np.testing.assert_allclose(pred.probability, full.probability, atol=1e-6)
     s = json.loads((out / "summary.json").read_text())
     assert s["resumed_patches"] == saved and s["complete"] is True

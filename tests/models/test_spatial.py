@@ -283,7 +283,7 @@ def test_predict_cli_runs_a_spatial_model_and_resumes(synth, tmp_path, capsys):
     from napari_lnmeta._napari.prediction_layers import prediction_layer_data
     from napari_lnmeta.cli import main
     from napari_lnmeta.core.inference import PartialHeatmap
-    from napari_lnmeta.core.predict import predict_to_folder
+    from napari_lnmeta.core.predict import predict_to_folder_job
 
     model = _spatial_file(tmp_path / "sp2.safetensors", mpp=2.0, seed=1)  # resampled reads
     out = tmp_path / "pred"
@@ -303,7 +303,7 @@ def test_predict_cli_runs_a_spatial_model_and_resumes(synth, tmp_path, capsys):
     # cancel half-way, resume: equals the uninterrupted run
     cfg = InferenceConfig(model=str(model), device="cpu", batch_size=8, partial_seconds=0.0)
     part = tmp_path / "part"
-    job = predict_to_folder(synth.path, part, cfg)
+    job = predict_to_folder_job(synth.path, part, cfg)
     seen = []
     for p in job:
         seen.append(p)
@@ -311,7 +311,7 @@ def test_predict_cli_runs_a_spatial_model_and_resumes(synth, tmp_path, capsys):
             break
     job.close()
     assert any(isinstance(p.partial, PartialHeatmap) for p in seen)
-    pred = run(predict_to_folder(synth.path, part, cfg))
+    pred = run(predict_to_folder_job(synth.path, part, cfg))
     assert pred.result.resumed >= 3 * 8
     np.testing.assert_allclose(pred.probability,
                                np.asarray(heat.data, dtype=np.float32), atol=1e-3)

@@ -22,14 +22,14 @@ import sys
 from pathlib import Path
 from tests._inference_helpers import make_synthetic_slide, small_model_file
 from napari_lnmeta.core.inference import InferenceConfig
-from napari_lnmeta.core.predict import predict_to_folder
+from napari_lnmeta.core.predict import predict_to_folder_job
 from napari_lnmeta.progress import run
 
 d, camelyon = Path(sys.argv[1]), Path(sys.argv[2])
 synth = make_synthetic_slide(d, camelyon)
 model = small_model_file(d / "m.safetensors")
 cfg = InferenceConfig(model=str(model), device="cpu", batch_size=64, lesion_threshold=0.0)
-run(predict_to_folder(synth.path, d / "synthetic.lnmeta", cfg))
+run(predict_to_folder_job(synth.path, d / "synthetic.lnmeta", cfg))
 """
 
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from ..core.inference import InferenceConfig
-    from ..core.predict import predict_to_folder
+    from ..core.predict import predict_to_folder_job
     from ..io import jsonio
     from ..io.slide import open_slide
     from ..progress import TextProgress, run
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"slide:   {slide.path} ({info['level_dimensions'][0][0]} x {info['level_dimensions'][0][1]} px, "
           f"{slide.mpp} µm/px)")
     cfg = InferenceConfig(stride=args.stride, tta=True, device="auto")
-    pred = run(predict_to_folder(slide, out / "predict", cfg, overwrite=True), TextProgress())
+    pred = run(predict_to_folder_job(slide, out / "predict", cfg, overwrite=True), TextProgress())
     s = pred.summary()
     print(f"tissue:  {s['tissue']['area_mm2']:.2f} mm² "
           f"({100 * s['tissue']['fraction']:.0f}% of the slide)")

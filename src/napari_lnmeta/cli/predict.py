@@ -63,7 +63,7 @@ def predict(p):
 
     def run(args):
         from ..core.inference import InferenceConfig
-        from ..core.predict import predict_to_folder
+        from ..core.predict import predict_to_folder_job
         from ..io.slide import open_slide
         from ..progress import TextProgress
         from ..progress import run as drive
@@ -80,7 +80,7 @@ def predict(p):
                               lesion_method=args.lesion_method, compile=args.compile,
                               amp=not args.no_amp, on_corrupt_tile=args.on_corrupt_tile)
         try:
-            pred = drive(predict_to_folder(slide, args.out, cfg, overwrite=args.overwrite,
+            pred = drive(predict_to_folder_job(slide, args.out, cfg, overwrite=args.overwrite,
                                            truth=args.truth, truth_scale=args.truth_scale),
                          TextProgress())
         except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 
 :func:`postprocess` turns an :class:`~napari_lnmeta.core.inference.InferenceResult` into a
 :class:`Prediction` (binary and 3-tier maps, slide score, lesions, optional evaluation);
-:func:`write_prediction` writes it as a folder; :func:`predict_to_folder` does all of it
+:func:`write_prediction` writes it as a folder; :func:`predict_to_folder_job` does all of it
 resumably (``lnmeta predict``).
 
 The result folder::
@@ -279,7 +279,7 @@ def prepare_output(out_dir: str | Path, *, overwrite: bool = False,
     * missing or empty: use it;
     * a complete result (``summary.json``): refuse unless ``overwrite``;
     * an unfinished run (``.partial``): resume it (the checkpoint decides whether the
-      parameters match; see :func:`predict_to_folder`);
+      parameters match; see :func:`predict_to_folder_job`);
     * anything else: refuse unless ``overwrite`` (it is not ours).
 
     Returns
@@ -304,7 +304,7 @@ def prepare_output(out_dir: str | Path, *, overwrite: bool = False,
     return out, (out / PARTIAL).is_dir()
 
 
-def predict_to_folder(slide: Slide | str | Path, out_dir: str | Path,
+def predict_to_folder_job(slide: Slide | str | Path, out_dir: str | Path,
                       config: InferenceConfig | None = None, *, overwrite: bool = False,
                       truth: Any = None, truth_scale: float = 1.0,
                       model: tuple[nn.Module, ModelMeta] | None = None,
