@@ -89,3 +89,50 @@ def tiny_vit(seed: int = 0, **kw):
     args = {"embed_dim": 64, "depth": 2, "num_heads": 2, **kw}
     return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
                              **args), args
+
+
+def tiny_transformers(kind: str = "vit", seed: int = 0):
+    """A small random transformers encoder: ``ViTModel`` (``kind="vit"``, as Phikon) or
+    ``Dinov2Model`` (``"dinov2"``, as Phikon-v2); patch 16 at 224 px, 2 layers, width 64."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    common = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 224, "patch_size": 16}
+    if kind == "vit":
+        return transformers.ViTModel(transformers.ViTConfig(intermediate_size=128, **common))
+    return transformers.Dinov2Model(transformers.Dinov2Config(layerscale_value=0.5, **common))
+
+
+#: Phikon's preprocessor_config.json (a ViTImageProcessor, 224 x 224, ImageNet mean/std)
+PHIKON_PREPROCESSOR = {"do_normalize": True, "do_rescale": True, "do_resize": True,
+                       "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+                       "image_processor_type": "ViTImageProcessor", "resample": 3,
+                       "rescale_factor": 1 / 255, "size": {"height": 224, "width": 224}}
+
+
+def hf_transformers_repo(hf_home: Path, repo: str, model, *, preprocessor: dict,
+                         weights: str = "model.safetensors", prefix: str = "") -> Path:
+    """Put a transformers ``model`` into ``$HF_HOME/hub`` as the Hub caches repository
+    ``repo``: ``config.json`` (``save_pretrained``'s), ``preprocessor_config.json`` and the
+    weights as ``model.safetensors`` (or ``pytorch_model.bin``), keys under ``prefix``."""
+    import io
+
+    import torch
+    from safetensors.torch import save
+
+    repo_dir = Path(hf_home) / "hub" / f"models--{repo.replace('/', '--')}"
+    tensors = {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
+    if weights == "model.safetensors":
+        data = save(tensors)
+    else:
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        data = buf.getvalue()
+    _blob(repo_dir, "config.json", model.config.to_json_string().encode())
+    _blob(repo_dir, "preprocessor_config.json", json.dumps(preprocessor).encode())
+    _blob(repo_dir, weights, data)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(REV)
+    return repo_dir

@@ -135,3 +135,35 @@ def _import_ok(ws: Workspace) -> Spec:
 
     return Spec(["import-patches", str(table), "--classes", "normal,tumour", "--mpp", "1",
                  "--out", str(out)], inputs=[table], outputs=[out], check=check)
+
+
+@case("extract-features --backbone phikon with an empty Hub cache", expect="error")
+def _phikon_not_cached(ws: Workspace) -> Spec:
+    slide = ws.copy_shared("cmu1_small_region_svs/CMU-1-Small-Region.svs")
+    out = ws.path("f.features.zarr")
+    return Spec(["extract-features", str(slide), "--backbone", "phikon", "-o", str(out)],
+                inputs=[slide], outputs=[out], env=_empty_caches(ws))
+
+
+@case("extract-features from a transformers folder without preprocessor_config.json",
+      expect="error")
+def _transformers_folder_no_preprocessor(ws: Workspace) -> Spec:
+    import json
+
+    slide = ws.copy_shared("cmu1_small_region_svs/CMU-1-Small-Region.svs")
+    folder = ws.path("enc")
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32,
+                                                    "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2}))
+    (folder / "model.safetensors").write_bytes(b"")
+    out = ws.path("f.features.zarr")
+    return Spec(["extract-features", str(slide), "--backbone", str(folder), "-o", str(out)],
+                inputs=[slide], outputs=[out], env=_empty_caches(ws))
+
+
+@case("train --init phikon (a transformers encoder is no classifier init)", expect="error")
+def _train_init_phikon(ws: Workspace) -> Spec:
+    table, _ = _lc_csv(ws)
+    return Spec(["train", str(ws.path("missing.npz")), "--init", "phikon", "--out",
+                 str(ws.path("run"))], env=_empty_caches(ws))

@@ -117,9 +117,12 @@ def test_hub_foundation_model_by_name(caches):
 
 
 def test_listed_but_unloadable_models_say_why(caches):
-    for name in ("conch", "phikon", "phikon-v2"):
-        with pytest.raises(ModelError, match="not loadable here|cannot be loaded here"):
+    for name in ("conch", "hf-hub:MahmoodLab/CONCH"):
+        with pytest.raises(ModelError, match="cannot be loaded here") as e:
             bb.resolve(name)
+        msg = str(e.value)
+        assert "\n" not in msg and "git+https://github.com/Mahmoodlab/CONCH.git" in msg
+        assert "open_clip" in msg
 
 
 def test_local_folder_for_air_gapped_sites(caches, tmp_path):

@@ -17,18 +17,23 @@ Accepted names (``--init`` for training, ``--backbone`` for feature extraction):
     a timm model whose pretrained weights are hosted on the Hub, e.g.
     ``timm:vit_base_patch16_224.augreg2_in21k_ft_in1k``.
 ``hf-hub:ORG/NAME[@REVISION]``
-    a timm-format Hub repository (``config.json`` + ``model.safetensors``).
+    a timm-format Hub repository (``config.json`` + ``model.safetensors``), or a
+    transformers ViT / DINOv2 repository (``config.json`` with a ``model_type``,
+    ``preprocessor_config.json`` + ``model.safetensors``; used as a feature extractor, its
+    embedding the class token of ``last_hidden_state``, see :mod:`._hf`).
 a short name of :data:`KNOWN` (``uni``, ``virchow2``, ...)
     the pathology encoders whose ids, licences and preprocessing are listed there.
 a folder
-    the same layout as a Hub repository (``config.json`` + ``model.safetensors``), for
-    sites without internet.
+    the same layout as a Hub repository (timm: ``config.json`` + ``model.safetensors``;
+    transformers: ``config.json`` + ``preprocessor_config.json`` + ``model.safetensors``),
+    for sites without internet.
 
 Checkpoints that are not safetensors (torchvision's ``.pth``, a Hub ``pytorch_model.bin``)
 are loaded with ``torch.load(weights_only=True)`` only, never a full unpickle.
 
-timm and huggingface_hub are optional (``pip install napari-lnmeta[foundation]``); without
-them torchvision weights still work and timm / Hub names give a one-line error.
+timm, huggingface_hub and transformers are optional (``pip install
+napari-lnmeta[foundation]``); without them torchvision weights still work and timm / Hub
+names give a one-line error.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ class Known:
 
     name: str
     id: str                    # what resolve() gets
-    loader: str                # "timm" (loadable here) or "transformers" / "conch" (listed only)
+    loader: str                # "timm", "torchvision", "transformers" or "conch" (listed only)
     licence: str
     gated: bool
     mpp: float | None          # µm/px the model was trained at (per its model card)
@@ -73,14 +78,19 @@ KNOWN: dict[str, Known] = {k.name: k for k in [
            "reg_tokens": 8, "dynamic_img_size": True}),
     Known("conch", "hf-hub:MahmoodLab/CONCH", "conch",
           "CC-BY-NC-ND-4.0 (non-commercial, academic)", True, 0.5, "ViT-B/16 + text, 395 M",
-          note="vision-language model; needs the 'conch' package (open_clip based), not "
-               "loadable through timm here"),
+          note="vision-language model (a CoCa with attentional pooling, 448 px) built only by "
+               "MahmoodLab's 'conch' package, which is not on PyPI (pip install "
+               "git+https://github.com/Mahmoodlab/CONCH.git); its Hub repository holds a "
+               "pytorch_model.bin without a timm or open_clip config, so neither timm nor "
+               "open_clip_torch can build it and lnmeta does not load it"),
     Known("phikon", "hf-hub:owkin/phikon", "transformers", "Owkin non-commercial licence",
           False, 0.5, "ViT-B/16, 86 M",
-          note="Hugging Face transformers ViTModel, not a timm repository; not loadable here"),
+          note="Hugging Face transformers ViTModel; feature extraction only (class token of "
+               "last_hidden_state), not an --init"),
     Known("phikon-v2", "hf-hub:owkin/phikon-v2", "transformers",
           "Owkin non-commercial licence", False, 0.5, "ViT-L/16, 303 M",
-          note="Hugging Face transformers AutoModel, not a timm repository; not loadable here"),
+          note="Hugging Face transformers Dinov2Model; feature extraction only (class token "
+               "of last_hidden_state), not an --init"),
     Known("h-optimus-0", "hf-hub:bioptimus/H-optimus-0", "timm", "Apache-2.0", False, 0.5,
           "ViT-g/14, 1.1 B", {"init_values": 1e-5, "dynamic_img_size": False}),
     Known("h-optimus-1", "hf-hub:bioptimus/H-optimus-1", "timm",
@@ -112,6 +122,8 @@ KNOWN: dict[str, Known] = {k.name: k for k in [
 ]}
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: loaders of :data:`KNOWN` entries this module loads
+_LOADABLE = ("timm", "torchvision", "transformers")
 
 
 # --------------------------------------------------------------------------------------
@@ -177,6 +189,13 @@ class Source:
     input_size: int = 224
     mpp: float | None = None
     licence: str | None = None
+    #: the transformers ``config.json`` (``architecture`` ``transformers:<model type>``)
+    config_file: Path | None = None
+
+    @property
+    def is_transformers(self) -> bool:
+        """A transformers encoder: a feature extractor (:mod:`._hf`), not a registry net."""
+        return self.architecture.startswith("transformers:")
 
     def weights_sha256(self) -> str:
         from .extractor import file_digest
@@ -339,9 +358,25 @@ def _from_config(spec: str, sid: str, cfg_path: Path, weights: Path, extra_args:
                   input_size=int(size[-1]), mpp=mpp, licence=licence or pre.get("license"))
 
 
+def _transformers_source(spec: str, sid: str, cfg_path: Path, pre_path: Path | None,
+                         weights: Path, mpp: float | None, licence: str | None) -> Source:
+    from . import _hf
+
+    cfg = _hf.read_config(cfg_path)
+    if pre_path is None:
+        raise ModelError(cfg_path.parent / "preprocessor_config.json",
+                         "missing: a transformers model needs its preprocessor_config.json "
+                         "(input size, mean/std) beside config.json")
+    mean, std, size = _hf.preprocessing(pre_path)
+    return Source(spec=spec, id=sid, architecture=f"transformers:{cfg['model_type']}",
+                  weights_file=weights, mean=mean, std=std, input_size=size, mpp=mpp,
+                  licence=licence, config_file=cfg_path)
+
+
 def _hub_source(spec: str, repo: str, *, extra_args: dict | None = None,
                 mpp: float | None = None, licence: str | None = None,
-                download: bool = False, timm_name: str | None = None) -> Source:
+                download: bool = False, timm_name: str | None = None,
+                transformers: bool = False) -> Source:
     repo, _, rev = repo.partition("@")
     rev = rev or None
     sid = f"hf-hub:{repo}" + (f"@{rev}" if rev else "")
@@ -352,13 +387,21 @@ def _hub_source(spec: str, repo: str, *, extra_args: dict | None = None,
             break
     cfg = _hf_file(repo, "config.json", rev, spec, download=download) if timm_name is None \
         else None
-    if weights is None or (timm_name is None and cfg is None):
+    pre = None
+    if cfg is not None and (transformers or _is_transformers(cfg)):
+        pre = _hf_file(repo, "preprocessor_config.json", rev, spec, download=download)
+        transformers = True
+    if weights is None or (timm_name is None and cfg is None) or (transformers and pre is None):
         where = hf_cache_dir() / f"models--{repo.replace('/', '--')}"
+        files = ("config.json, preprocessor_config.json and model.safetensors" if transformers
+                 else "config.json and model.safetensors")
         raise ModelError(spec, f"{sid} is not in the Hugging Face cache: run `lnmeta models "
                          f"pull {spec}` where there is internet (gated models need "
-                         f"HF_TOKEN), or fetch config.json and model.safetensors of "
+                         f"HF_TOKEN), or fetch {files} of "
                          f"https://huggingface.co/{repo} into {where}/snapshots/<revision>/ "
                          "(with refs/main), or into a folder and pass the folder")
+    if transformers:
+        return _transformers_source(spec, sid, cfg, pre, weights, mpp, licence)
     if timm_name is not None:
         timm = _require("timm", spec)
         pc = timm.models.get_pretrained_cfg(timm_name)
@@ -371,6 +414,12 @@ def _hub_source(spec: str, repo: str, *, extra_args: dict | None = None,
                       input_size=int(pre.get("input_size", (3, 224, 224))[-1]),
                       mpp=mpp, licence=pre.get("license") or licence)
     return _from_config(spec, sid, cfg, weights, extra_args or {}, mpp, licence)
+
+
+def _is_transformers(cfg_path: Path) -> bool:
+    from . import _hf
+
+    return _hf.is_transformers_config(_hf.read_config(cfg_path))
 
 
 def _timm_source(spec: str, name: str, *, download: bool) -> Source:
@@ -400,6 +449,10 @@ def _folder_source(spec: str, folder: Path) -> Source:
     if not (folder / "config.json").is_file():
         raise ModelError(folder, "no config.json in this folder (timm layout: config.json + "
                          "model.safetensors)")
+    if _is_transformers(folder / "config.json"):
+        pre = folder / "preprocessor_config.json"
+        return _transformers_source(spec, f"local:{folder.resolve()}", folder / "config.json",
+                                    pre if pre.is_file() else None, weights, None, None)
     return _from_config(spec, f"local:{folder.resolve()}", folder / "config.json", weights,
                         {}, None, None)
 
@@ -426,10 +479,13 @@ def resolve(spec: str | Path, architecture: str | None = None, *,
     s = str(spec)
     known = KNOWN.get(s.lower())
     if known is not None:
-        if known.loader not in ("timm", "torchvision"):
+        if known.loader not in _LOADABLE:
             raise ModelError(s, f"{known.id} is listed but cannot be loaded here: {known.note}")
         if known.loader == "torchvision":
             return _torchvision_source(s, known.id.partition(":")[2], download=download)
+        if known.loader == "transformers":
+            return _hub_source(s, known.id.partition(":")[2], mpp=known.mpp,
+                               licence=known.licence, download=download, transformers=True)
         if known.id.startswith("timm:"):
             src = _timm_source(s, known.id.partition(":")[2], download=download)
         else:
@@ -451,10 +507,11 @@ def resolve(spec: str | Path, architecture: str | None = None, *,
     if scheme in ("hf-hub", "hf_hub"):
         for k in KNOWN.values():  # a known repo: add the model card's constructor arguments
             if k.id == f"hf-hub:{rest.partition('@')[0]}":
-                if k.loader != "timm":
+                if k.loader not in _LOADABLE:
                     raise ModelError(s, f"cannot be loaded here: {k.note}")
                 return _hub_source(s, rest, extra_args=k.model_args, mpp=k.mpp,
-                                   licence=k.licence, download=download)
+                                   licence=k.licence, download=download,
+                                   transformers=k.loader == "transformers")
         return _hub_source(s, rest, download=download)
     if Path(s).is_dir():
         return _folder_source(s, Path(s))
@@ -475,7 +532,7 @@ def cached_sources() -> list[dict[str, Any]]:
         row = {"name": k.name, "id": k.id, "loader": k.loader, "licence": k.licence,
                "gated": k.gated, "mpp": k.mpp, "params": k.params, "cached": False,
                "size_mb": None, "note": k.note}
-        if k.loader in ("timm", "torchvision"):
+        if k.loader in _LOADABLE:
             try:
                 src = resolve(k.name)
                 row.update(cached=True,
@@ -491,7 +548,20 @@ def architecture_for(init: str | Path | None, architecture: str) -> str:
     """The architecture a model must have to start from ``init`` (timm names decide it)."""
     if not is_named(init):
         return architecture
-    return resolve(str(init), architecture).architecture
+    known = KNOWN.get(str(init).lower())
+    if known is not None and known.loader == "transformers":  # before looking in the cache
+        raise_not_an_init(str(init), known.id)
+    src = resolve(str(init), architecture)
+    if src.is_transformers:
+        raise_not_an_init(str(init), src.id)
+    return src.architecture
+
+
+def raise_not_an_init(spec: str, sid: str) -> None:
+    """A transformers encoder initialises no registry network: say what it is for."""
+    raise ModelError(spec, f"{sid} is a Hugging Face transformers encoder: use it as a "
+                     "feature extractor (extract-features --backbone), not as --init of a "
+                     "patch classifier")
 
 
 __all__ = ["KNOWN", "Known", "Source", "architecture_for", "cached_sources", "hf_cache_dir",

@@ -10,7 +10,9 @@ the classification head, i.e. the backbone's penultimate layer:
   before the last ``Linear`` of ``classifier``;
 * EfficientNet / MobileNet / ConvNeXt: the input of the last ``Linear``;
 * timm models (ViTs and pathology foundation models): timm's pooled features
-  (``num_classes=0``), the class token for most ViTs.
+  (``num_classes=0``), the class token for most ViTs;
+* transformers encoders (Phikon, Phikon-v2): the class token of ``last_hidden_state``,
+  as their model cards use it (:mod:`._hf`).
 
 A backbone may also be a pretrained name (:mod:`napari_lnmeta.models.backbones`:
 ``imagenet`` with an architecture, ``timm:...``, ``hf-hub:...``, ``uni``, a folder): it is
@@ -234,6 +236,8 @@ def load_extractor(backbone: str | Path, *, init: str | Path | None = None, seed
             init, name = name, src.architecture
         elif is_named(init):
             src = resolve(str(init), name)
+        if src is not None and src.is_transformers:
+            return _transformers_extractor(src, patch_size, device)
         arch = get_arch(name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
@@ -260,6 +264,28 @@ def load_extractor(backbone: str | Path, *, init: str | Path | None = None, seed
         info = BackboneInfo(name=name, weights=weights, feature_dim=dim, patch_size=ps,
                             source=(src.id if src is not None
                                     else None if init is None else str(init)), **kw)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(torch.device(device))
+    return model, info
+
+
+def _transformers_extractor(src, patch_size: int | None,
+                            device) -> tuple[nn.Module, BackboneInfo]:
+    """A transformers encoder (Phikon, Phikon-v2...): the class token of its last hidden
+    state, at the input size and mean/std of its ``preprocessor_config.json``."""
+    import torch
+
+    from ._hf import build_extractor
+
+    model = build_extractor(src)
+    ps = int(patch_size or src.input_size)
+    if ps < 16:
+        raise ModelError(src.spec, f"patches of {ps} px are too small for {src.id}")
+    info = BackboneInfo(name=src.architecture, weights=f"sha256:{src.weights_sha256()[:16]}",
+                        feature_dim=int(model.num_features), patch_size=ps, mpp=src.mpp,
+                        mean=list(src.mean), std=list(src.std), source=src.id)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -344,6 +344,10 @@ def load_init(model, architecture: str, path: str | Path) -> list[str]:
 
     if is_named(path):
         src = resolve(str(path), architecture)
+        if src.is_transformers:
+            from .backbones import raise_not_an_init
+
+            raise_not_an_init(str(path), src.id)
         if src.architecture != architecture and not (
                 src.architecture.split("{")[0] == architecture.split("{")[0]):
             raise ModelError(str(path), f"is a {src.architecture}, not a {architecture}; "
