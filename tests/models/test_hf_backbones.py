@@ -81,6 +81,10 @@ def test_phikon_by_name_through_extract_features(caches, cmu1, tmp_path, capsys)
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["phikon"]["cached"] and rows["phikon"]["loader"] == "transformers"
     assert not rows["phikon-v2"]["cached"] and not rows["conch"]["cached"]
+    assert rows["phikon"]["use"] == "features" and not rows["conch"]["loadable"]
+    assert main(["models", "list"]) == 0
+    text = capsys.readouterr().out
+    assert "[transformers: feature extraction only]" in text and "'conch' package" in text
     with pytest.raises(ModelError, match="feature extractor"):
         build_model("resnet18", 2, init="phikon")
 

@@ -17,7 +17,8 @@ from . import command
 _EPILOG = """\
 names: imagenet (with --arch), torchvision:ARCH[.WEIGHTS], timm:MODEL[.TAG],
 hf-hub:ORG/NAME[@REV], a short name from `lnmeta models list`, or a folder holding
-config.json + model.safetensors. Gated models (UNI, Virchow2, ...) need their terms
+config.json + model.safetensors (transformers encoders such as Phikon: also
+preprocessor_config.json; they are feature extractors, --backbone only). Gated models (UNI, Virchow2, ...) need their terms
 accepted on huggingface.co and a token (HF_TOKEN or `hf auth login`).
 caches: $TORCH_HOME/hub/checkpoints (torchvision) and $HF_HOME/hub (Hugging Face).
 """
@@ -45,8 +46,10 @@ def models(p: argparse.ArgumentParser):
             print(f"{'name':18s} {'cached':>9s}  {'gated':5s} {'µm/px':5s}  id / licence")
             for r in rows:
                 cached = f"{r['size_mb']:.0f} MB" if r["cached"] else "no"
-                loadable = "" if r["loader"] in ("timm", "torchvision") else \
-                    f"  [not loadable here: {r['loader']}]"
+                loadable = {"timm": "", "torchvision": "",
+                            "transformers": "  [transformers: feature extraction only]"
+                            }.get(r["loader"], f"  [not loadable here: needs the "
+                                               f"'{r['loader']}' package, see docs/models.md]")
                 mpp = f"{r['mpp']:.2f}" if r["mpp"] else "-"
                 print(f"{r['name']:18s} {cached:>9s}  {'yes' if r['gated'] else 'no':5s} "
                       f"{mpp:5s}  {r['id']}  ({r['params']}; {r['licence']}){loadable}")

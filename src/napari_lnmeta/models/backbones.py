@@ -529,7 +529,11 @@ def cached_sources() -> list[dict[str, Any]]:
     """Every :data:`KNOWN` backbone with whether it is cached, its size and licence."""
     rows = []
     for k in KNOWN.values():
-        row = {"name": k.name, "id": k.id, "loader": k.loader, "licence": k.licence,
+        row = {"name": k.name, "id": k.id, "loader": k.loader,
+               "loadable": k.loader in _LOADABLE,
+               "use": ("features" if k.loader == "transformers" else
+                       "init+features" if k.loader in _LOADABLE else None),
+               "licence": k.licence,
                "gated": k.gated, "mpp": k.mpp, "params": k.params, "cached": False,
                "size_mb": None, "note": k.note}
         if k.loader in _LOADABLE:
