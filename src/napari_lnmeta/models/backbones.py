@@ -363,6 +363,10 @@ def _transformers_source(spec: str, sid: str, cfg_path: Path, pre_path: Path | N
     from . import _hf
 
     cfg = _hf.read_config(cfg_path)
+    if not _hf.is_transformers_config(cfg):
+        raise ModelError(cfg_path, "not the config.json of a transformers vision encoder "
+                         f"(model_type one of {', '.join(_hf.MODEL_TYPES)}; got "
+                         f"{cfg.get('model_type')!r})")
     if pre_path is None:
         raise ModelError(cfg_path.parent / "preprocessor_config.json",
                          "missing: a transformers model needs its preprocessor_config.json "
