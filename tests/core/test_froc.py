@@ -314,7 +314,7 @@ def test_truth_that_is_not_a_mask_or_not_in_the_frame_is_refused(camelyon, tmp_p
 @pytest.mark.parametrize("text", [b"p,x,y\n0.5,10,nan\n", b"0.5,10,inf\n", b"\xff\xfe\x00bin",
                                   b"probability,x,y\n0.5,10\n"])
 def test_detection_csvs_with_non_finite_or_binary_content_are_refused(tmp_path, text):
-    from napari_lnmeta.core.froc import _read_point_csv
+    from napari_lnmeta.core.froc.folders import _read_point_csv
 
     p = tmp_path / "slide.csv"
     p.write_bytes(text)
