@@ -42,7 +42,8 @@ def cli_time(threads: int) -> float:
 def widget_time(viewer, threads: int) -> float:
     from qtpy.QtWidgets import QApplication
 
-    from napari_lnmeta._qt.register_widget import REGISTERED_LAYER, RegisterWidget
+    from napari_lnmeta._napari.registration_layers import REGISTERED_LAYER
+    from napari_lnmeta._qt.register_widget import RegisterWidget
 
     if REGISTERED_LAYER in viewer.layers:
         viewer.layers.remove(REGISTERED_LAYER)

@@ -232,7 +232,7 @@ def camelyon_scenario(s: Session, args: dict):
 
 
 def register_scenario(s: Session, args: dict):
-    from napari_lnmeta._qt.register_widget import MASK_LAYER, REGISTERED_LAYER
+    from napari_lnmeta._napari.registration_layers import MASK_LAYER, REGISTERED_LAYER
 
     he = s.open(args["fixed"])
     ihc = s.open(args["moving"])

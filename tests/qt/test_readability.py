@@ -87,7 +87,7 @@ def test_no_private_napari_attributes_behind_the_plugin_proxy(make_napari_viewer
     """Dock widgets get napari's public-only proxy; our helpers must not warn through it."""
     from napari.utils._proxies import PublicOnlyProxy
 
-    from napari_lnmeta._qt.register_widget import visible_region
+    from napari_lnmeta._napari.registration_layers import visible_region
     from napari_lnmeta._qt.tissue_widget import visible_box
 
     viewer = make_napari_viewer()

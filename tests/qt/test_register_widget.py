@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from napari_lnmeta._napari.layers import slide_layer_data
-from napari_lnmeta._qt.register_widget import (
+from napari_lnmeta._napari.registration_layers import (
     CHECK_LAYER,
     MASK_LAYER,
     NUDGE_FIXED,
     NUDGE_MOVING,
     PREVIEW_LAYER,
     REGISTERED_LAYER,
-    RegisterWidget,
-    TransferMaskWidget,
 )
+from napari_lnmeta._qt.register_widget import RegisterWidget
+from napari_lnmeta._qt.transfer_widget import TransferMaskWidget
 from napari_lnmeta.core.dab import TUMOUR, dab_mask
 from napari_lnmeta.io.omezarr import layer_transform, read_ome_zarr
 from napari_lnmeta.io.slide import MppWarning, open_slide

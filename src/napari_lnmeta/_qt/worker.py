@@ -136,6 +136,12 @@ class JobPanel(QWidget):
             self.worker.quit()
 
 
+def notify_error(panel: JobPanel, e: Exception) -> None:
+    """Show a refused action (bad input before a job starts) in ``panel`` and napari."""
+    panel.status.setText(f"error: {e}")
+    show_error(str(e))
+
+
 def int_spin(lo: int, hi: int, value: int | None = None, *, step: int | None = None,
              special: str | None = None, suffix: str | None = None):
     """A ``QSpinBox`` with range, value and the optional texts set in one call."""
