@@ -133,7 +133,7 @@ def test_a_tile_wanted_by_many_threads_is_decoded_once():
     import threading
     import time
 
-    from napari_lnmeta.io.slide import TileCache
+    from napari_lnmeta.io._tiles import TileCache
 
     cache = TileCache(2**20, 2**22)
     calls = []
