@@ -242,7 +242,7 @@ def mask_downsample(fixed_shape: tuple[int, int], fixed_mpp: float | None, *,
 def slide_threshold(moving: Slide, params: DabParams | None = None, *,
                     max_size: int = 4096) -> float:
     """The automatic DAB threshold of a whole IHC slide, from a low-resolution image."""
-    from .registration import _Source
+    from .registration.inputs import _Source
 
     p = params or DabParams()
     if p.threshold is not None:
