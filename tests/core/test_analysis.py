@@ -7,12 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from napari_lnmeta.core.analysis import (
+from napari_lnmeta.core.gradcam import find_target_layer, gradcam, gradcam_region_job
+from napari_lnmeta.core.separability import (
     SeparabilityConfig,
     adjusted_rand_index,
-    find_target_layer,
-    gradcam,
-    gradcam_region_job,
     hungarian_accuracy,
     kmeans,
     pca,

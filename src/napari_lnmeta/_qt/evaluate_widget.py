@@ -533,7 +533,7 @@ class EvaluateWidget(DockWidget):
         from napari.utils.notifications import show_error
 
         from .._napari.layers import slide_from_layer
-        from ..core.analysis import gradcam_region_job
+        from ..core.gradcam import gradcam_region_job
 
         try:
             ly = self._slide_layer()

@@ -176,7 +176,7 @@ def separability(p):
     def run(args):
         from pathlib import Path
 
-        from ..core.analysis import (
+        from ..core.separability import (
             SEPARABILITY_FILES,
             SeparabilityConfig,
             separability_job,
