@@ -366,10 +366,10 @@ def _restore_old(ws: Workspace) -> Spec:
 def _interrupted_predict(slide: Path, out: Path, *, stride: int | None = None) -> None:
     """Start a predict run and cancel it after its first batch (checkpoint on disk)."""
     from napari_lnmeta.core.inference import InferenceConfig
-    from napari_lnmeta.core.predict import predict_to_folder
+    from napari_lnmeta.core.predict import predict_to_folder_job
 
     cfg = InferenceConfig(device="cpu", workers=1, batch_size=8, stride=stride)
-    job = predict_to_folder(slide, out, cfg)
+    job = predict_to_folder_job(slide, out, cfg)
     for p in job:
         if p.message == "inference":
             break
