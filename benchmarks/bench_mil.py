@@ -149,8 +149,8 @@ def cli_benchmark(tmp: Path, *, seeds, backbone: str = "resnet18") -> list[dict]
     import io
 
     from napari_lnmeta.cli import main as lnmeta
+    from napari_lnmeta.core.metrics import roc_auc
     from napari_lnmeta.io.omezarr import read_ome_zarr
-    from napari_lnmeta.train.metrics import roc_auc
 
     def call(argv):
         buf = io.StringIO()
@@ -245,7 +245,7 @@ def mil_benchmark(inst, *, poolings, seeds, device, settings, label):
 def probe(inst):
     from sklearn.linear_model import LogisticRegression
 
-    from napari_lnmeta.train.metrics import roc_auc
+    from napari_lnmeta.core.metrics import roc_auc
 
     tr, te = inst["train"], ~inst["train"]
     x = inst["x"]

@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     import torch
 
     from napari_lnmeta.core.inference import InferenceConfig, run_inference
+    from napari_lnmeta.core.metrics import delong_test, evaluate_binary
     from napari_lnmeta.core.tissue import tissue_mask
     from napari_lnmeta.io.annotations import read_camelyon_json
     from napari_lnmeta.io.slide import open_slide
@@ -65,7 +66,6 @@ def main(argv=None) -> int:
     from napari_lnmeta.progress import run
     from napari_lnmeta.train.datasets import PatchConfig
     from napari_lnmeta.train.loop import TrainConfig, predict_patches_job, train_job
-    from napari_lnmeta.train.metrics import delong_test, evaluate_binary
     from napari_lnmeta.train.spatial import (
         SpatialTrainConfig,
         neighbourhoods_from_slide_job,

@@ -31,11 +31,11 @@ def colour_features(ps) -> np.ndarray:
 def main(argv=None) -> int:
     from sklearn.linear_model import LogisticRegression
 
+    from napari_lnmeta.core.metrics import auc_bootstrap_ci, delong_test
     from napari_lnmeta.models.io import default_model_path
     from napari_lnmeta.progress import run
     from napari_lnmeta.train.datasets import PatchSet, split_by_region
     from napari_lnmeta.train.evaluate import evaluate_job
-    from napari_lnmeta.train.metrics import auc_bootstrap_ci, delong_test
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("train", help="patch set the model was trained from (all patches)")

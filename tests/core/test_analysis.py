@@ -8,14 +8,12 @@ import torch
 from torch import nn
 
 from napari_lnmeta.core.gradcam import find_target_layer, gradcam, gradcam_region_job
+from napari_lnmeta.core.metrics import adjusted_rand_index, hungarian_accuracy, silhouette_score
 from napari_lnmeta.core.separability import (
     SeparabilityConfig,
-    adjusted_rand_index,
-    hungarian_accuracy,
     kmeans,
     pca,
     separability_job,
-    silhouette_score,
 )
 from napari_lnmeta.errors import InputError
 from napari_lnmeta.progress import run

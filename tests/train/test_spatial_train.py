@@ -164,7 +164,7 @@ def test_short_training_run_decreases_the_loss(t001_nb, t001, tmp_path):
     # the saved model separates the training classes
     some = tr.subset((tr.labels == 1) | (np.arange(len(tr)) % 16 == 0))
     probs = run(predict_neighbourhoods_job(model, some, meta, device="cpu"))
-    from napari_lnmeta.train.metrics import roc_auc
+    from napari_lnmeta.core.metrics import roc_auc
 
     assert roc_auc(some.labels, probs[:, 1]) > 0.85
     # ... and runs through the whole-slide engine on a part of the slide

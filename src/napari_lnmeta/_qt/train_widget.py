@@ -378,7 +378,7 @@ class TrainWidget(DockWidget):
 
     def redraw(self) -> None:
         """Render the loss curves (train steps, epoch means, validation) into the plot label."""
-        from ..train.metrics import plot_curves
+        from ..core.metrics import plot_curves
 
         hist = [{"epoch_float": e, "train_loss (step)": v} for e, v in self.session.steps]
         hist += [{"epoch": h["epoch"], **{k: h[k] for k in ("train_loss", "val_loss", "val_auc")

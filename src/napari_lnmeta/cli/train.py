@@ -464,11 +464,11 @@ def evaluate(p: argparse.ArgumentParser):
     add_overwrite(p)
 
     def run(args):
+        from ..core.metrics import delong_test
         from ..progress import TextProgress
         from ..progress import run as drive
         from ..train.datasets import split_by_region
         from ..train.evaluate import evaluate_job, write_patch_report
-        from ..train.metrics import delong_test
 
         ps = _load_sets(args.patches)
         if args.holdout_region:

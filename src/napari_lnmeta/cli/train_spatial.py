@@ -171,8 +171,8 @@ def train_spatial_cmd(p: argparse.ArgumentParser):
                     TextProgress())
         report_and_export(res, args, unit="neighbourhoods")
         if args.eval and val_set is not None:
+            from ..core.metrics import evaluate_binary
             from ..io.atomic import write_text_atomic
-            from ..train.metrics import evaluate_binary
             from ..train.spatial import predict_neighbourhoods_job
             from .train import _print_metrics
 

@@ -4,7 +4,7 @@ Every analysed patch gets a ground-truth label from the fraction of its level-0 
 the mask covers, with seed 000's rule: **positive** when more than 20 % of the patch is
 tumour, **negative** when none of it is, and *ambiguous* in between (left out of the
 metrics and counted). The prediction is ``p > 0.5`` (the binary map). The metrics are
-those of :mod:`napari_lnmeta.train.metrics` (ACC, SEN, SPE, PPV, NPV, F1, weighted F1,
+those of :mod:`napari_lnmeta.core.metrics` (ACC, SEN, SPE, PPV, NPV, F1, weighted F1,
 ROC AUC and the confusion counts), with undefined ratios as ``None`` so the result is
 plain JSON.
 
@@ -148,11 +148,11 @@ def evaluate_heatmap(prob: np.ndarray, boxes: PatchBoxes, truth: Any, *,
     Returns
     -------
     dict
-        :func:`napari_lnmeta.train.metrics.binary_metrics` (``ACC``, ``SEN``, ``SPE``,
+        :func:`napari_lnmeta.core.metrics.binary_metrics` (``ACC``, ``SEN``, ``SPE``,
         ``PPV``, ``NPV``, ``F1``, ``F1_weighted``, ``AUC``, ``TP``, ``FP``, ``TN``,
         ``FN``, ``n``) plus ``n_positive``, ``n_negative``, ``n_ambiguous`` and the rule.
     """
-    from ..train.metrics import binary_metrics
+    from .metrics import binary_metrics
 
     if len(boxes.cells) == 0:
         raise InputError("no analysed patch to evaluate")

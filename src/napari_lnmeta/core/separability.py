@@ -12,14 +12,16 @@ apart from their features alone? Seed 001 answers with an unsupervised check:
    :func:`kmeans`);
 4. the clusters against the source labels: **accuracy** after the best one-to-one
    matching of clusters to sources (Hungarian algorithm,
-   :func:`scipy.optimize.linear_sum_assignment`; :func:`hungarian_accuracy`),
-   **silhouette** of the clusters in the PCA plane (:func:`silhouette_score`) and the
-   **adjusted Rand index** between clusters and sources (:func:`adjusted_rand_index`).
+   :func:`scipy.optimize.linear_sum_assignment`;
+   :func:`~napari_lnmeta.core.metrics.hungarian_accuracy`), **silhouette** of the clusters
+   in the PCA plane (:func:`~napari_lnmeta.core.metrics.silhouette_score`) and the
+   **adjusted Rand index** between clusters and sources
+   (:func:`~napari_lnmeta.core.metrics.adjusted_rand_index`).
 
 An accuracy near 0.5 and ARI near 0 mean the sources are not separable (they can be
 merged); seed 001 runs it before and after stain normalisation
 (:mod:`napari_lnmeta.core.stain`) to show that normalisation removes the source shortcut.
-silhouette and ARI are implemented here in numpy (scikit-learn is not a runtime
+silhouette and ARI are implemented in numpy in :mod:`napari_lnmeta.core.metrics` (scikit-learn is not a runtime
 dependency); they equal scikit-learn's ``silhouette_score`` and ``adjusted_rand_score``.
 """
 
@@ -36,6 +38,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import jsonio
 from ..progress import Job, Progress
+from .metrics import adjusted_rand_index, hungarian_accuracy, silhouette_score
 
 if TYPE_CHECKING:
     from torch import nn
@@ -45,93 +48,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 # --------------------------------------------------------------------------------------
-# Clustering metrics (numpy)
+# PCA and k-means (numpy)
 # --------------------------------------------------------------------------------------
-def _labels(y: Any, name: str) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise InputError(f"{name} must be 1-D, got shape {y.shape}")
-    return np.unique(y, return_inverse=True)[1].astype(np.int64)
-
-
-def contingency(a: Any, b: Any) -> np.ndarray:
-    """``C[i, j]`` = samples in class ``i`` of ``a`` and class ``j`` of ``b``."""
-    ia, ib = _labels(a, "a"), _labels(b, "b")
-    if len(ia) != len(ib):
-        raise InputError(f"label vectors differ in length ({len(ia)} vs {len(ib)})")
-    na, nb = (ia.max() + 1 if len(ia) else 0), (ib.max() + 1 if len(ib) else 0)
-    return np.bincount(ia * nb + ib, minlength=na * nb).reshape(na, nb)
-
-
-def hungarian_accuracy(y_true: Any, clusters: Any) -> float:
-    """Accuracy after the best one-to-one matching of clusters to classes (Hungarian)."""
-    from scipy.optimize import linear_sum_assignment
-
-    c = contingency(y_true, clusters)
-    if c.sum() == 0:
-        return float("nan")
-    r, k = linear_sum_assignment(-c)
-    return float(c[r, k].sum() / c.sum())
-
-
-def adjusted_rand_index(a: Any, b: Any) -> float:
-    """Adjusted Rand index of two labellings (Hubert & Arabie 1985), as scikit-learn."""
-    c = contingency(a, b).astype(np.float64)
-    n = c.sum()
-    if n < 2:
-        return 1.0
-
-    def comb2(x):
-        return x * (x - 1) / 2.0
-
-    index = comb2(c).sum()
-    sa, sb = comb2(c.sum(axis=1)).sum(), comb2(c.sum(axis=0)).sum()
-    expected = sa * sb / comb2(n)
-    maximum = (sa + sb) / 2.0
-    if maximum == expected:  # both labellings trivial (one class, or all singletons)
-        return 1.0
-    return float((index - expected) / (maximum - expected))
-
-
-def silhouette_score(x: np.ndarray, labels: Any, *, chunk: int = 2048) -> float:
-    """Mean silhouette ``(b - a) / max(a, b)`` with Euclidean distances (as scikit-learn).
-
-    ``a``: mean distance to the other members of the own cluster; ``b``: lowest mean
-    distance to another cluster; samples alone in their cluster score 0. Distances are
-    computed in row chunks, so memory is ``chunk × N``.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    lab = _labels(labels, "labels")
-    n = len(lab)
-    if x.ndim != 2 or len(x) != n:
-        raise InputError(f"x must be (N, D) with N={n}, got {x.shape}")
-    k = int(lab.max()) + 1 if n else 0
-    if not 2 <= k <= n - 1:
-        raise InputError(f"silhouette needs 2 <= clusters <= samples - 1 (got {k} clusters, "
-                         f"{n} samples)")
-    sizes = np.bincount(lab, minlength=k).astype(np.float64)
-    onehot = np.zeros((n, k))
-    onehot[np.arange(n), lab] = 1.0
-    sq = (x * x).sum(axis=1)
-    s = np.empty(n)
-    for i0 in range(0, n, chunk):
-        i1 = min(n, i0 + chunk)
-        d2 = sq[i0:i1, None] + sq[None, :] - 2.0 * x[i0:i1] @ x.T
-        d = np.sqrt(np.maximum(d2, 0.0))
-        d[np.arange(i1 - i0), np.arange(i0, i1)] = 0.0
-        sums = d @ onehot                          # (chunk, k) distance sums per cluster
-        own = lab[i0:i1]
-        own_n = sizes[own] - 1
-        a = np.where(own_n > 0, sums[np.arange(i1 - i0), own] / np.maximum(own_n, 1), 0.0)
-        mean_other = sums / sizes[None, :]
-        mean_other[np.arange(i1 - i0), own] = np.inf
-        b = mean_other.min(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            si = (b - a) / np.maximum(a, b)
-        s[i0:i1] = np.where((own_n > 0) & np.isfinite(si), si, 0.0)
-    return float(s.mean())
-
-
 def pca(x: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Projection on the first principal components and their explained-variance ratios.
 

@@ -10,13 +10,19 @@ from typing import Any
 
 import numpy as np
 
+from ..core.metrics import (
+    evaluate_binary,
+    format_table,
+    multiclass_metrics,
+    plot_roc,
+    summary_table,
+)
 from ..errors import InputError
 from ..io import jsonio
 from ..models.io import ModelMeta, load_model
 from ..progress import Job, Progress
 from .datasets import PatchSet
 from .loop import predict_patches_job, resolve_device
-from .metrics import evaluate_binary, format_table, multiclass_metrics, plot_roc, summary_table
 
 
 @dataclass

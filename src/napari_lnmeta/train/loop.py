@@ -50,6 +50,7 @@ import torch
 # is no protection; the napari plugin loads triton safely instead (napari_lnmeta._llvm_guard).
 from torch import nn
 
+from ..core.metrics import binary_metrics, multiclass_metrics
 from ..errors import InputError, ModelError
 from ..io import jsonio
 from ..io.atomic import write_text_atomic
@@ -58,7 +59,6 @@ from ..models.registry import build_model, count_parameters, set_train_mode
 from ..progress import Job, Progress
 from .augment import make_augment
 from .datasets import BatchLoader, PatchSet, check_class_counts
-from .metrics import binary_metrics, multiclass_metrics
 from .options import OPTIMIZERS, SCHEDULERS
 
 

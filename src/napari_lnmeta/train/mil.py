@@ -17,7 +17,7 @@ Protocol (seed 002, section 2.2):
 * a slide's prediction is the mean of its bags' class probabilities (Figure 2c); the
   validation/test bags are drawn once with a fixed seed so numbers are reproducible;
 * the model of the best validation epoch (AUC, then loss) is kept; metrics come from
-  :mod:`napari_lnmeta.train.metrics`: AUC with bootstrap and DeLong 95 % CI, ACC, SEN,
+  :mod:`napari_lnmeta.core.metrics`: AUC with bootstrap and DeLong 95 % CI, ACC, SEN,
   SPE, PPV, NPV, F1 (binary) or accuracy, per-class report and one-vs-rest AUCs plus
   the N0-vs-N+ collapse (3 classes).
 
@@ -193,7 +193,7 @@ def predict_slides(model: MILModel, slides: Sequence[MILSlide], spec: BagSpec, *
 def slide_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], *,
                   n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Seed 002's numbers for slide predictions (see module docstring)."""
-    from .metrics import evaluate_binary, multiclass_metrics
+    from ..core.metrics import evaluate_binary, multiclass_metrics
 
     y = np.asarray(y, dtype=np.int64)
     proba = np.asarray(proba, dtype=np.float64)
@@ -232,8 +232,8 @@ def _attention_instance_auc(model: MILModel, bags: Sequence[MILSlide], *,
                             device: Any = "cpu") -> dict[str, Any]:
     import torch
 
+    from ..core.metrics import roc_auc
     from ..models.mil import bag_probabilities
-    from .metrics import roc_auc
 
     probs, aucs, top1, logits_all, lab_all = [], [], [], [], []
     for b in bags:
@@ -283,7 +283,7 @@ def _loss_of(proba: np.ndarray, y: np.ndarray) -> float:
 
 
 def _auc_of(proba: np.ndarray, y: np.ndarray, n_classes: int) -> float:
-    from .metrics import roc_auc
+    from ..core.metrics import roc_auc
 
     if len(y) == 0:
         return float("nan")

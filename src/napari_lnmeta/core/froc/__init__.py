@@ -33,7 +33,7 @@ that scores are comparable with the published ones:
   included, as in the challenge's ``reference.csv``); its score is the prediction's
   slide score (``summary.json``: heatmap maximum by default) or, without one, the
   highest detection probability. AUC with a stratified bootstrap 95 % CI
-  (:func:`napari_lnmeta.train.metrics.auc_bootstrap_ci`).
+  (:func:`napari_lnmeta.core.metrics.auc_bootstrap_ci`).
 
 Ground truth for a slide comes from a mask (OME-Zarr written by lnmeta, PNG/TIFF covering
 the slide, a :class:`~napari_lnmeta.io.annotations.LabelMask` or ``(array, SlideFrame)``)

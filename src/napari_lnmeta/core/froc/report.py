@@ -152,10 +152,10 @@ def froc_figure_png(froc: dict[str, Any], *, dpi: int = 110, title: str = "FROC"
 
 
 def roc_figure_png(results: Sequence[SlideResult], *, dpi: int = 110) -> bytes:
-    """The slide-level ROC curve as PNG bytes (via :func:`~napari_lnmeta.train.metrics.plot_roc`)."""
+    """The slide-level ROC curve as PNG bytes (via :func:`~napari_lnmeta.core.metrics.plot_roc`)."""
     import tempfile
 
-    from ...train.metrics import plot_roc
+    from ..metrics import plot_roc
 
     y = [int(r.is_tumour) for r in results]
     s = [r.score for r in results]

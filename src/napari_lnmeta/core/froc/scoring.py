@@ -207,7 +207,7 @@ def froc_score(results: Sequence[SlideResult],
 def slide_roc(results: Sequence[SlideResult], *, threshold: float = 0.5, n_boot: int = 2000,
               seed: int = 0) -> dict[str, Any]:
     """Slide-level ROC AUC (bootstrap 95 % CI) and ACC/SEN/SPE at ``threshold``."""
-    from ...train.metrics import auc_bootstrap_ci, binary_metrics
+    from ..metrics import auc_bootstrap_ci, binary_metrics
 
     y = np.array([int(r.is_tumour) for r in results], np.int64)
     s = np.array([r.score for r in results], np.float64)

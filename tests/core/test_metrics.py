@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from napari_lnmeta.errors import InputError
-from napari_lnmeta.train.metrics import (
+from napari_lnmeta.core.metrics import (
     auc_bootstrap_ci,
     binary_metrics,
     confusion_matrix,
@@ -25,6 +24,7 @@ from napari_lnmeta.train.metrics import (
     summary_table,
     wilson_ci,
 )
+from napari_lnmeta.errors import InputError
 
 
 @pytest.fixture

@@ -1,5 +1,8 @@
 """Evaluation metrics (numpy / scipy only; no torch, no Qt).
 
+Used by training, evaluation, FROC and the separability analysis alike, so they live in
+``core`` below :mod:`napari_lnmeta.train`.
+
 Patch- and slide-level numbers of the seeds: ACC, SEN (recall of the positive class),
 SPE, PPV, NPV, F1, weighted F1 (seed 000's "F1"), ROC AUC with a bootstrap 95 %
 confidence interval, DeLong's test between two models scored on the same cases
@@ -531,8 +534,97 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path | None = 
     return data
 
 
+# --------------------------------------------------------------------------------------
+# Clustering metrics (numpy)
+# --------------------------------------------------------------------------------------
+def _labels(y: Any, name: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise InputError(f"{name} must be 1-D, got shape {y.shape}")
+    return np.unique(y, return_inverse=True)[1].astype(np.int64)
+
+
+def contingency(a: Any, b: Any) -> np.ndarray:
+    """``C[i, j]`` = samples in class ``i`` of ``a`` and class ``j`` of ``b``."""
+    ia, ib = _labels(a, "a"), _labels(b, "b")
+    if len(ia) != len(ib):
+        raise InputError(f"label vectors differ in length ({len(ia)} vs {len(ib)})")
+    na, nb = (ia.max() + 1 if len(ia) else 0), (ib.max() + 1 if len(ib) else 0)
+    return np.bincount(ia * nb + ib, minlength=na * nb).reshape(na, nb)
+
+
+def hungarian_accuracy(y_true: Any, clusters: Any) -> float:
+    """Accuracy after the best one-to-one matching of clusters to classes (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
+    c = contingency(y_true, clusters)
+    if c.sum() == 0:
+        return float("nan")
+    r, k = linear_sum_assignment(-c)
+    return float(c[r, k].sum() / c.sum())
+
+
+def adjusted_rand_index(a: Any, b: Any) -> float:
+    """Adjusted Rand index of two labellings (Hubert & Arabie 1985), as scikit-learn."""
+    c = contingency(a, b).astype(np.float64)
+    n = c.sum()
+    if n < 2:
+        return 1.0
+
+    def comb2(x):
+        return x * (x - 1) / 2.0
+
+    index = comb2(c).sum()
+    sa, sb = comb2(c.sum(axis=1)).sum(), comb2(c.sum(axis=0)).sum()
+    expected = sa * sb / comb2(n)
+    maximum = (sa + sb) / 2.0
+    if maximum == expected:  # both labellings trivial (one class, or all singletons)
+        return 1.0
+    return float((index - expected) / (maximum - expected))
+
+
+def silhouette_score(x: np.ndarray, labels: Any, *, chunk: int = 2048) -> float:
+    """Mean silhouette ``(b - a) / max(a, b)`` with Euclidean distances (as scikit-learn).
+
+    ``a``: mean distance to the other members of the own cluster; ``b``: lowest mean
+    distance to another cluster; samples alone in their cluster score 0. Distances are
+    computed in row chunks, so memory is ``chunk × N``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    lab = _labels(labels, "labels")
+    n = len(lab)
+    if x.ndim != 2 or len(x) != n:
+        raise InputError(f"x must be (N, D) with N={n}, got {x.shape}")
+    k = int(lab.max()) + 1 if n else 0
+    if not 2 <= k <= n - 1:
+        raise InputError(f"silhouette needs 2 <= clusters <= samples - 1 (got {k} clusters, "
+                         f"{n} samples)")
+    sizes = np.bincount(lab, minlength=k).astype(np.float64)
+    onehot = np.zeros((n, k))
+    onehot[np.arange(n), lab] = 1.0
+    sq = (x * x).sum(axis=1)
+    s = np.empty(n)
+    for i0 in range(0, n, chunk):
+        i1 = min(n, i0 + chunk)
+        d2 = sq[i0:i1, None] + sq[None, :] - 2.0 * x[i0:i1] @ x.T
+        d = np.sqrt(np.maximum(d2, 0.0))
+        d[np.arange(i1 - i0), np.arange(i0, i1)] = 0.0
+        sums = d @ onehot                          # (chunk, k) distance sums per cluster
+        own = lab[i0:i1]
+        own_n = sizes[own] - 1
+        a = np.where(own_n > 0, sums[np.arange(i1 - i0), own] / np.maximum(own_n, 1), 0.0)
+        mean_other = sums / sizes[None, :]
+        mean_other[np.arange(i1 - i0), own] = np.inf
+        b = mean_other.min(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            si = (b - a) / np.maximum(a, b)
+        s[i0:i1] = np.where((own_n > 0) & np.isfinite(si), si, 0.0)
+    return float(s.mean())
+
+
 __all__ = ["BINARY_KEYS", "DeLongResult", "auc_bootstrap_ci", "binary_metrics", "bootstrap_ci",
            "confusion_matrix", "delong_ci", "delong_components", "delong_cov", "delong_test",
            "evaluate_binary", "format_table", "midrank", "multiclass_metrics", "per_class_report",
            "plot_curves", "plot_roc", "roc_auc", "roc_curve", "summary_table", "weighted_f1",
-           "wilson_ci"]
+           "wilson_ci", "adjusted_rand_index", "contingency", "hungarian_accuracy",
+           "silhouette_score"]
