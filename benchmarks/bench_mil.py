@@ -66,6 +66,7 @@ SEED002 = dict(BENCH, lr=1e-4, weight_decay=1e-3, dropout=0.25, epochs=60, t0=10
 
 
 def instances(tmp: Path, n_normal: int | None, device: str, seed: int = 0):
+    from napari_lnmeta.core.bags import region_fraction
     from napari_lnmeta.core.features import extract_features_job
     from napari_lnmeta.core.tiling import make_grid
     from napari_lnmeta.core.tissue import tissue_mask
@@ -73,7 +74,6 @@ def instances(tmp: Path, n_normal: int | None, device: str, seed: int = 0):
     from napari_lnmeta.io.slide import open_slide
     from napari_lnmeta.models.extractor import load_extractor
     from napari_lnmeta.progress import run
-    from napari_lnmeta.train.bags import region_fraction
 
     slide = open_slide(CAMELYON / "tumor_001_level5.ome.tif")
     grid = make_grid(slide, patch_size=PATCH, stride=STRIDE,
@@ -211,8 +211,8 @@ def cli_benchmark(tmp: Path, *, seeds, backbone: str = "resnet18") -> list[dict]
 
 
 def mil_benchmark(inst, *, poolings, seeds, device, settings, label):
+    from napari_lnmeta.core.bags import labelled_instance_bags
     from napari_lnmeta.progress import run
-    from napari_lnmeta.train.bags import labelled_instance_bags
     from napari_lnmeta.train.mil import MILTrainConfig, attention_instance_auc, train_mil_job
 
     tr, te = inst["train"], ~inst["train"]

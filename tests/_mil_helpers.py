@@ -55,6 +55,7 @@ def camelyon_instances(n_normal: int = 1200, seed: int = 0) -> Instances:
     """All tumour patches and ``n_normal`` random normal patches of tumor_001, with features."""
     import torch
 
+    from napari_lnmeta.core.bags import region_fraction
     from napari_lnmeta.core.features import extract_features_job
     from napari_lnmeta.core.tiling import make_grid
     from napari_lnmeta.core.tissue import tissue_mask
@@ -62,7 +63,6 @@ def camelyon_instances(n_normal: int = 1200, seed: int = 0) -> Instances:
     from napari_lnmeta.io.slide import open_slide
     from napari_lnmeta.models.extractor import load_extractor
     from napari_lnmeta.progress import run
-    from napari_lnmeta.train.bags import region_fraction
 
     slide = open_slide(SLIDE)
     tissue = tissue_mask(slide, target_mpp=31.0)
@@ -92,7 +92,7 @@ def camelyon_instances(n_normal: int = 1200, seed: int = 0) -> Instances:
 def benchmark_bags(inst: Instances, *, n_train: int = 300, n_test: int = 120, seed: int = 0,
                    bag_size: int = 16, positives: tuple[int, int] = (1, 6)):
     """(train bags, test bags) as one-bag MILSlides with instance labels."""
-    from napari_lnmeta.train.bags import labelled_instance_bags
+    from napari_lnmeta.core.bags import labelled_instance_bags
 
     rng = np.random.default_rng(seed)
     tr, te = inst.train, ~inst.train

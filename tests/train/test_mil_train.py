@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from tests._mil_helpers import benchmark_bags, camelyon_instances
 
+from napari_lnmeta.core.bags import BagSpec, MILSlide, make_bags, sample_bags
 from napari_lnmeta.errors import InputError
 from napari_lnmeta.models.clinical import ClinicalEncoder
 from napari_lnmeta.progress import run
-from napari_lnmeta.train.bags import BagSpec, MILSlide, make_bags, sample_bags
 from napari_lnmeta.train.mil import (
     MILTrainConfig,
     attention_instance_auc,

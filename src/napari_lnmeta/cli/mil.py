@@ -224,13 +224,13 @@ def train_mil(p):
     add_overwrite(p)
 
     def run(args):
+        from ..core.bags import MILSlide, select_instances
         from ..core.features import FeatureCache, slide_features_job
         from ..errors import InputError
         from ..io.slide import open_slide
         from ..models.clinical import ClinicalEncoder, clinical_row, read_csv_rows
         from ..models.extractor import BackboneInfo, load_extractor
         from ..progress import run as drive
-        from ..train.bags import MILSlide, select_instances
         from ..train.mil import MILTrainConfig, train_mil_job
 
         table = Path(args.table)

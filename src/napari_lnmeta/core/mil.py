@@ -290,7 +290,7 @@ def _predict_slide_job_locked(slide: Slide, model: str | Path | tuple[MILModel, 
 
     from ..models.io import resolve_device
     from ..models.mil import bag_probabilities, load_mil, relative_attention, small_model_threads
-    from ..train.bags import BagSpec, sample_bags, select_instances
+    from .bags import BagSpec, sample_bags, select_instances
     from .features import FeatureCache, slide_features_job
 
     config = config or MILInferenceConfig()

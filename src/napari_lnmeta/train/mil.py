@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..core.bags import BagSpec, MILSlide, check_enough, gather, make_bags, sample_bags
 from ..errors import InputError
 from ..io import jsonio
 from ..progress import Job, Progress
-from .bags import BagSpec, MILSlide, check_enough, gather, make_bags, sample_bags
 
 if TYPE_CHECKING:
     from ..models.clinical import ClinicalEncoder
@@ -352,7 +352,7 @@ def _train_mil_job(slides: Sequence[MILSlide], config: MILTrainConfig, *,
     Parameters
     ----------
     slides
-        One :class:`~napari_lnmeta.train.bags.MILSlide` per slide (features, label,
+        One :class:`~napari_lnmeta.core.bags.MILSlide` per slide (features, label,
         clinical vector).
     config
         Model, bag, optimiser and split settings.

@@ -25,8 +25,8 @@ import numpy as np
 from ..errors import InputError
 
 if TYPE_CHECKING:
-    from ..core.features import FeatureCache
-    from ..core.tiling import PatchGrid
+    from .features import FeatureCache
+    from .tiling import PatchGrid
 
 
 @dataclass
@@ -160,8 +160,8 @@ def region_fraction(grid: PatchGrid, regions: Any, *, region_scale: float = 1.0)
     list of :class:`~napari_lnmeta.io.annotations.Polygon` in level-0 pixels. Negative
     classes (``normal``, exclusions) are cut out of the regions.
     """
-    from ..core.tissue import box_fractions, integral_image
     from ..io.annotations import NEGATIVE_NAMES, Polygon, polygons_to_mask, read_polygons
+    from .tissue import box_fractions, integral_image
 
     polys = read_polygons(regions, scale=region_scale) if isinstance(regions, (str, Path)) \
         else list(regions)
@@ -185,7 +185,7 @@ def select_instances(source: FeatureCache | PatchGrid, *, regions: Any = None,
     inside). Seed 003: all tissue patches (``regions=None``), optionally above an
     ``entropy_min`` (bits) when the grid stored patch entropies.
     """
-    from ..core.tiling import PatchGrid
+    from .tiling import PatchGrid
 
     grid = source if isinstance(source, PatchGrid) else source.grid
     keep = np.ones(len(grid), dtype=bool)
