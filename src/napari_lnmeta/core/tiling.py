@@ -9,7 +9,7 @@ when they pass every filter given to :func:`make_grid`:
 * ``tissue``: at least ``min_tissue`` of the patch is tissue (a
   :class:`~napari_lnmeta.core.tissue.TissueMask`);
 * ``rois``: at least ``min_region`` of the patch lies in the ROI rectangles (the CSV
-  ``xs, ys, xe, ye`` of seed 001, read by :func:`read_roi_csv`);
+  ``xs, ys, xe, ye`` of seed 001, read by :func:`napari_lnmeta.io.annotations.read_roi_csv`);
 * ``mask``: at least ``min_region`` of the patch lies in a mask (a ``TissueMask``, a
   ``(bool array, SlideFrame)`` pair, a bool array covering the slide) or in polygons
   (a list of ``(N, 2)`` arrays of level-0 ``(row, col)`` vertices);
@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import jsonio
+from ..io.annotations import read_roi_csv
 from ..io.omezarr import SlideFrame
 from ..io.validate import check_mpp
 from ..progress import Job, Progress, run
@@ -254,58 +255,6 @@ class PatchGrid:
 # ------------------------------------------------------------------------------------------
 # ROI rectangles, masks and polygons
 # ------------------------------------------------------------------------------------------
-def read_roi_csv(path: str | Path, *, slide: str | None = None) -> np.ndarray:
-    """ROI rectangles from a CSV with columns ``xs, ys, xe, ye`` (seed 001).
-
-    Comma-, semicolon- or tab-separated, with a header naming the columns (other
-    columns are ignored) or exactly four numeric columns in that order. ``x`` is the
-    column and ``y`` the row, in level-0 pixels. When ``slide`` is given and the file
-    has a ``slide``, ``image`` or ``file`` column, only rows whose value equals the slide
-    name or its stem are kept.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(K, 4)`` float64 rectangles as ``(y0, x0, y1, x1)`` (row/col convention),
-        sorted corners.
-    """
-    import csv
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ROI CSV ({e.strerror or e})") from e
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not lines:
-        raise InputError(f"{path}: the ROI CSV is empty")
-    delim = "\t" if "\t" in lines[0] else ";" if ";" in lines[0] else ","
-    rows = [[c.strip() for c in r] for r in csv.reader(lines, delimiter=delim)]
-    header = [c.lower() for c in rows[0]]
-    want = ["xs", "ys", "xe", "ye"]
-    if all(w in header for w in want):
-        cols = [header.index(w) for w in want]
-        body = rows[1:]
-        scol = next((header.index(k) for k in ("slide", "image", "file", "slide_name")
-                     if k in header), None)
-    else:
-        cols, body, scol = [0, 1, 2, 3], rows, None
-        if len(rows[0]) != 4:
-            raise InputError(f"{path}: ROI CSV needs columns xs, ys, xe, ye "
-                             f"(header found: {', '.join(rows[0])})")
-    if slide is not None and scol is not None:
-        names = {slide, Path(slide).name, Path(slide).stem, Path(slide).name.split(".")[0]}
-        body = [r for r in body if len(r) > scol and r[scol] in names]
-    out = []
-    for n, r in enumerate(body, start=2 if cols != [0, 1, 2, 3] or scol else 1):
-        try:
-            xs, ys, xe, ye = (float(r[c]) for c in cols)
-        except (ValueError, IndexError) as e:
-            raise InputError(f"{path}: line {n}: expected numbers in xs, ys, xe, ye") from e
-        out.append([min(ys, ye), min(xs, xe), max(ys, ye), max(xs, xe)])
-    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
-
-
 def _box_overlap(coords: np.ndarray, size0: float, boxes: np.ndarray) -> np.ndarray:
     """Fraction of each patch covered by the union of axis-aligned boxes (y0, x0, y1, x1).
 
@@ -500,7 +449,7 @@ def make_grid(slide: Slide, *, patch_size: int = 256, stride: int | None = None,
     entropy_min
         Keep patches whose grey-level Shannon entropy (bits) is at least this (seed 003).
     rois
-        ROI rectangles: a CSV path (:func:`read_roi_csv`) or ``(K, 4)`` level-0
+        ROI rectangles: a CSV path (:func:`~napari_lnmeta.io.annotations.read_roi_csv`) or ``(K, 4)`` level-0
         ``(y0, x0, y1, x1)`` boxes.
     mask
         A restriction: :class:`TissueMask`, ``(array, SlideFrame)``, a bool array

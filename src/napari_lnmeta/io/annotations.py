@@ -373,11 +373,61 @@ def write_geojson(path: str | Path, polygons: Iterable[Polygon], *, scale: float
     return write_text_atomic(path, text, overwrite=overwrite)
 
 
+def read_roi_csv(path: str | Path, *, slide: str | None = None) -> np.ndarray:
+    """ROI rectangles from a CSV with columns ``xs, ys, xe, ye`` (seed 001).
+
+    Comma-, semicolon- or tab-separated, with a header naming the columns (other
+    columns are ignored) or exactly four numeric columns in that order. ``x`` is the
+    column and ``y`` the row, in level-0 pixels. When ``slide`` is given and the file
+    has a ``slide``, ``image`` or ``file`` column, only rows whose value equals the slide
+    name or its stem are kept.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(K, 4)`` float64 rectangles as ``(y0, x0, y1, x1)`` (row/col convention),
+        sorted corners.
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ROI CSV ({e.strerror or e})") from e
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise InputError(f"{path}: the ROI CSV is empty")
+    delim = "\t" if "\t" in lines[0] else ";" if ";" in lines[0] else ","
+    rows = [[c.strip() for c in r] for r in csv.reader(lines, delimiter=delim)]
+    header = [c.lower() for c in rows[0]]
+    want = ["xs", "ys", "xe", "ye"]
+    if all(w in header for w in want):
+        cols = [header.index(w) for w in want]
+        body = rows[1:]
+        scol = next((header.index(k) for k in ("slide", "image", "file", "slide_name")
+                     if k in header), None)
+    else:
+        cols, body, scol = [0, 1, 2, 3], rows, None
+        if len(rows[0]) != 4:
+            raise InputError(f"{path}: ROI CSV needs columns xs, ys, xe, ye "
+                             f"(header found: {', '.join(rows[0])})")
+    if slide is not None and scol is not None:
+        names = {slide, Path(slide).name, Path(slide).stem, Path(slide).name.split(".")[0]}
+        body = [r for r in body if len(r) > scol and r[scol] in names]
+    out = []
+    for n, r in enumerate(body, start=2 if cols != [0, 1, 2, 3] or scol else 1):
+        try:
+            xs, ys, xe, ye = (float(r[c]) for c in cols)
+        except (ValueError, IndexError) as e:
+            raise InputError(f"{path}: line {n}: expected numbers in xs, ys, xe, ye") from e
+        out.append([min(ys, ye), min(xs, xe), max(ys, ye), max(xs, xe)])
+    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
+
+
 def read_roi_rectangles(path: str | Path, *, scale: float = 1.0, label: str = "tumour",
                         slide: str | None = None) -> list[Polygon]:
     """ROI rectangles of a seed-001 CSV (``xs, ys, xe, ye``) as 4-vertex polygons."""
-    from ..core.tiling import read_roi_csv
-
     boxes = read_roi_csv(path, slide=slide) * scale
     if len(boxes) == 0:
         raise InputError(f"{path}: no ROI rectangles" + (f" for slide {slide}" if slide else ""))
@@ -614,7 +664,7 @@ def load_labels(source: Any, *, slide_shape: tuple[int, int], slide_mpp: float |
 __all__ = ["ASAP_GROUPS", "LabelMask", "NEGATIVE_NAMES", "Polygon", "frame_for", "load_labels",
            "mask_to_polygons", "polygons_to_mask", "rasterize", "read_asap_xml",
            "read_camelyon_json", "read_geojson", "read_label_raster", "read_polygons",
-           "read_roi_rectangles", "write_geojson"]
+           "read_roi_csv", "read_roi_rectangles", "write_geojson"]
 
 
 # --------------------------------------------------------------------------------------
