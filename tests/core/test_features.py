@@ -116,3 +116,24 @@ def test_bad_inputs(tmp_path):
                         device="cpu")
     with pytest.raises(InputError, match="no patch passed"):
         run(slide_features_job(open_slide(path), cfg, out=tmp_path / "x.features.zarr"))
+
+
+def test_preprocessor_of_a_stain_normalised_model_carries_its_normaliser():
+    from napari_lnmeta.core.features import make_preprocessor
+    from napari_lnmeta.core.stain import torch_normaliser
+    from napari_lnmeta.models.extractor import BackboneInfo
+
+    info = BackboneInfo(name="resnet18", weights="x", feature_dim=8, patch_size=16,
+                        normalisation={"method": "macenko"})
+    with pytest.raises(ValueError, match="stain normalisation"):
+        Preprocessor(info, "cpu")
+    rng = np.random.default_rng(0)
+    patches = rng.integers(60, 230, (2, 16, 16, 3), dtype=np.uint8)
+    got = make_preprocessor(info, "cpu")(patches)
+    x = torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+    std = torch.tensor(info.std).view(1, 3, 1, 1)
+    want = (torch_normaliser({"method": "macenko"}, device="cpu")(x) - mean) / std
+    torch.testing.assert_close(got, want)
+    plain = make_preprocessor(BackboneInfo(name="resnet18", weights="x", feature_dim=8), "cpu")
+    assert plain.stain is None

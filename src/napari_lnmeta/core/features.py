@@ -274,6 +274,16 @@ def _finish(tmp: Path, path: Path, overwrite: bool) -> None:
         os.replace(tmp, path)
 
 
+def make_preprocessor(info: BackboneInfo, device: Any) -> Any:
+    """The extractor's :class:`~napari_lnmeta.models.extractor.Preprocessor` for ``info``,
+    with the on-device stain normaliser a trained patch model asks for."""
+    from ..models.extractor import Preprocessor
+    from .stain import torch_normaliser
+
+    stain = torch_normaliser(info.normalisation, device=device) if info.normalisation else None
+    return Preprocessor(info, device, stain=stain)
+
+
 def extract_features_job(slide: Slide, grid: PatchGrid, path: str | Path, *,
                          extractor: tuple[nn.Module, BackboneInfo],
                          batch_size: int = 64, device: str | torch.device = "auto",
@@ -320,7 +330,6 @@ def _extract_features_job_locked(slide: Slide, grid: PatchGrid, path: str | Path
                                  extra_attrs: dict[str, Any] | None = None) -> Job[FeatureCache]:
     import torch
 
-    from ..models.extractor import Preprocessor
     from ..models.io import resolve_device
 
     path = Path(path)
@@ -375,7 +384,7 @@ def _extract_features_job_locked(slide: Slide, grid: PatchGrid, path: str | Path
     dev = resolve_device(device)
     model.to(dev)
     model.eval()
-    prep = Preprocessor(info, dev)
+    prep = make_preprocessor(info, dev)
     if int(batch_size) <= 0:  # as many patches as fit the free GPU memory (64 on CPU)
         from ..models.extractor import auto_batch_size
 
@@ -557,5 +566,5 @@ def slide_features_job(slide: Slide, config: FeatureConfig, *,
 
 
 __all__ = ["FEATURES_FORMAT", "SUFFIX", "FeatureCache", "FeatureConfig", "cache_key", "cache_path",
-           "extract_features_job", "open_features", "resolve_read_resolution",
+           "extract_features_job", "make_preprocessor", "open_features", "resolve_read_resolution",
            "slide_features_job", "slide_grid_job"]

@@ -279,12 +279,13 @@ def extract_features(patches: np.ndarray, *, backbone: str = "resnet18",
     """
     import torch
 
-    from ..models.extractor import Preprocessor, load_extractor
+    from ..models.extractor import load_extractor
+    from .features import make_preprocessor
 
     ps = int(patches.shape[1])
     model, info = extractor or load_extractor(backbone, init=init, seed=seed, patch_size=ps,
                                               device=device)
-    prep = Preprocessor(info, device)
+    prep = make_preprocessor(info, device)
     out = np.empty((len(patches), info.feature_dim), np.float32)
     n = len(patches)
     with torch.inference_mode():

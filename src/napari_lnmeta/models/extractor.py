@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,21 +327,23 @@ def auto_batch_size(model: nn.Module, info: BackboneInfo, device, *, requested: 
 class Preprocessor:
     """uint8 ``(B, H, W, 3)`` patches -> normalised float NCHW on the device.
 
-    Applies the stain normalisation of a trained patch model when its metadata has one,
-    then the mean/std of :class:`BackboneInfo`.
+    Applies ``stain`` (a callable on float NCHW batches in [0, 1] on the device) first,
+    then the mean/std of :class:`BackboneInfo`. A trained patch model whose metadata asks
+    for stain normalisation needs its normaliser passed in (models sit below the stain
+    code); :func:`napari_lnmeta.core.features.make_preprocessor` builds both.
     """
 
-    def __init__(self, info: BackboneInfo, device: str | torch.device):
+    def __init__(self, info: BackboneInfo, device: str | torch.device, *,
+                 stain: Callable[[torch.Tensor], torch.Tensor] | None = None):
         import torch
 
+        if info.normalisation and stain is None:
+            raise ValueError(f"{info.describe()} asks for stain normalisation: pass stain= "
+                             "(core.features.make_preprocessor does)")
         self.device = torch.device(device)
         self.mean = torch.tensor(info.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(info.std, device=self.device).view(1, 3, 1, 1)
-        self.stain = None
-        if info.normalisation:
-            from ..core.stain import torch_normaliser
-
-            self.stain = torch_normaliser(info.normalisation, device=self.device)
+        self.stain = stain
 
     def __call__(self, patches: np.ndarray | torch.Tensor) -> torch.Tensor:
         import torch
