@@ -99,7 +99,7 @@ def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
     ctx = context_size(meta)  # > 1: the model reads a k x k neighbourhood per patch
     if ctx > 1:
         params["context"] = ctx
-    stain = stain_transform(meta.normalisation, device, model_path=mname)
+    stain = stain_transform(meta.normalisation, device)
     pm = PatchModel(net, meta, device, tumour=params["tumour_index"], tta=cfg.tta, amp=cfg.amp,
                     channels_last=cfg.channels_last, stain=stain, compile=cfg.compile,
                     model_path=mname)

@@ -31,23 +31,14 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.flip(y, dims=(3,)) if k >= 4 else y
 
 
-def stain_transform(normalisation: dict | None, device: torch.device, *,
-                    model_path: str = "model"):
-    """An on-device stain normaliser for float NCHW batches in [0, 1], or ``None``.
-
-    Uses the torch normaliser of :mod:`napari_lnmeta.core.stain` when it provides one.
-    """
+def stain_transform(normalisation: dict | None, device: torch.device):
+    """An on-device stain normaliser for float NCHW batches in [0, 1], or ``None``
+    (:func:`napari_lnmeta.core.stain.torch_normaliser`)."""
     if not normalisation:
         return None
-    from .. import stain
+    from ..stain import torch_normaliser
 
-    for name in ("torch_normaliser", "torch_normalizer", "make_torch_normaliser"):
-        make = getattr(stain, name, None)
-        if make is not None:
-            return make(normalisation, device=device)
-    method = normalisation.get("method", "?") if isinstance(normalisation, dict) else "?"
-    raise ModelError(model_path, f"asks for {method} stain normalisation, but no on-device "
-                     "stain normaliser is available in napari_lnmeta.core.stain")
+    return torch_normaliser(normalisation, device=device)
 
 
 def is_oom(err: BaseException) -> bool:
