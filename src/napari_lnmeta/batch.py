@@ -199,6 +199,32 @@ def _take_mpp(item: CohortItem, source: str) -> None:
     item.mpp = v
 
 
+def parse_value(v: str) -> Any:
+    """A step parameter's text as int, float or bool when it reads as one, else the text."""
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+def parse_params(pairs: Any, *, what: str = "--param") -> dict[str, Any]:
+    """``KEY=VALUE`` texts as step parameters (``-`` in keys read as ``_``).
+
+    Raises :class:`~napari_lnmeta.errors.InputError` for a text without ``=``.
+    """
+    params: dict[str, Any] = {}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise InputError(f"{what} {kv!r}: expected KEY=VALUE")
+        params[k.strip().replace("-", "_")] = parse_value(v.strip())
+    return params
+
+
 def _resolve(path: str, base: Path) -> str:
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())

@@ -13,6 +13,7 @@ import pytest
 
 from napari_lnmeta.batch import load_cohort, run_batch
 from napari_lnmeta.cli import main
+from napari_lnmeta.errors import InputError
 from napari_lnmeta.io.omezarr import read_ome_zarr
 from napari_lnmeta.progress import run
 
@@ -126,3 +127,15 @@ def test_cli_batch(cohort_dir, tmp_path, capsys):
     assert rec["result"]["mpp"] == pytest.approx(0.499)
     assert main(["batch", str(cohort_dir), "--step", "nope", "-o", str(tmp_path / "x"),
                  "--scheduler", "sync"]) == 2
+
+
+def test_step_parameters_parse_as_numbers_booleans_or_text():
+    from napari_lnmeta.batch import parse_params
+
+    got = parse_params(["model=/m.safetensors", "batch-size=32", "threshold = 0.5",
+                        "tta=TRUE", "x=false"])
+    assert got == {"model": "/m.safetensors", "batch_size": 32, "threshold": 0.5,
+                   "tta": True, "x": False}
+    assert isinstance(got["batch_size"], int)
+    with pytest.raises(InputError, match="'tta': expected KEY=VALUE"):
+        parse_params(["tta"])

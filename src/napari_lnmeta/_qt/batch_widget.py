@@ -16,7 +16,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from ..batch import STEPS, load_cohort, run_batch
+from ..batch import STEPS, load_cohort, parse_params, run_batch
 from .base import DockWidget
 from .worker import JobPanel
 
@@ -67,13 +67,8 @@ class BatchWidget(DockWidget):
         return str(self.cohort.value)
 
     def _params(self) -> dict:
-        from ..cli.batch import _parse
-
-        out = {}
-        for kv in filter(None, (s.strip() for s in self.params.value.split(","))):
-            k, _, v = kv.partition("=")
-            out[k.strip()] = _parse(v.strip())
-        return out
+        return parse_params(filter(None, (s.strip() for s in self.params.value.split(","))),
+                            what="parameter")
 
     def start(self):
         items = load_cohort(self._source())

@@ -32,17 +32,10 @@ def batch(p):
                    "never touched")
 
     def run(args):
-        from ..batch import load_cohort, run_batch
+        from ..batch import load_cohort, parse_params, run_batch
         from ..progress import run as drive
 
-        params = {}
-        for kv in args.param:
-            k, sep, v = kv.partition("=")
-            if not sep:
-                from ..errors import InputError
-
-                raise InputError(f"--param {kv!r}: expected KEY=VALUE")
-            params[k.strip().replace("-", "_")] = _parse(v)
+        params = parse_params(args.param)
         if args.mpp is not None:
             if not args.mpp > 0:
                 from ..errors import InputError
@@ -76,13 +69,3 @@ def batch(p):
 
     return run
 
-
-def _parse(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    return v
