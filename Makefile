@@ -48,6 +48,7 @@ bench-peers: $(VENV)/.installed $(PEERS)/.installed system-deps
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) $(PEERS) out .pytest_cache

@@ -39,6 +39,16 @@ def test_core_packages_never_import_qt_or_napari():
     assert not bad, "\n".join(bad)
 
 
+def test_import_contracts_hold(capsys):
+    """pyproject.toml's import-linter contracts: Qt-free core, and layers that point down
+    (errors < progress < io < models < core < train < batch < cli | _napari < _qt)."""
+    from importlinter.cli import lint_imports
+
+    config = SRC.parents[1] / "pyproject.toml"
+    code = lint_imports(config_filename=str(config), no_cache=True, no_logo=True)
+    assert code == 0, capsys.readouterr().out
+
+
 def test_importing_the_package_is_cheap():
     code = ("import sys, napari_lnmeta, napari_lnmeta.io.slide, napari_lnmeta.cli;"
             "print(','.join(m for m in ('torch', 'dask.array', 'qtpy', 'napari', 'scipy') "
