@@ -33,7 +33,7 @@ def synthetic_result(slide, stride0: int, *, tissue: float = 0.4, seed: int = 0)
     from napari_lnmeta.core.inference import InferenceConfig, InferenceResult
     from napari_lnmeta.core.tiling import PatchGrid
     from napari_lnmeta.core.tissue import TissueMask
-    from napari_lnmeta.io.omezarr import SlideFrame
+    from napari_lnmeta.io.frame import SlideFrame
     from napari_lnmeta.models.io import ModelMeta
 
     h0, w0 = slide.shape

@@ -26,7 +26,8 @@ def inputs(tmp_path_factory, camelyon):
     from PIL import Image
 
     from napari_lnmeta.core.lesions import find_lesions, write_lesions_geojson
-    from napari_lnmeta.io.omezarr import SlideFrame, write_ome_zarr
+    from napari_lnmeta.io.frame import SlideFrame
+    from napari_lnmeta.io.omezarr import write_ome_zarr
 
     d = tmp_path_factory.mktemp("evaluate")
     pred, truth = d / "pred", d / "truth"

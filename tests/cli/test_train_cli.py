@@ -9,7 +9,7 @@ from tests._inference_helpers import make_synthetic_slide
 
 from napari_lnmeta.cli import main
 from napari_lnmeta.io.annotations import mask_to_polygons, write_geojson
-from napari_lnmeta.io.omezarr import SlideFrame
+from napari_lnmeta.io.frame import SlideFrame
 
 
 @pytest.fixture(scope="module")

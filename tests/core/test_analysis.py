@@ -141,7 +141,7 @@ def test_gradcam_on_registry_architectures(arch, layer, cmu1):
 
 
 def test_gradcam_of_a_slide_region_lies_on_the_slide(cmu1):
-    from napari_lnmeta.io.omezarr import layer_transform
+    from napari_lnmeta.io.frame import layer_transform
     from napari_lnmeta.io.slide import open_slide
     from napari_lnmeta.models.io import default_model_path, load_model
 

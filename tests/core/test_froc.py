@@ -28,7 +28,7 @@ from napari_lnmeta.core.lesions import (
     write_lesions_geojson,
 )
 from napari_lnmeta.errors import InputError
-from napari_lnmeta.io.omezarr import SlideFrame
+from napari_lnmeta.io.frame import SlideFrame
 
 #: slide at 0.5 µm/px, masks at downsample 16: one mask pixel = 8 µm
 MPP, DS = 0.5, 16

@@ -22,7 +22,7 @@ from napari_lnmeta.core.lesions import (
     read_lesions_geojson,
     write_lesions_geojson,
 )
-from napari_lnmeta.io.omezarr import SlideFrame
+from napari_lnmeta.io.frame import SlideFrame
 
 
 def test_seed000_maps_thresholds_and_colours():

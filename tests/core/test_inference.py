@@ -60,7 +60,8 @@ def model_file(tmp_path_factory):
 @pytest.mark.parametrize("stride", [PATCH, PATCH // 2])
 def test_heatmap_cells_sit_under_their_patches(synth, tissue, stride, tmp_path):
     from napari_lnmeta.core.predict import postprocess, write_prediction
-    from napari_lnmeta.io.omezarr import layer_transform, read_ome_zarr
+    from napari_lnmeta.io.frame import layer_transform
+    from napari_lnmeta.io.omezarr import read_ome_zarr
 
     slide = open_slide(synth.path)
     assert slide.shape[0] % PATCH and slide.shape[1] % PATCH  # not a multiple of the patch
@@ -127,7 +128,7 @@ def _check_evaluation(ev, res, truth):
 
 
 def _frame1():
-    from napari_lnmeta.io.omezarr import SlideFrame
+    from napari_lnmeta.io.frame import SlideFrame
 
     return SlideFrame(downsample=1.0, slide_mpp=MPP)
 

@@ -11,7 +11,8 @@ from tests._mil_helpers import crop_features, random_mil_file
 from napari_lnmeta.core.mil import MILInferenceConfig, MILResult, extractor_for, predict_slide_job
 from napari_lnmeta.core.tiling import make_grid
 from napari_lnmeta.errors import InputError, ModelError, OutputExistsError
-from napari_lnmeta.io.omezarr import layer_transform, read_ome_zarr
+from napari_lnmeta.io.frame import layer_transform
+from napari_lnmeta.io.omezarr import read_ome_zarr
 from napari_lnmeta.io.slide import open_slide
 from napari_lnmeta.models.clinical import ClinicalEncoder, clinical_row
 from napari_lnmeta.models.extractor import BackboneInfo

@@ -17,7 +17,7 @@ from napari_lnmeta.core.tiling import (
 from napari_lnmeta.core.tissue import TissueMask
 from napari_lnmeta.errors import InputError
 from napari_lnmeta.io.annotations import read_roi_csv
-from napari_lnmeta.io.omezarr import SlideFrame, layer_transform
+from napari_lnmeta.io.frame import SlideFrame, layer_transform
 from napari_lnmeta.io.slide import MppWarning, open_slide
 from napari_lnmeta.progress import Progress
 

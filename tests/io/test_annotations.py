@@ -22,7 +22,8 @@ from napari_lnmeta.io.annotations import (
     read_roi_rectangles,
     write_geojson,
 )
-from napari_lnmeta.io.omezarr import SlideFrame, write_ome_zarr
+from napari_lnmeta.io.frame import SlideFrame
+from napari_lnmeta.io.omezarr import write_ome_zarr
 
 SHAPE5 = (7168, 3072)  # tumor_001 at level 5 (rows, cols)
 

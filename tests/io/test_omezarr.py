@@ -10,7 +10,8 @@ import pytest
 
 from napari_lnmeta.errors import InputError, OutputExistsError
 from napari_lnmeta.io.atomic import atomic_path
-from napari_lnmeta.io.omezarr import SlideFrame, layer_transform, read_ome_zarr, write_ome_zarr
+from napari_lnmeta.io.frame import SlideFrame, layer_transform
+from napari_lnmeta.io.omezarr import read_ome_zarr, write_ome_zarr
 
 
 def test_roundtrip_labels_with_frame(tmp_path):

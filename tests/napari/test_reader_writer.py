@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from napari_lnmeta._napari.reader import napari_get_reader
-from napari_lnmeta.io.omezarr import SlideFrame, read_ome_zarr, write_ome_zarr
+from napari_lnmeta.io.frame import SlideFrame
+from napari_lnmeta.io.omezarr import read_ome_zarr, write_ome_zarr
 from napari_lnmeta.io.slide import MppWarning
 
 SAMPLES = [

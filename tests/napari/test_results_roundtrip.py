@@ -15,7 +15,8 @@ from napari_lnmeta._napari.prediction_layers import (
     TIERS_LAYER,
 )
 from napari_lnmeta._napari.reader import napari_get_reader
-from napari_lnmeta.io.omezarr import SlideFrame, read_ome_zarr, write_ome_zarr
+from napari_lnmeta.io.frame import SlideFrame
+from napari_lnmeta.io.omezarr import read_ome_zarr, write_ome_zarr
 
 _MAKE_FOLDER = """
 import sys

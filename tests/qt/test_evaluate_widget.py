@@ -17,7 +17,7 @@ from napari_lnmeta._qt.evaluate_widget import (
     EvaluateWidget,
 )
 from napari_lnmeta.core.lesions import Lesions, write_lesions_geojson
-from napari_lnmeta.io.omezarr import SlideFrame, layer_transform
+from napari_lnmeta.io.frame import SlideFrame, layer_transform
 from napari_lnmeta.io.slide import open_slide
 
 #: level-0 (row, col) of tumor_001_level5 points: in the tumour, next to it, far from it

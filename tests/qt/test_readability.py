@@ -18,7 +18,7 @@ from napari_lnmeta._napari.prediction_layers import (
     show_colorbar,
 )
 from napari_lnmeta.core.lesions import Lesions
-from napari_lnmeta.io.omezarr import SlideFrame
+from napari_lnmeta.io.frame import SlideFrame
 from napari_lnmeta.io.slide import MppWarning, open_slide
 
 

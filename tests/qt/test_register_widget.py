@@ -20,7 +20,8 @@ from napari_lnmeta._napari.registration_layers import (
 from napari_lnmeta._qt.register_widget import RegisterWidget
 from napari_lnmeta._qt.transfer_widget import TransferMaskWidget
 from napari_lnmeta.core.dab import TUMOUR, dab_mask
-from napari_lnmeta.io.omezarr import layer_transform, read_ome_zarr
+from napari_lnmeta.io.frame import layer_transform
+from napari_lnmeta.io.omezarr import read_ome_zarr
 from napari_lnmeta.io.slide import MppWarning, open_slide
 
 

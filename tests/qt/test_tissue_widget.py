@@ -15,7 +15,7 @@ from napari_lnmeta._qt.tissue_widget import (
     TissueStainWidget,
     read_box,
 )
-from napari_lnmeta.io.omezarr import layer_transform
+from napari_lnmeta.io.frame import layer_transform
 from napari_lnmeta.io.slide import MppWarning, open_slide
 
 

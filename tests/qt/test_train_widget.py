@@ -9,7 +9,7 @@ from tests._inference_helpers import make_synthetic_slide
 from napari_lnmeta._napari.layers import slide_layer_data
 from napari_lnmeta._qt.train_widget import TrainWidget, labels_from_layer, parse_names
 from napari_lnmeta.errors import InputError
-from napari_lnmeta.io.omezarr import SlideFrame
+from napari_lnmeta.io.frame import SlideFrame
 from napari_lnmeta.io.slide import open_slide
 from napari_lnmeta.models.io import load_model
 

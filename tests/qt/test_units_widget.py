@@ -67,7 +67,7 @@ def test_apply_refuses_a_mask_of_another_shape(make_napari_viewer, cmu1):
 
 def test_results_made_in_pixels_follow_their_slide(make_napari_viewer, camelyon):
     from napari_lnmeta._napari.layers import frame_kwargs
-    from napari_lnmeta.io.omezarr import SlideFrame
+    from napari_lnmeta.io.frame import SlideFrame
 
     viewer = make_napari_viewer()
     with warnings.catch_warnings():

@@ -7,7 +7,7 @@ import pytest
 
 from napari_lnmeta.errors import InputError, SlideError
 from napari_lnmeta.io.annotations import LabelMask, Polygon
-from napari_lnmeta.io.omezarr import SlideFrame
+from napari_lnmeta.io.frame import SlideFrame
 from napari_lnmeta.progress import run
 from napari_lnmeta.train.datasets import (
     BatchLoader,

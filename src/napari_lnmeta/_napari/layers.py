@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..io.omezarr import SlideFrame, layer_transform
+from ..io.frame import SlideFrame, layer_transform
 
 if TYPE_CHECKING:
     import napari

@@ -17,7 +17,7 @@ from .layers import META, frame_kwargs
 if TYPE_CHECKING:
     from ..core.lesions import Lesions
     from ..core.predict import Prediction
-    from ..io.omezarr import SlideFrame
+    from ..io.frame import SlideFrame
 
 HEATMAP_LAYER = "Tumour probability"
 BINARY_LAYER = "Tumour (p > 0.5)"

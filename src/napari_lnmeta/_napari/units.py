@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from ..io.omezarr import SlideFrame, layer_transform
+from ..io.frame import SlideFrame, layer_transform
 from .layers import META
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..io.omezarr import SlideFrame, write_ome_zarr
+from ..io.frame import SlideFrame
+from ..io.omezarr import write_ome_zarr
 from .layers import META
 
 

@@ -309,7 +309,7 @@ class EvaluateWidget(DockWidget):
 
     def _truth_from_layer(self, layer, mpp: float | None, meta_key: str) -> Any:
         from ..io.annotations import Polygon
-        from ..io.omezarr import SlideFrame
+        from ..io.frame import SlideFrame
 
         unit = mpp or 1.0
         if layer_kind(layer) == "shapes":

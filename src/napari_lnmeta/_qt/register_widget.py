@@ -244,7 +244,7 @@ class RegisterWidget(DockWidget):
         """Push (or refresh) the lazily warped IHC as a multiscale layer over the H&E."""
         from .._napari.layers import add_or_update, frame_kwargs
         from ..core.registration import warped_pyramid
-        from ..io.omezarr import SlideFrame
+        from ..io.frame import SlideFrame
 
         s = self.session
         levels, _ = warped_pyramid(s.transform, s.moving)
@@ -293,7 +293,7 @@ class RegisterWidget(DockWidget):
         haematoxylin densities, as the ``Registration check`` layer."""
         from .._napari.layers import add_or_update, frame_kwargs
         from ..core.registration import representation
-        from ..io.omezarr import SlideFrame
+        from ..io.frame import SlideFrame
 
         s = self.session
         fixed, moving, ds = self.check_images()

@@ -406,7 +406,7 @@ class TissueStainWidget(DockWidget):
 
     def _show_preview(self, result) -> None:
         from .._napari.layers import add_or_update, frame_kwargs
-        from ..io.omezarr import SlideFrame
+        from ..io.frame import SlideFrame
 
         out, ds, origin, target = result
         slide = self.session.slide

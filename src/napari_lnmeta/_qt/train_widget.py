@@ -78,7 +78,7 @@ def labels_from_layer(layer: napari.layers.Labels, slide_layer: napari.layers.Im
     """
     from .._napari.layers import META
     from ..io.annotations import LabelMask
-    from ..io.omezarr import SlideFrame
+    from ..io.frame import SlideFrame
 
     data = layer.data
     if getattr(layer, "multiscale", False):

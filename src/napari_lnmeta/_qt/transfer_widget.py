@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from ..core.dab import DabParams
     from ..core.registration import Transform
-    from ..io.omezarr import SlideFrame
+    from ..io.frame import SlideFrame
     from ..io.slide import Slide
 
 #: longest side (px) of the in-memory whole-slide mask (a Labels layer the user edits)
@@ -297,7 +297,7 @@ class TransferMaskWidget(DockWidget):
         """
         from .._napari.layers import add_or_update, frame_kwargs
         from ..core.dab import mask_region
-        from ..io.omezarr import SlideFrame
+        from ..io.frame import SlideFrame
 
         s = self._require()
         if s.fixed_layer not in self.viewer.layers:

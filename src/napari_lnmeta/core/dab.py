@@ -37,7 +37,7 @@ from ..progress import Progress
 if TYPE_CHECKING:
     from collections.abc import Generator
 
-    from ..io.omezarr import SlideFrame
+    from ..io.frame import SlideFrame
     from ..io.slide import Slide
     from .registration import Transform
 
@@ -295,7 +295,8 @@ def transfer_mask(fixed: Slide, moving: Slide, transform: Transform, out: str | 
     import shutil
     import uuid
 
-    from ..io.omezarr import SlideFrame, write_ome_zarr
+    from ..io.frame import SlideFrame
+    from ..io.omezarr import write_ome_zarr
 
     p = params or DabParams()
     _check_transform_fits(transform, fixed, moving)

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import InputError
 
 if TYPE_CHECKING:
-    from ..io.omezarr import SlideFrame
+    from ..io.frame import SlideFrame
 
 #: seed 000: a patch is positive when more than this fraction of it is tumour
 POSITIVE_FRACTION = 0.2
@@ -75,7 +75,7 @@ def truth_fractions(truth: Any, boxes: PatchBoxes, *, scale: float = 1.0) -> np.
     resolution onto the slide (e.g. ``1/32`` for CAMELYON16 polygons on a level-5 image).
     """
     from ..io.annotations import LabelMask, Polygon, load_labels
-    from ..io.omezarr import SlideFrame
+    from ..io.frame import SlideFrame
     from .tissue import TissueMask, box_fractions, integral_image
 
     coords, size0 = boxes.coords, boxes.size0

@@ -5,7 +5,7 @@ stage by the spatially averaged gradient of the class score and keeps the positi
 The stage is found automatically for every registry architecture (the last module, in
 execution order, whose output is still a spatial map; :func:`find_target_layer`).
 :func:`gradcam_region_job` tiles a level-0 box of a slide into model patches and returns
-a mosaic with its :class:`~napari_lnmeta.io.omezarr.SlideFrame`, ready for a napari layer.
+a mosaic with its :class:`~napari_lnmeta.io.frame.SlideFrame`, ready for a napari layer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from ..io.omezarr import SlideFrame
+from ..io.frame import SlideFrame
 from ..progress import Job, Progress
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ def gradcam_region_job(slide: Slide, model: nn.Module, meta: ModelMeta,
     -------
     (cam, frame, info)
         The ``(ny * c, nx * c)`` float32 map, its :class:`SlideFrame` (for
-        :func:`~napari_lnmeta.io.omezarr.layer_transform`), and ``{"n_patches",
+        :func:`~napari_lnmeta.io.frame.layer_transform`), and ``{"n_patches",
         "grid", "probability" (ny, nx) of the explained class, "notes"}``.
     """
     ps = int(meta.patch_size)

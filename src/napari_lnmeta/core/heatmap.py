@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..io.omezarr import SlideFrame
+    from ..io.frame import SlideFrame
     from ..io.slide import Slide
 
 #: p above this is "tumour" in the binary map (seed 000)

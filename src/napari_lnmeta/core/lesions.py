@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..io.omezarr import SlideFrame
+    from ..io.frame import SlideFrame
 
 #: default suppression radius (µm); Camelyon16 calls metastases >= 200 µm "micro"
 DEFAULT_RADIUS_UM = 200.0

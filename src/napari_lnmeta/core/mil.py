@@ -32,7 +32,7 @@ from ..progress import Job, Progress
 from .tiling import PatchGrid
 
 if TYPE_CHECKING:
-    from ..io.omezarr import SlideFrame
+    from ..io.frame import SlideFrame
     from ..io.slide import Slide
     from ..models.extractor import BackboneInfo
     from ..models.mil import MILInfo, MILModel

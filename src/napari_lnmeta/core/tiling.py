@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import jsonio
 from ..io.annotations import read_roi_csv
-from ..io.omezarr import SlideFrame
+from ..io.frame import SlideFrame
 from ..io.validate import check_mpp
 from ..progress import Job, Progress, run
 from .tissue import TissueMask, box_fractions, integral_image

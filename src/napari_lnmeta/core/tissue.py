@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from ..io.omezarr import SlideFrame
+from ..io.frame import SlideFrame
 
 if TYPE_CHECKING:
     from ..io.slide import Slide

@@ -14,7 +14,7 @@ Formats
   class in ``properties.classification.name``;
 * ROI CSV (seed 001): rectangles ``xs, ys, xe, ye``;
 * label rasters: an OME-Zarr mask (:func:`napari_lnmeta.io.omezarr.read_ome_zarr`) or a
-  napari Labels array, each with its :class:`~napari_lnmeta.io.omezarr.SlideFrame`.
+  napari Labels array, each with its :class:`~napari_lnmeta.io.frame.SlideFrame`.
 
 All of them become a :class:`LabelMask`: an integer raster on a known frame plus the
 names of its values, which is what the patch datasets need.
@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import InputError, LnmetaWarning
 from . import jsonio
-from .omezarr import SlideFrame
+from .frame import SlideFrame, frame_for
 
 #: class names treated as "not tumour" (explicitly annotated normal tissue or exclusions)
 NEGATIVE_NAMES = frozenset({"normal", "negative", "non-tumour", "non-tumor", "nontumour",
@@ -457,15 +457,6 @@ def read_polygons(path: str | Path, *, scale: float = 1.0, **kw) -> list[Polygon
 # --------------------------------------------------------------------------------------
 # Rasterising
 # --------------------------------------------------------------------------------------
-def frame_for(slide_shape: tuple[int, int], downsample: float, *, slide_mpp: float | None = None,
-              slide: str | None = None) -> tuple[SlideFrame, tuple[int, int]]:
-    """A frame at ``downsample`` covering a slide, and its raster shape."""
-    h = max(1, math.ceil(slide_shape[0] / downsample))
-    w = max(1, math.ceil(slide_shape[1] / downsample))
-    return (SlideFrame(downsample=float(downsample), origin=(0.0, 0.0), slide_mpp=slide_mpp,
-                       slide=slide, slide_shape=tuple(slide_shape)), (h, w))
-
-
 def rasterize(polygons: Sequence[Polygon], frame: SlideFrame, shape: tuple[int, int], *,
               values: dict[str, int] | None = None, order: Sequence[str] | None = None,
               dtype=np.uint8) -> tuple[np.ndarray, dict[int, str]]:
@@ -661,7 +652,7 @@ def load_labels(source: Any, *, slide_shape: tuple[int, int], slide_mpp: float |
     return lm
 
 
-__all__ = ["ASAP_GROUPS", "LabelMask", "NEGATIVE_NAMES", "Polygon", "frame_for", "load_labels",
+__all__ = ["ASAP_GROUPS", "LabelMask", "NEGATIVE_NAMES", "Polygon", "load_labels",
            "mask_to_polygons", "polygons_to_mask", "rasterize", "read_asap_xml",
            "read_camelyon_json", "read_geojson", "read_label_raster", "read_polygons",
            "read_roi_csv", "read_roi_rectangles", "write_geojson"]

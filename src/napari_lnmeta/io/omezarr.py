@@ -11,7 +11,7 @@ Every result remembers the slide frame it belongs to, in ``.zattrs["lnmeta"]``:
 ``slide``, ``slide_shape``
     name and ``(height, width)`` of the slide it was computed on.
 
-From these, :func:`layer_transform` gives napari's ``scale`` and ``translate`` so the
+From these, :func:`napari_lnmeta.io.frame.layer_transform` gives napari's ``scale`` and ``translate`` so the
 result lies exactly over the slide. Writes are atomic (temporary name, then rename).
 """
 
@@ -26,52 +26,12 @@ import numpy as np
 
 from ..errors import SlideError
 from .atomic import atomic_path
+from .frame import SlideFrame, layer_transform
 
 if TYPE_CHECKING:
     import dask.array as da
 
 NGFF_VERSION = "0.4"
-
-
-@dataclass
-class SlideFrame:
-    """Where a result grid sits on its slide (see module docstring)."""
-
-    downsample: float = 1.0
-    origin: tuple[float, float] = (0.0, 0.0)
-    slide_mpp: float | None = None
-    slide: str | None = None
-    slide_shape: tuple[int, int] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"downsample": float(self.downsample), "origin": [float(v) for v in self.origin],
-                "slide_mpp": self.slide_mpp, "slide": self.slide,
-                "slide_shape": list(self.slide_shape) if self.slide_shape else None}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> SlideFrame:
-        return cls(downsample=float(d.get("downsample", 1.0)),
-                   origin=tuple(d.get("origin", (0.0, 0.0))),
-                   slide_mpp=d.get("slide_mpp"), slide=d.get("slide"),
-                   slide_shape=tuple(d["slide_shape"]) if d.get("slide_shape") else None)
-
-    @property
-    def mpp(self) -> float | None:
-        """µm per result pixel."""
-        return None if self.slide_mpp is None else self.slide_mpp * self.downsample
-
-
-def layer_transform(frame: SlideFrame) -> dict[str, tuple[float, float]]:
-    """napari ``scale`` and ``translate`` that put a result grid exactly on its slide.
-
-    The slide layer has ``scale = mpp`` and no translate, so slide pixel *k* is centred
-    at ``k * mpp``. Result pixel *i* covers slide pixels ``[o + i*d, o + (i+1)*d)``,
-    whose centre is at ``o + i*d + (d - 1)/2``.
-    """
-    unit = frame.slide_mpp if frame.slide_mpp is not None else 1.0
-    d = frame.downsample
-    return {"scale": (d * unit, d * unit),
-            "translate": tuple((o + (d - 1) / 2) * unit for o in frame.origin)}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import InputError
-from ...io.omezarr import SlideFrame
+from ...io.frame import SlideFrame
 from .config import CAMELYON_LEVEL5_MPP, DILATION_UM, ITC_UM, FrocConfig
 
 _POLYGON_SUFFIXES = (".xml", ".json", ".geojson")

@@ -11,7 +11,7 @@ import numpy as np
 
 if TYPE_CHECKING:
 
-    from ...io.omezarr import SlideFrame
+    from ...io.frame import SlideFrame
     from ...models.io import ModelMeta
     from ..tiling import PatchGrid
     from ..tissue import TissueMask

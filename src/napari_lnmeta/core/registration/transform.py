@@ -129,7 +129,7 @@ class Transform:
         """Moving level-0 coordinates ``(2, h, w)`` of the centres of a fixed-slide grid.
 
         Grid pixel ``(i, j)`` covers fixed level-0 ``origin + [i, i+1) * downsample``
-        (the :class:`~napari_lnmeta.io.omezarr.SlideFrame` convention).
+        (the :class:`~napari_lnmeta.io.frame.SlideFrame` convention).
         """
         h, w = int(shape[0]), int(shape[1])
         pts = _grid_points(origin, (h, w), downsample)
