@@ -14,8 +14,9 @@ from napari_lnmeta.core.dab import (
     mask_outlines,
     transfer_mask,
 )
-from napari_lnmeta.core.registration import SlideInfo, Transform, array_slide
+from napari_lnmeta.core.registration import SlideInfo, Transform
 from napari_lnmeta.errors import InputError
+from napari_lnmeta.io.slide import array_slide
 from napari_lnmeta.progress import run
 
 

@@ -43,7 +43,7 @@ def rgb_image_layers(viewer: napari.Viewer) -> list[str]:
 
 def layer_slide(layer: napari.layers.Image) -> Slide:
     """The slide behind a layer: re-opened from its file, or the layer's own pixels."""
-    from ..core.registration import array_slide
+    from ..io.slide import array_slide
     from .layers import slide_from_layer
 
     meta = layer.metadata.get(META, {})

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import LnmetaWarning, SlideError
+from ..errors import InputError, LnmetaWarning, SlideError
 from ._tiles import CorruptTileError, TileCache, _TileDecoder
 from ._tiles import jpeg_problem as jpeg_problem  # part of this module's API
 from .validate import MPP_MAX, MPP_MIN, check_mpp, mpp_problem
@@ -1092,6 +1092,32 @@ class ImageSlide(Slide):
 
     def _read_level(self, level, y, x, h, w):
         return np.ascontiguousarray(self._img[y:y + h, x:x + w])
+
+
+# --------------------------------------------------------------------------------------
+# In-memory arrays (a napari layer, a test image)
+# --------------------------------------------------------------------------------------
+class ArraySlide(Slide):
+    format = "array"
+
+    def __init__(self, rgb: np.ndarray, *, mpp: float | None = None, name: str = "image"):
+        super().__init__(Path(name), mpp=mpp)
+        self._img = rgb
+        self.level_shapes = [rgb.shape[:2]]
+
+    def _read_level(self, level, y, x, h, w):
+        return np.ascontiguousarray(self._img[y:y + h, x:x + w])
+
+
+def array_slide(rgb: np.ndarray, *, mpp: float | None = None, name: str = "image") -> Slide:
+    """Wrap an in-memory RGB array (a napari layer, a test image) as a :class:`Slide`."""
+    arr = np.asarray(rgb)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        raise InputError(f"{name}: expected an RGB image, got shape {arr.shape}")
+    arr = np.ascontiguousarray(np.clip(arr[..., :3], 0, 255).astype(np.uint8))
+    return ArraySlide(arr, mpp=mpp, name=name)
 
 
 # --------------------------------------------------------------------------------------

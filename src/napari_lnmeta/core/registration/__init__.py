@@ -52,7 +52,6 @@ from .transform import (
     invert_field,
 )
 from .warp import (
-    array_slide,
     read_mapped,
     sample_image,
     warped_pyramid,
@@ -67,7 +66,6 @@ __all__ = [
     "SlideInfo",
     "Transform",
     "affine_from_points",
-    "array_slide",
     "foreground",
     "invert_field",
     "read_mapped",

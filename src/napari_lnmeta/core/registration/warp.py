@@ -5,12 +5,9 @@ pyramid for napari, and an in-memory RGB array as a slide.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from ...errors import InputError
 
 if TYPE_CHECKING:
     from ...io.slide import Slide
@@ -73,31 +70,6 @@ def read_mapped(slide: Slide, coords: np.ndarray, downsample: float, *, cval: in
         k = int(round(ratio))
         region = ndi.uniform_filter(region, size=(k, k, 1), mode="nearest")
     return sample_image(region, coords, (ly0 * lds, lx0 * lds), lds, order=1, cval=cval)
-
-
-def array_slide(rgb: np.ndarray, *, mpp: float | None = None, name: str = "image") -> Slide:
-    """Wrap an in-memory RGB array (a napari layer, a test image) as a :class:`Slide`."""
-    from ...io.slide import Slide
-
-    arr = np.asarray(rgb)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[2] < 3:
-        raise InputError(f"{name}: expected an RGB image, got shape {arr.shape}")
-    arr = np.ascontiguousarray(np.clip(arr[..., :3], 0, 255).astype(np.uint8))
-
-    class ArraySlide(Slide):
-        format = "array"
-
-        def __init__(self):
-            super().__init__(Path(name), mpp=mpp)
-            self._img = arr
-            self.level_shapes = [arr.shape[:2]]
-
-        def _read_level(self, level, y, x, h, w):
-            return np.ascontiguousarray(self._img[y:y + h, x:x + w])
-
-    return ArraySlide()
 
 
 def warped_pyramid(transform: Transform, moving: Slide, *, tile: int = 512,
