@@ -243,8 +243,9 @@ def device_decode_rate(slide_path: Path, grid, batch: int, device: str,
     """Patches/s of whole JPEG tiles decoded on the device (no model), or None."""
     import torch
 
-    from napari_lnmeta.core.inference import make_reader, resolve_device
+    from napari_lnmeta.core.inference import make_reader
     from napari_lnmeta.io.slide import open_slide
+    from napari_lnmeta.models.io import resolve_device
 
     dev = resolve_device(device)
     idx = np.arange(min(n, len(grid)))
@@ -393,7 +394,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_lnmeta.core.inference import InferenceConfig, resolve_device
+    from napari_lnmeta.core.inference import InferenceConfig
+    from napari_lnmeta.models.io import resolve_device
 
     dev = resolve_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \

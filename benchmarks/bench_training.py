@@ -130,7 +130,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_lnmeta.train.loop import resolve_device
+    from napari_lnmeta.models.io import resolve_device
 
     device = resolve_device(args.device)
     steps = 5 if args.quick else 20

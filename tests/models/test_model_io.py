@@ -191,3 +191,18 @@ def test_model_metadata_is_validated_on_load(tmp_path, change, words):
         with pytest.raises(ModelError) as e:
             load(path)
         assert str(path) in str(e.value) and words in str(e.value)
+
+
+def test_resolve_device_refuses_devices_this_machine_lacks():
+    import torch
+
+    from napari_lnmeta.errors import InputError
+    from napari_lnmeta.models.io import resolve_device
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == resolve_device(None).type == want
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(InputError, match="unknown device 'gpu7'"):
+        resolve_device("gpu7")
+    with pytest.raises(InputError, match="cuda:99"):
+        resolve_device("cuda:99")

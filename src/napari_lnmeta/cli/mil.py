@@ -91,7 +91,9 @@ def _apply_recipe(args) -> None:
 
 def _feature_config(args):
     from ..core.features import FeatureConfig
+    from ..models.io import resolve_device
 
+    resolve_device(args.device)  # a device this machine lacks fails before any work
     _apply_recipe(args)
     return FeatureConfig(backbone=args.backbone, init=args.init, seed=args.backbone_seed,
                          patch_size=args.patch_size, stride=args.stride, mpp=args.patch_mpp,
@@ -379,9 +381,11 @@ def mil(p):
         from ..core.mil import MILInferenceConfig, predict_slide_job
         from ..io.slide import open_slide
         from ..models.clinical import clinical_row
+        from ..models.io import resolve_device
         from ..models.mil import read_mil_info
         from ..progress import run as drive
 
+        resolve_device(args.device)
         slide = open_slide(args.slide, mpp=args.mpp)
         info = read_mil_info(args.model)
         clinical = None

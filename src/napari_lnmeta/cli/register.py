@@ -67,8 +67,10 @@ def register_cmd(p):
 
     def _register(args):
         from ..core.registration import RegistrationConfig, register
+        from ..models.io import resolve_device
         from ..progress import run as drive
 
+        resolve_device(args.device)
         fixed, moving = _open_pair(args)
         device = None if args.device == "auto" else args.device  # None: CUDA when present
         kw = {"mode": args.mode, "nonrigid_size": args.nonrigid_size,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
 from ..io import jsonio
 from ..io.atomic import atomic_path
 from ..io.validate import MPP_MAX, MPP_MIN, mpp_problem
@@ -348,13 +348,30 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parents[1] / "data" / "default_model.safetensors"
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as given."""
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device for a ``--device`` value; the one place devices are resolved.
+
+    ``"auto"``, ``""`` or ``None``: the first CUDA device when available, else the CPU.
+    Anything else is taken as given (``cpu``, ``cuda``, ``cuda:N``, ``mps``) after checking
+    that it exists here: an unknown name, CUDA on a machine without it, or a CUDA index
+    past the last device is an :class:`~napari_lnmeta.errors.InputError`.
+    """
     import torch
 
-    if device is None or str(device) == "auto":
+    if device is None or str(device) in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(str(device))
+    except RuntimeError as e:
+        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but CUDA is not available here "
+                             "(use --device auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    return dev
 
 
 def preprocess(batch: torch.Tensor | np.ndarray, meta: ModelMeta, *,

@@ -19,10 +19,10 @@ from ..core.metrics import (
 )
 from ..errors import InputError
 from ..io import jsonio
-from ..models.io import ModelMeta, load_model
+from ..models.io import ModelMeta, load_model, resolve_device
 from ..progress import Job, Progress
 from .datasets import PatchSet
-from .loop import predict_patches_job, resolve_device
+from .loop import predict_patches_job
 
 
 @dataclass

@@ -54,7 +54,14 @@ from ..core.metrics import binary_metrics, multiclass_metrics
 from ..errors import InputError, ModelError
 from ..io import jsonio
 from ..io.atomic import write_text_atomic
-from ..models.io import ModelMeta, logits_to_probs, read_meta, read_safetensors, save_model
+from ..models.io import (
+    ModelMeta,
+    logits_to_probs,
+    read_meta,
+    read_safetensors,
+    resolve_device,
+    save_model,
+)
 from ..models.registry import build_model, count_parameters, set_train_mode
 from ..progress import Job, Progress
 from .augment import make_augment
@@ -200,15 +207,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was asked for but no CUDA GPU is available")
-    return dev
 
 
 def dataset_stats(ps: PatchSet, *, n: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:
@@ -767,5 +765,5 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
 
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "TrainConfig", "TrainResult", "dataset_stats",
-           "make_optimizer", "make_scheduler", "predict_patches_job", "resolve_device",
+           "make_optimizer", "make_scheduler", "predict_patches_job",
            "seed_everything", "train_job"]

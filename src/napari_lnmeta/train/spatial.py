@@ -34,7 +34,7 @@ import torch
 from ..errors import InputError
 from ..io import jsonio
 from ..io.atomic import write_text_atomic
-from ..models.io import ModelMeta, logits_to_probs, save_model
+from ..models.io import ModelMeta, logits_to_probs, resolve_device, save_model
 from ..models.registry import count_parameters, set_train_mode
 from ..models.spatial import (
     SpatialConfig,
@@ -59,7 +59,6 @@ from .loop import (
     make_optimizer,
     make_scheduler,
     optimiser_step,
-    resolve_device,
     seed_everything,
     val_metrics,
     write_log,

@@ -55,7 +55,6 @@ from .loading import (
     load_inference_model,
     model_cache_stats,
     plan_read,
-    resolve_device,
     tumour_index,
 )
 from .readers import (
@@ -91,7 +90,6 @@ __all__ = [
     "model_cache_stats",
     "plan_read",
     "read_patches_into",
-    "resolve_device",
     "run_inference",
     "run_key",
     "stain_transform",

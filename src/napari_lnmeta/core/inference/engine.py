@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import InputError, ModelError
+from ...models.io import resolve_device
 from ...progress import Job, Progress
 from .checkpoint import Checkpoint, run_key
 from .config import InferenceConfig, InferenceResult, PartialHeatmap
 from .forward import PatchModel, auto_batch_size, is_oom, stain_transform
-from .loading import _model_identity, load_inference_model, plan_read, resolve_device
+from .loading import _model_identity, load_inference_model, plan_read
 from .readers import context_grid, make_reader, tile_working_set
 
 if TYPE_CHECKING:

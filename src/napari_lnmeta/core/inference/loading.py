@@ -25,26 +25,6 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------
 # Model, device and parameters
 # --------------------------------------------------------------------------------------
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """``"auto"`` -> first CUDA device when available, else CPU; refuses missing CUDA."""
-    import torch
-
-    if device is None or str(device) in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(str(device))
-    except RuntimeError as e:
-        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {device!r} asked for, but CUDA is not available here "
-                             "(use --device auto or cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
-                             "device(s) here")
-    return dev
-
-
 def tumour_index(meta: ModelMeta, name: str | None = None, *, model_path: str = "model") -> int:
     """Index of the tumour class in ``meta.classes`` (by ``name`` or recognised by name)."""
     classes = [c.lower() for c in meta.classes]

@@ -48,14 +48,6 @@ class _Grid:
         return torch.stack([(2 * ic + 1) / w - 1, (2 * ir + 1) / h - 1], dim=-1)
 
 
-def _torch_device(device: str | None):
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
 def _with_gradients(img):
     """``(1, 1, h, w)`` → ``(1, 3, h, w)``: the image and its row/column derivatives.
 

@@ -31,7 +31,6 @@ from .optimise import (
     _Linear,
     _optimise_linear,
     _optimise_svf,
-    _torch_device,
 )
 from .prealign import _distinct_candidates, _prealign
 from .transform import DisplacementField, Transform, invert_field
@@ -127,7 +126,9 @@ def _register(fixed, moving, cfg: RegistrationConfig, *, fixed_mpp: float | None
     elif f_mpp is None or m_mpp is None:
         f_mpp = m_mpp = f_mpp or m_mpp
         notes.append("µm/px unknown for one image: assumed equal to the other's")
-    device = _torch_device(cfg.device)
+    from ...models.io import resolve_device
+
+    device = resolve_device(cfg.device)
     n_lin = cfg.affine_iterations * 3 * 2
     n_nr = sum(lv[2] for lv in cfg.nonrigid_levels) if cfg.mode == "nonrigid" else 0
     total = 10 + n_lin + n_nr + 5
