@@ -53,12 +53,9 @@ def timed_run(items, step, out, workers):
         t["start"] = time.perf_counter()
 
     job = run_batch(items, step, out, n_workers=workers, threads_per_worker=1, on_start=started)
-    while True:
-        try:
-            next(job)
-        except StopIteration as stop:
-            report = stop.value
-            break
+    from napari_lnmeta.progress import run
+
+    report = run(job)
     return time.perf_counter() - t["start"], report
 
 

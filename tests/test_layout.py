@@ -75,3 +75,4 @@ def test_manifest_is_shipped_and_valid():
         if cmd.python_name:
             mod, _, attr = cmd.python_name.partition(":")
             assert hasattr(__import__(mod, fromlist=[attr]), attr), cmd.python_name
+

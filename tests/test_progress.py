@@ -1,4 +1,5 @@
-"""``progress.in_thread``: a step that cannot yield still lets its job be cancelled."""
+"""The progress protocol: ``in_thread`` (a step that cannot yield still lets its job be
+cancelled) and ``relay`` (a sub-job inside a job)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import threading
 
 import pytest
 
-from napari_lnmeta.progress import Progress, in_thread, run
+from napari_lnmeta.progress import Progress, in_thread, relay, run
 
 
 def test_heartbeats_while_the_call_runs_and_close_does_not_wait():
@@ -28,3 +29,30 @@ def test_result_and_errors_come_back():
 
     with pytest.raises(ValueError, match="bad input"):
         run(in_thread(boom, interval=0.01))
+
+
+def test_relay_rescales_steps_returns_the_value_and_closes_the_sub_job():
+    closed = []
+
+    def sub():
+        try:
+            for k in range(3):
+                yield Progress(k, 3, "sub")
+            return "value"
+        finally:
+            closed.append(True)
+
+    def outer():
+        got = yield from relay(sub(), lambda p: Progress(10 + p.done, 13, f"outer: {p.message}"))
+        return got.upper()
+
+    seen = []
+    assert run(outer(), seen.append) == "VALUE"
+    assert [(p.done, p.total, p.message) for p in seen] == [(10, 13, "outer: sub"),
+                                                            (11, 13, "outer: sub"),
+                                                            (12, 13, "outer: sub")]
+    assert list(relay(sub(), lambda p: None)) == []          # None: nothing relayed
+    job = relay(sub())
+    assert next(job).done == 0
+    job.close()                                              # cancelling the outer job ...
+    assert closed[-1] and len(closed) == 3                   # ... closes the sub-job

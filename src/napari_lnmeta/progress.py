@@ -45,6 +45,26 @@ class Progress:
         return self.done / self.total if self.total else 0.0
 
 
+def relay(job: Job[T], step: Callable[[Any], Any] | None = None) -> Job[T]:
+    """Run a sub-job inside another job: ``value = yield from relay(sub, step)``.
+
+    Yields ``step(p)`` for every step ``p`` of ``sub`` (``p`` itself without ``step``;
+    nothing when ``step`` returns ``None``) and returns what ``sub`` returns. Cancelling
+    the outer job (``worker.quit()``, closing the generator) closes ``sub`` as well.
+    """
+    try:
+        while True:
+            try:
+                p = next(job)
+            except StopIteration as stop:
+                return stop.value
+            out = p if step is None else step(p)
+            if out is not None:
+                yield out
+    finally:
+        job.close()
+
+
 def run(job: Job[T], callback: Callable[[Progress], Any] | None = None) -> T:
     """Drive a progress generator to completion and return what it returns."""
     while True:

@@ -344,19 +344,15 @@ class MILWidget(DockWidget):
         def job():
             from ..core.mil import predict_slide_job
             from ..core.tiling import read_patches
-            from ..progress import Progress
+            from ..progress import Progress, relay
 
             done = []
             for k, (name, slide, clinical) in enumerate(jobs):
                 sub = None if out is None else Path(out) / f"{slide.path.name.split('.')[0]}.mil"
                 gen = predict_slide_job(slide, model_path, config=cfg, clinical=clinical,
                                         out_dir=sub, overwrite=True)
-                try:
-                    while True:
-                        p = next(gen)
-                        yield Progress(p.done, p.total, f"[{k + 1}/{len(jobs)}] {name}: {p.message}")
-                except StopIteration as stop:
-                    res = stop.value
+                res = yield from relay(gen, lambda p, k=k, name=name: Progress(
+                    p.done, p.total, f"[{k + 1}/{len(jobs)}] {name}: {p.message}"))
                 top = res.top(top_k)
                 patches = read_patches(slide, res.grid, top)
                 done.append((name, res, patches))

@@ -63,7 +63,7 @@ from ..models.io import (
     save_model,
 )
 from ..models.registry import build_model, count_parameters, set_train_mode
-from ..progress import Job, Progress
+from ..progress import Job, Progress, relay
 from .augment import make_augment
 from .datasets import BatchLoader, PatchSet, check_class_counts
 from .options import OPTIMIZERS, SCHEDULERS
@@ -712,13 +712,8 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
         if val_set is not None and ((epoch + 1) % max(1, cfg.val_every) == 0 or last_epoch):
             job = predict_patches_job(model, val_set, meta, device=dev, batch_size=max(cfg.batch_size, 128),
                               amp=use_amp, workers=cfg.workers, message="validating")
-            while True:
-                try:
-                    p = next(job)
-                except StopIteration as stop:
-                    probs = stop.value
-                    break
-                yield Progress(step, total_steps, f"epoch {epoch + 1}: {p.message} {p.done}/{p.total}")
+            probs = yield from relay(job, lambda p, step=step, epoch=epoch: Progress(
+                step, total_steps, f"epoch {epoch + 1}: {p.message} {p.done}/{p.total}"))
             row.update(val_metrics(probs, val_set.labels, classes))
         history.append(row)
         value = row.get(monitor, math.nan if monitor != "train_loss" else row["train_loss"])

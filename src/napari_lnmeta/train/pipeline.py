@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..progress import Job, Progress
+from ..progress import Job, Progress, relay
 from .datasets import PatchConfig, PatchSet, build_patchset_job
 from .evaluate import EvalResult, evaluate_job
 from .loop import TrainConfig, TrainResult, train_job
@@ -51,13 +51,8 @@ class TrainingRequest:
 
 def _drive(job, lo: int, hi: int, total: int, prefix: str):
     """Re-scale a sub-job's progress into ``[lo, hi]`` of ``total``; return its value."""
-    while True:
-        try:
-            p = next(job)
-        except StopIteration as stop:
-            return stop.value
-        frac = p.fraction if p.total else 0.0
-        yield Progress(lo + int(frac * (hi - lo)), total, f"{prefix}{p.message}", p.partial)
+    return (yield from relay(job, lambda p: Progress(lo + int(p.fraction * (hi - lo)), total,
+                                                     f"{prefix}{p.message}", p.partial)))
 
 
 def train_from_labels_job(req: TrainingRequest) -> Job[TrainResult]:

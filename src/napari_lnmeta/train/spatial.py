@@ -43,7 +43,7 @@ from ..models.spatial import (
     spatial_objective,
     window_offset,
 )
-from ..progress import Job, Progress
+from ..progress import Job, Progress, relay
 from .datasets import (
     PatchConfig,
     PatchSet,
@@ -236,14 +236,10 @@ def build_neighbourhoods_job(items, config: PatchConfig, *, k: int = 3,
             slide, labels, config, k=k, source=(sources[i] if sources else "default"),
             label_scale=(label_scales[i] if label_scales else 1.0),
             mpp=(mpps[i] if mpps else None), rng=rng)
-        while True:
-            try:
-                p = next(job)
-            except StopIteration as stop:
-                windows.append(stop.value.windows)
-                grids.append(stop.value.grid_labels)
-                break
-            yield Progress(i * 4 + min(p.done, 4), n * 4, p.message)
+        got = yield from relay(job, lambda p, i=i: Progress(i * 4 + min(p.done, 4), n * 4,
+                                                            p.message))
+        windows.append(got.windows)
+        grids.append(got.grid_labels)
     return NeighbourhoodSet(PatchSet.concat(windows), np.concatenate(grids), k)
 
 
@@ -660,14 +656,8 @@ def train_spatial_job(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
             job = predict_neighbourhoods_job(model, val_set, meta, device=dev,
                                              batch_size=max(cfg.batch_size, 64),
                                              workers=cfg.workers, message="validating")
-            while True:
-                try:
-                    p = next(job)
-                except StopIteration as stop:
-                    probs = stop.value
-                    break
-                yield Progress(step, total_steps, f"epoch {epoch + 1}: {p.message} "
-                               f"{p.done}/{p.total}")
+            probs = yield from relay(job, lambda p, step=step, epoch=epoch: Progress(
+                step, total_steps, f"epoch {epoch + 1}: {p.message} {p.done}/{p.total}"))
             row.update(val_metrics(probs, val_set.labels, classes))
         history.append(row)
         value = row.get(monitor, math.nan)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import InputError
-from ...progress import Progress
+from ...progress import Progress, relay
 from .checks import (
     _check_similarity,
     _dilate,
@@ -255,14 +255,13 @@ def _register(fixed, moving, cfg: RegistrationConfig, *, fixed_mpp: float | None
                                 cfg.smoothing), device)
         weight2 = torch.from_numpy(_dilate(f_fg2, 5).astype(np.float32))[None, None].to(device)
         job = _optimise_svf(fimg2, fg2, mimg2, mg2, weight2, L_um, b_um, cfg)
-        while True:
-            try:
-                step = next(job)
-            except StopIteration as stop:
-                v, vg = stop.value
-                break
-            done += step
-            yield Progress(done, total, "non-rigid")
+        steps = [done]
+
+        def nonrigid(step: int) -> Progress:
+            steps[0] += step
+            return Progress(steps[0], total, "non-rigid")
+
+        v, vg = yield from relay(job, nonrigid)
         with torch.no_grad():
             vpx = (vg.ds[0] * vg.mpp, vg.ds[1] * vg.mpp)
             u_c = _expv(v, vpx, (0, 0))

@@ -13,7 +13,7 @@ import numpy as np
 
 from ...errors import InputError, SlideError
 from ...io.annotations import NEGATIVE_NAMES, LabelMask, load_labels
-from ...progress import Job, Progress, run
+from ...progress import Job, Progress, relay, run
 from .patchset import PatchSet, SlideEntry
 
 if TYPE_CHECKING:
@@ -285,13 +285,8 @@ def build_patchset_job(items: Sequence[tuple[Any, Any]], config: PatchConfig, *,
             slide, labels, config, source=(sources[i] if sources else "default"),
             label_scale=(label_scales[i] if label_scales else 1.0),
             mpp=(mpps[i] if mpps else None), rng=rng)
-        while True:
-            try:
-                p = next(job)
-            except StopIteration as stop:
-                sets.append(stop.value)
-                break
-            yield Progress(i * 4 + p.done, n * 4, p.message)
+        sets.append((yield from relay(job, lambda p, i=i: Progress(i * 4 + p.done, n * 4,
+                                                                   p.message))))
     ps = PatchSet.concat(sets)
     if check_classes:
         check_class_counts(ps, what=", ".join(Path(str(s)).name for s, _ in items))
