@@ -190,3 +190,18 @@ def test_wrong_types_are_one_line_errors(tmp_path, doc):
     with pytest.raises(InputError) as e:
         read_polygons(path)
     assert str(path) in str(e.value)
+
+
+def test_one_list_of_tumour_names_serves_models_labels_and_reference_tables(tmp_path):
+    from napari_lnmeta.core.froc import read_negatives
+    from napari_lnmeta.core.inference import tumour_index
+    from napari_lnmeta.io.annotations import NEGATIVE_NAMES, TUMOUR_NAMES
+    from napari_lnmeta.models.io import ModelMeta
+
+    assert not set(TUMOUR_NAMES) & NEGATIVE_NAMES
+    for name in TUMOUR_NAMES:
+        meta = ModelMeta(architecture="resnet18", classes=["benign", name.title()], patch_size=8)
+        assert tumour_index(meta) == 1, name
+    ref = tmp_path / "reference.csv"
+    ref.write_text("test_001,Tumor,Macro\ntest_002,Normal\ntest_003,Metastasis\n")
+    assert read_negatives(ref) == {"test_002"}

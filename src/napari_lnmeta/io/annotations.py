@@ -36,6 +36,10 @@ from ..errors import InputError, LnmetaWarning
 from . import jsonio
 from .frame import SlideFrame, frame_for
 
+#: class names meaning "tumour" (lower case; compare case-insensitively), best first: the
+#: one list for recognising a model's tumour class, tumour labels and tumour slides
+TUMOUR_NAMES = ("tumour", "tumor", "metastasis", "metastases", "positive", "cancer",
+                "carcinoma", "malignant", "breast metastasis")
 #: class names treated as "not tumour" (explicitly annotated normal tissue or exclusions)
 NEGATIVE_NAMES = frozenset({"normal", "negative", "non-tumour", "non-tumor", "nontumour",
                             "nontumor", "benign", "exclusion", "excluded", "background",
@@ -652,7 +656,7 @@ def load_labels(source: Any, *, slide_shape: tuple[int, int], slide_mpp: float |
     return lm
 
 
-__all__ = ["ASAP_GROUPS", "LabelMask", "NEGATIVE_NAMES", "Polygon", "load_labels",
+__all__ = ["ASAP_GROUPS", "LabelMask", "NEGATIVE_NAMES", "Polygon", "TUMOUR_NAMES", "load_labels",
            "mask_to_polygons", "polygons_to_mask", "rasterize", "read_asap_xml",
            "read_camelyon_json", "read_geojson", "read_label_raster", "read_polygons",
            "read_roi_csv", "read_roi_rectangles", "write_geojson"]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import InputError, LnmetaError
+from ...io.annotations import TUMOUR_NAMES
 from ...progress import Job, Progress
 from .config import FrocConfig
 from .report import EvaluationReport, summarise
@@ -272,7 +273,7 @@ def read_negatives(spec: str | Path | Iterable[str] | None) -> set[str]:
         for r in csv.reader(io.StringIO(p.read_text(encoding="utf-8-sig"))):
             if not r or not r[0].strip() or r[0].strip().startswith("#"):
                 continue
-            if len(r) > 1 and r[1].strip().lower() in ("tumor", "tumour"):
+            if len(r) > 1 and r[1].strip().lower() in TUMOUR_NAMES:
                 continue
             out.add(slide_key(r[0].strip()))
         return out

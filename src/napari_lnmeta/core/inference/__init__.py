@@ -34,7 +34,6 @@ from .checkpoint import (
 )
 from .config import (
     MPP_TOLERANCE,
-    TUMOUR_NAMES,
     InferenceConfig,
     InferenceResult,
     PartialHeatmap,
@@ -71,7 +70,6 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "MODEL_CACHE_SIZE",
     "MPP_TOLERANCE",
-    "TUMOUR_NAMES",
     "BatchReader",
     "Checkpoint",
     "DeviceTileReader",

@@ -16,9 +16,6 @@ if TYPE_CHECKING:
     from ..tiling import PatchGrid
     from ..tissue import TissueMask
 
-#: class names taken to mean "tumour" (case-insensitive), best first
-TUMOUR_NAMES = ("tumour", "tumor", "metastasis", "metastases", "positive", "cancer",
-                "malignant", "breast metastasis")
 #: relative difference between asked and trained µm/px above which a warning is recorded
 MPP_TOLERANCE = 0.05
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import InputError, ModelError
-from .config import MPP_TOLERANCE, TUMOUR_NAMES, InferenceConfig
+from ...io.annotations import TUMOUR_NAMES
+from .config import MPP_TOLERANCE, InferenceConfig
 
 if TYPE_CHECKING:
     import torch

@@ -32,7 +32,6 @@ from .batches import (
 )
 from .building import (
     FIBROSIS_NAMES,
-    TUMOUR_SYNONYMS,
     PatchConfig,
     build_patchset,
     build_patchset_job,
@@ -58,7 +57,6 @@ __all__ = [
     "FIBROSIS_NAMES",
     "PATCHSET_FORMAT",
     "PATCHSET_VERSION",
-    "TUMOUR_SYNONYMS",
     "BatchLoader",
     "PatchConfig",
     "PatchSet",

@@ -12,15 +12,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import InputError, SlideError
-from ...io.annotations import NEGATIVE_NAMES, LabelMask, load_labels
+from ...io.annotations import NEGATIVE_NAMES, TUMOUR_NAMES, LabelMask, load_labels
 from ...progress import Job, Progress, relay, run
 from .patchset import PatchSet, SlideEntry
 
 if TYPE_CHECKING:
     from ...io.slide import Slide
 
-TUMOUR_SYNONYMS = frozenset({"tumour", "tumor", "metastasis", "metastases", "cancer",
-                             "carcinoma", "positive", "breast metastasis"})
 FIBROSIS_NAMES = frozenset({"fibrosis", "fib", "tumour fibrosis", "tumor fibrosis",
                             "tumour-associated fibrosis", "desmoplasia"})
 
@@ -122,12 +120,12 @@ def class_values(labels: LabelMask, config: PatchConfig) -> tuple[dict[int, list
             (neg.append(value) if k == 0 else pos[k].append(value))
         elif n in FIBROSIS_NAMES:
             if config.fibrosis_as_tumour:
-                tum = next((i for c, i in cls_norm.items() if c in TUMOUR_SYNONYMS), 1)
+                tum = next((i for c, i in cls_norm.items() if c in TUMOUR_NAMES), 1)
                 pos[tum].append(value)
             else:
                 neg.append(value)
-        elif n in TUMOUR_SYNONYMS and (binary_tumour or any(c in TUMOUR_SYNONYMS for c in cls_norm)):
-            tum = next((i for c, i in cls_norm.items() if c in TUMOUR_SYNONYMS), 1)
+        elif n in TUMOUR_NAMES and (binary_tumour or any(c in TUMOUR_NAMES for c in cls_norm)):
+            tum = next((i for c, i in cls_norm.items() if c in TUMOUR_NAMES), 1)
             pos[tum].append(value)
         elif n in NEGATIVE_NAMES:
             neg.append(value)
