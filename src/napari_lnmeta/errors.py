@@ -43,10 +43,6 @@ class InputError(LnmetaError):
     """Any other bad input (empty tissue, mismatched shapes, bad CSV, ...)."""
 
 
-class Cancelled(LnmetaError):
-    """Raised by synchronous drivers when a run is cancelled by the user."""
-
-
 class LnmetaWarning(UserWarning):
     """Something was repaired or left out on the way in; the CLI prints it as one line
     (``lnmeta: warning: ...``) and the widgets as a notification."""

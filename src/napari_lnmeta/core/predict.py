@@ -27,7 +27,6 @@ previous result until the new one is ready; a run holds the writer lock on ``OUT
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,14 +261,6 @@ def _write_files(pred: Prediction, out: Path, slide: Slide | None,
                                scored=r.scored)
     write_png(out / "overview.png", thumb, overwrite=True)
     write_json_atomic(out / SUMMARY, _jsonable(pred.summary()), overwrite=True)
-
-
-def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
-    """The ``summary.json`` of a complete result folder, or ``None``."""
-    p = Path(out_dir) / SUMMARY
-    if not p.is_file():
-        return None
-    return json.loads(p.read_text())
 
 
 def prepare_output(out_dir: str | Path, *, overwrite: bool = False,

@@ -39,10 +39,6 @@ def rgb_to_od(rgb: np.ndarray, *, background: float = 255.0) -> np.ndarray:
     return -np.log(np.maximum(rgb, 1.0) / background)
 
 
-def od_to_rgb(od: np.ndarray, *, background: float = 255.0) -> np.ndarray:
-    return np.clip(background * np.exp(-od), 0, 255).astype(np.uint8)
-
-
 def normalise_stains(stains: np.ndarray) -> np.ndarray:
     """Unit-length rows; a missing third vector is completed by the cross product."""
     stains = np.asarray(stains, dtype=np.float64)
@@ -449,12 +445,6 @@ class StainNormaliser:
     @classmethod
     def load(cls, path: str | Path) -> StainNormaliser:
         return cls(target=StainTarget.load(path))
-
-    def to_torch(self, device: str = "cpu") -> TorchStainNormaliser:
-        if self.target is None:
-            raise RuntimeError("fit the normaliser (or give a target) first")
-        return TorchStainNormaliser(self.target, device=device)
-
 
 def reference_mosaic(slide: Slide, *, tissue: Any = None, n_patches: int = 32,
                      patch_size: int = 256, mpp: float | None = None, seed: int = 0) -> np.ndarray:

@@ -315,15 +315,6 @@ def _sat(mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.divide(mx - mn, np.maximum(mx, 1), dtype=np.float32)
 
 
-def is_grayscale(rgb: np.ndarray, *, tol: int = 2) -> bool:
-    """True when R, G and B are (almost) equal everywhere."""
-    rgb = np.asarray(rgb)
-    if rgb.ndim == 2:
-        return True
-    mx, mn = _max_min(rgb)
-    return bool(((mx - mn) <= tol).all())
-
-
 _OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0).astype(np.float32)
 
 

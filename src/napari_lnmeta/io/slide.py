@@ -289,11 +289,6 @@ class Slide:
                 levels.append(downsample2x(levels[-1], tile))
         return levels
 
-    def pyramid_downsamples(self, tile: int = DEFAULT_TILE) -> list[float]:
-        """Downsample of every :meth:`pyramid` level relative to level 0."""
-        h0, w0 = self.shape
-        return [(h0 / p.shape[0] + w0 / p.shape[1]) / 2 for p in self.pyramid(tile)]
-
     # -- synthetic levels --------------------------------------------------------------
     def synthetic_shapes(self) -> list[tuple[int, int]]:
         """``(height, width)`` of the synthetic levels 1, 2, ...: level ``k`` is the file's

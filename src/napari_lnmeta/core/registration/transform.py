@@ -168,18 +168,6 @@ class Transform:
         q = self.fixed_grid_to_moving(origin, shape, downsample)
         return sample_image(image, q, image_origin, image_downsample, order=order, cval=cval)
 
-    def warp_to_moving(self, image: np.ndarray, *, image_downsample: float = 1.0,
-                       image_origin: tuple[float, float] = (0.0, 0.0),
-                       origin: tuple[float, float] = (0.0, 0.0),
-                       shape: tuple[int, int] | None = None, downsample: float = 1.0,
-                       order: int = 1, cval: float = 0.0) -> np.ndarray:
-        """Resample a fixed-slide image onto a moving-slide grid (the inverse direction)."""
-        if shape is None:
-            shape = (math.ceil(self.moving.shape[0] / downsample),
-                     math.ceil(self.moving.shape[1] / downsample))
-        p = self.moving_grid_to_fixed(origin, shape, downsample)
-        return sample_image(image, p, image_origin, image_downsample, order=order, cval=cval)
-
     def warp_slide_region(self, moving: Slide, origin: tuple[float, float],
                           shape: tuple[int, int], downsample: float) -> np.ndarray:
         """RGB of the moving slide resampled onto a fixed-slide grid, reading only what is needed.
