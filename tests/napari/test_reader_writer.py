@@ -7,6 +7,13 @@ import warnings
 import numpy as np
 import pytest
 
+from napari_lnmeta._napari.layers import (
+    frame_kwargs,
+    is_slide_layer,
+    slide_layer_names,
+    view_box,
+    viewer_camera,
+)
 from napari_lnmeta._napari.reader import napari_get_reader
 from napari_lnmeta.io.frame import SlideFrame
 from napari_lnmeta.io.omezarr import read_ome_zarr, write_ome_zarr
@@ -71,6 +78,19 @@ def test_result_layers_overlay_the_slide(make_napari_viewer, tmp_path, cmu1):
     world_cell = np.asarray(labels.data_to_world((10 - 0.5, 30 - 0.5)))
     world_px = np.asarray(slide_layer.data_to_world((160 - 0.5, 480 - 0.5)))
     np.testing.assert_allclose(world_cell, world_px)
+    # a heatmap opened from its store is a result over the slide, not a slide
+    kw = frame_kwargs(frame)
+    kw["metadata"]["lnmeta"]["path"] = str(tmp_path / "heat.ome.zarr")
+    viewer.add_image(mask.astype(np.float32), name="heat", **kw)
+    assert [is_slide_layer(ly) for ly in viewer.layers] == [True, False, False]
+    assert slide_layer_names(viewer) == [slide_layer.name]
+    # what is in view, in each layer's own pixels: the same level-0 box
+    viewer_camera(viewer).center = (1000 * 0.499, 700 * 0.499)
+    viewer_camera(viewer).zoom = 1.0
+    r0, c0, r1, c1 = view_box(viewer, slide_layer)
+    assert r0 < 1000 < r1 and c0 < 700 < c1
+    np.testing.assert_allclose(np.asarray(view_box(viewer, labels)) * 16 + 7.5,
+                               (r0, c0, r1, c1))
 
 
 def test_writers_roundtrip(make_napari_viewer, tmp_path):

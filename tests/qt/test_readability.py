@@ -106,7 +106,7 @@ def test_no_private_napari_attributes_behind_the_plugin_proxy(make_napari_viewer
         layer = add_or_update(proxy, *heatmap_layer_data(grid + 0.5, frame))  # reused
         assert layer_kind(proxy.layers[slide.name]) == "image"
         assert canvas_size(proxy)[0] > 0
-        box = visible_box(proxy, slide, slide.mpp)
+        box = visible_box(proxy, slide, proxy.layers[slide.name])
         region = visible_region(proxy, proxy.layers[slide.name], slide.shape)
     assert float(np.asarray(layer.data).max()) == 0.5
     assert box[2] > 0 and box[3] > 0 and region[1][0] > 0

@@ -121,3 +121,29 @@ def canvas_size(viewer) -> tuple[int, int]:
     if size is not None and len(size) >= 2 and min(size[-2:]) > 0:
         return int(size[-2]), int(size[-1])
     return 600, 800
+
+
+def view_box(viewer, layer) -> tuple[float, float, float, float]:
+    """The part of ``layer`` the canvas shows: ``(row0, col0, row1, col1)`` in the layer's
+    data pixels (level 0 for a slide layer), not clipped to the layer. Public API only
+    (:func:`viewer_camera`, :func:`canvas_size`), so it works through napari's proxy."""
+    import numpy as np
+
+    cam = viewer_camera(viewer)
+    centre = np.asarray(cam.center[-2:], dtype=np.float64)
+    half = np.asarray(canvas_size(viewer), dtype=np.float64) / max(float(cam.zoom), 1e-9) / 2
+    scale = np.asarray(layer.scale[-2:], dtype=np.float64)
+    translate = np.asarray(layer.translate[-2:], dtype=np.float64)
+    lo, hi = (centre - half - translate) / scale, (centre + half - translate) / scale
+    return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+
+
+def is_slide_layer(layer) -> bool:
+    """An image layer of a slide file opened by napari-lnmeta (not a result drawn over it)."""
+    meta = layer.metadata.get(META, {})
+    return layer_kind(layer) == "image" and bool(meta.get("path")) and "frame" not in meta
+
+
+def slide_layer_names(viewer) -> list[str]:
+    """Names of the viewer's slide layers (:func:`is_slide_layer`), in layer order."""
+    return [ly.name for ly in viewer.layers if is_slide_layer(ly)]

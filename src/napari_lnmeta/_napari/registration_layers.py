@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from .layers import canvas_size, layer_kind, viewer_camera
+from .layers import layer_kind, view_box
 
 if TYPE_CHECKING:
     import napari
@@ -85,12 +85,8 @@ def world_to_level0(layer, world: np.ndarray) -> np.ndarray:
 def visible_region(viewer: napari.Viewer, layer, shape: tuple[int, int],
                    max_size: int = VIEW_SIZE) -> tuple[tuple[float, float], tuple[int, int], float]:
     """``(origin, shape, downsample)`` of a grid covering what the canvas shows of ``layer``."""
-    center = np.asarray(viewer_camera(viewer).center[-2:], dtype=float)
-    size = canvas_size(viewer)
-    zoom = max(float(viewer_camera(viewer).zoom), 1e-9)
-    half = np.asarray(size[-2:], dtype=float) / zoom / 2
-    lo = world_to_level0(layer, center - half)[0]
-    hi = world_to_level0(layer, center + half)[0]
+    lo0, lo1, hi0, hi1 = view_box(viewer, layer)
+    lo, hi = (lo0, lo1), (hi0, hi1)
     y0, x0 = max(0.0, np.floor(lo[0])), max(0.0, np.floor(lo[1]))
     y1, x1 = min(float(shape[0]), np.ceil(hi[0])), min(float(shape[1]), np.ceil(hi[1]))
     if y1 <= y0 or x1 <= x0:

@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._napari.layers import canvas_size, layer_kind, viewer_camera
+from .._napari.layers import layer_kind, slide_layer_names, view_box, viewer_camera
 from ..errors import InputError, LnmetaError
 from .base import DockWidget
 from .worker import JobPanel, float_spin, int_spin
@@ -218,7 +218,6 @@ class EvaluateWidget(DockWidget):
 
     # -- inputs ----------------------------------------------------------------------------
     def _refresh_layers(self, *_):
-        from .._napari.layers import META
 
         def fill(combo: QComboBox, names: list[str]):
             cur = combo.currentText()
@@ -234,9 +233,7 @@ class EvaluateWidget(DockWidget):
                   if layer_kind(ly) == "points" and ly.name not in own]
         truth = [ly.name for ly in self.viewer.layers
                  if layer_kind(ly) in ("labels", "shapes") and ly.name not in own]
-        slides = [ly.name for ly in self.viewer.layers
-                  if layer_kind(ly) == "image" and ly.metadata.get(META, {}).get("path")
-                  and "frame" not in ly.metadata.get(META, {})]
+        slides = slide_layer_names(self.viewer)
         fill(self.pred_combo, points)
         fill(self.truth_combo, truth + [NO_TRUTH])
         fill(self.slide_combo, slides)
@@ -507,15 +504,7 @@ class EvaluateWidget(DockWidget):
         ly = self._slide_layer()
         if ly is None:
             raise InputError("open a slide first (File > Open, or a sample)")
-        from .._napari.layers import META
-
-        unit = float(ly.metadata.get(META, {}).get("mpp") or 1.0)
-        cam = viewer_camera(self.viewer)
-        center = np.asarray(cam.center[-2:], dtype=np.float64)
-        size = canvas_size(self.viewer)
-        half = np.asarray(size[-2:], dtype=np.float64) / max(float(cam.zoom), 1e-9) / 2
-        lo, hi = (center - half) / unit, (center + half) / unit
-        return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+        return view_box(self.viewer, ly)
 
     def _model(self):
         from ..models.io import default_model_path, load_model

@@ -44,8 +44,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._napari.layers import layer_kind, viewer_camera
+from .._napari.layers import slide_layer_names, viewer_camera
 from ..errors import InputError, LnmetaError
+from ..models.io import device_choices
 from .base import DockWidget, WrapLabel
 from .worker import JobPanel, int_spin
 
@@ -106,7 +107,7 @@ class MILWidget(DockWidget):
         self.bag_size = int_spin(0, 100_000, special="model's")
         self.replace = QCheckBox("sample with replacement")
         self.device = QComboBox()
-        self.device.addItems(_devices())
+        self.device.addItems(device_choices())
         self.cache_dir = QLineEdit()
         self.cache_dir.setPlaceholderText("feature cache folder (default: user cache)")
         self.out_dir = QLineEdit()
@@ -173,12 +174,9 @@ class MILWidget(DockWidget):
 
     # -- inputs ----------------------------------------------------------------------------
     def _refresh_slides(self, *_):
-        from .._napari.layers import META
 
         selected = {it.text() for it in self.slide_list.selectedItems()}
-        names = [ly.name for ly in self.viewer.layers
-                 if layer_kind(ly) == "image" and ly.metadata.get(META, {}).get("path")
-                 and "frame" not in ly.metadata.get(META, {})]
+        names = slide_layer_names(self.viewer)
         self.slide_list.blockSignals(True)
         self.slide_list.clear()
         for n in names:
@@ -188,11 +186,6 @@ class MILWidget(DockWidget):
         if not self.slide_list.selectedItems() and self.slide_list.count():
             self.slide_list.item(0).setSelected(True)
         self.slide_list.blockSignals(False)
-
-    def select_slides(self, names: list[str]) -> None:
-        for i in range(self.slide_list.count()):
-            it = self.slide_list.item(i)
-            it.setSelected(it.text() in names)
 
     def selected_slide_names(self) -> list[str]:
         return [it.text() for it in self.slide_list.selectedItems()]
@@ -412,12 +405,3 @@ class MILWidget(DockWidget):
             world = self.viewer.layers[name].data_to_world(tuple(centre))
             viewer_camera(self.viewer).center = tuple(world)[-2:]
 
-
-def _devices() -> list[str]:
-    import torch
-
-    out = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        out.append("cuda")
-        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return out

@@ -45,6 +45,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import InputError, LnmetaError
+from ..models.io import device_choices
 from ..progress import Progress
 from .base import DockWidget, WrapLabel
 from .worker import JobPanel, float_spin, int_spin
@@ -102,7 +103,7 @@ class PredictWidget(DockWidget):
         self.stride = int_spin(0, 4096, special="= patch", suffix=" px")
         self.tta = QCheckBox("8-direction TTA")
         self.device = QComboBox()
-        self.device.addItems(_devices())
+        self.device.addItems(device_choices())
         self.batch = int_spin(0, 4096, special="auto")
         self.opacity = float_spin(0.0, 1.0, 0.7, step=0.1)
         self.lesion_threshold = float_spin(0.0, 1.0, 0.5, decimals=2, step=0.05)
@@ -164,12 +165,10 @@ class PredictWidget(DockWidget):
 
     # -- inputs ----------------------------------------------------------------------------
     def _refresh_slides(self, *_):
-        from .._napari.layers import META, layer_kind
+        from .._napari.layers import slide_layer_names
 
         current = self.slide_combo.currentText()
-        names = [ly.name for ly in self.viewer.layers
-                 if layer_kind(ly) == "image" and ly.metadata.get(META, {}).get("path")
-                 and "frame" not in ly.metadata.get(META, {})]
+        names = slide_layer_names(self.viewer)
         self.slide_combo.blockSignals(True)
         self.slide_combo.clear()
         self.slide_combo.addItems(names)
@@ -377,12 +376,3 @@ class PredictWidget(DockWidget):
         show_info(f"saved {out}")
         return out
 
-
-def _devices() -> list[str]:
-    import torch
-
-    out = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        out.append("cuda")
-        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return out

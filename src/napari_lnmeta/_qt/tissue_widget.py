@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._napari.layers import canvas_size, layer_kind, viewer_camera
+from .._napari.layers import slide_layer_names, view_box
 from ..errors import InputError
 from ..progress import Progress
 from .base import DockWidget
@@ -67,14 +67,10 @@ class TissueStainSession:
         self.tissue = self.grid = None
 
 
-def visible_box(viewer: napari.Viewer, slide: Slide, scale: float) -> tuple[int, int, int, int]:
+def visible_box(viewer: napari.Viewer, slide: Slide, layer) -> tuple[int, int, int, int]:
     """Level-0 ``(y0, x0, h, w)`` of the slide area shown in the canvas (clipped)."""
-    center = np.asarray(viewer_camera(viewer).center[-2:], dtype=np.float64)
-    size = canvas_size(viewer)
-    zoom = max(float(viewer_camera(viewer).zoom), 1e-9)
-    half = np.asarray(size[-2:], dtype=np.float64) / zoom / 2
-    lo = (center - half) / scale
-    hi = (center + half) / scale
+    lo0, lo1, hi0, hi1 = view_box(viewer, layer)
+    lo, hi = (lo0, lo1), (hi0, hi1)
     h0, w0 = slide.shape
     y0, x0 = int(max(0, np.floor(lo[0]))), int(max(0, np.floor(lo[1])))
     y1, x1 = int(min(h0, np.ceil(hi[0]))), int(min(w0, np.ceil(hi[1])))
@@ -205,8 +201,7 @@ class TissueStainWidget(DockWidget):
 
     # -- slide selection -----------------------------------------------------------------
     def _slide_layers(self) -> list[str]:
-        return [lyr.name for lyr in self.viewer.layers
-                if layer_kind(lyr) == "image" and lyr.metadata.get("lnmeta", {}).get("path")]
+        return slide_layer_names(self.viewer)
 
     def _refresh_slides(self, *_):
         names = self._slide_layers()
@@ -232,10 +227,6 @@ class TissueStainWidget(DockWidget):
         if self.session.slide is None or self.session.layer_name != name:
             self.session.reset(slide_from_layer(self.viewer.layers[name]), name)
         return self.session.slide
-
-    def _layer_scale(self) -> float:
-        layer = self.viewer.layers[self.session.layer_name]
-        return float(layer.scale[-1])
 
     # -- jobs ------------------------------------------------------------------------------
     def _start(self, make_job, on_returned) -> None:
@@ -391,7 +382,8 @@ class TissueStainWidget(DockWidget):
         """Normalise the visible part of the slide and show it over the slide."""
         def go():
             slide = self._slide()
-            box = visible_box(self.viewer, slide, self._layer_scale())
+            box = visible_box(self.viewer, slide,
+                              self.viewer.layers[self.session.layer_name])
             target = self.session.target
             if target is not None and target.method != self.stain_method.currentText():
                 target = None

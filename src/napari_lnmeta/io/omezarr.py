@@ -1,18 +1,10 @@
 """Results store: multiscale OME-Zarr (NGFF 0.4, zarr format 2) for masks and heatmaps.
 
-Every result remembers the slide frame it belongs to, in ``.zattrs["lnmeta"]``:
-
-``downsample``
-    level-0 slide pixels per result pixel (a heatmap at stride 256 has 256);
-``origin``
-    ``(row, col)`` in level-0 slide pixels of the top-left corner of result pixel (0, 0);
-``slide_mpp``
-    µm per level-0 slide pixel (``None`` when unknown);
-``slide``, ``slide_shape``
-    name and ``(height, width)`` of the slide it was computed on.
-
-From these, :func:`napari_lnmeta.io.frame.layer_transform` gives napari's ``scale`` and ``translate`` so the
-result lies exactly over the slide. Writes are atomic (temporary name, then rename).
+Every result remembers the slide frame it belongs to
+(:class:`~napari_lnmeta.io.frame.SlideFrame`: downsample, origin, slide µm/px, slide name
+and shape) in ``.zattrs["lnmeta"]``, so
+:func:`~napari_lnmeta.io.frame.layer_transform` puts it exactly over the slide in napari.
+Writes are atomic (temporary name, then rename).
 """
 
 from __future__ import annotations

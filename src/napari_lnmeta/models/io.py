@@ -374,6 +374,17 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def device_choices() -> list[str]:
+    """The ``--device`` values this machine offers: auto, cpu, and cuda / cuda:N when present."""
+    import torch
+
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return out
+
+
 def preprocess(batch: torch.Tensor | np.ndarray, meta: ModelMeta, *,
                device: str | torch.device = "cpu", normalised: bool = False) -> torch.Tensor:
     """Turn patches into the network's input: float32 NCHW, scaled and normalised.
