@@ -150,3 +150,17 @@ def test_sgd_l1_and_three_classes(tmp_path):
     with pytest.raises(InputError, match="fewer than the 64 patches"):
         run(train_mil_job(slides, MILTrainConfig(bag_size=64), classes=["a", "b", "c"],
                           backbone=inst.backbone))
+
+
+def test_cohort_classes_and_label_indices():
+    from napari_lnmeta.train.mil_cohort import label_indices, mil_classes
+
+    assert mil_classes(["N0", "N+", "N0"]) == ["N0", "N+"]
+    assert mil_classes(["0", "2"]) == ["0", "1", "2"]
+    assert mil_classes(["b", "a"]) == ["a", "b"]
+    assert mil_classes(["x"], " neg , pos ") == mil_classes(["x"], ["neg", "pos"]) == ["neg", "pos"]
+    with pytest.raises(InputError, match="at least two classes"):
+        mil_classes(["a", "a"])
+    assert label_indices(["pos", "0", "1"], ["neg", "pos"]) == [1, 0, 1]
+    with pytest.raises(InputError, match=r"t.csv: label '2' is not one of neg, pos"):
+        label_indices(["2"], ["neg", "pos"], source="t.csv")

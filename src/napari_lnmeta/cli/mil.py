@@ -152,30 +152,6 @@ def extract_features(p):
 
 
 # --------------------------------------------------------------------------------------
-def _resolve(base: Path, value: str) -> Path:
-    p = Path(value)
-    return p if p.is_absolute() else base / p
-
-
-def _classes(labels: list[str], given: str | None) -> list[str]:
-    from ..errors import InputError
-    from ..models.mil import CLASSES_2, CLASSES_3
-
-    if given:
-        classes = [c.strip() for c in given.split(",") if c.strip()]
-    elif set(labels) <= set(CLASSES_2):
-        classes = list(CLASSES_2)
-    elif set(labels) <= set(CLASSES_3):
-        classes = list(CLASSES_3)
-    elif all(v.isdigit() for v in labels):
-        classes = [str(i) for i in range(max(int(v) for v in labels) + 1)]
-    else:
-        classes = sorted(set(labels))
-    if len(classes) < 2:
-        raise InputError(f"need at least two classes, got {classes}")
-    return classes
-
-
 @command("train-mil", help="Train attention MIL on slide labels (seeds 002/003)")
 def train_mil(p):
     p.add_argument("table", help="CSV with a 'slide' (slide file) or 'features' (feature "
@@ -226,100 +202,21 @@ def train_mil(p):
     add_overwrite(p)
 
     def run(args):
-        from ..core.bags import MILSlide, select_instances
-        from ..core.features import FeatureCache, slide_features_job
-        from ..errors import InputError
-        from ..io.slide import open_slide
-        from ..models.clinical import ClinicalEncoder, clinical_row, read_csv_rows
-        from ..models.extractor import BackboneInfo, load_extractor
         from ..progress import run as drive
         from ..train.mil import MILTrainConfig, train_mil_job
+        from ..train.mil_cohort import mil_cohort_job
 
         table = Path(args.table)
-        base = table.parent
-        rows = read_csv_rows(table)
-        head = list(rows[0])
-        low = {h.lower(): h for h in head}
-        if "label" not in low:
-            raise InputError(f"{table}: needs a 'label' column")
-        if "slide" not in low and "features" not in low:
-            raise InputError(f"{table}: needs a 'slide' or a 'features' column")
         out_dir = Path(args.out)
-        cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / "features"
         cfg = _feature_config(args)
-        labels = [r[low["label"]] for r in rows]
-        classes = _classes(labels, args.classes)
-        ext = None
-        caches, names, instances = [], [], []
         tp = _progress()
-        for i, r in enumerate(rows, start=2):
-            feat = r.get(low.get("features", ""), "")
-            if feat:
-                cache = FeatureCache(_resolve(base, feat))
-            else:
-                if ext is None:
-                    ext = load_extractor(cfg.backbone, init=cfg.init, seed=cfg.seed,
-                                         patch_size=cfg.patch_size)
-                slide = open_slide(_resolve(base, r[low["slide"]]), mpp=args.mpp)
-                cache = drive(slide_features_job(slide, cfg, cache_dir=cache_dir,
-                                                 extractor=ext), tp)
-            reg = r.get(low.get("regions", ""), "")
-            idx = select_instances(cache, regions=_resolve(base, reg) if reg else None,
-                                   region_scale=args.region_scale)
-            if len(idx) == 0:
-                raise InputError(f"{table}: line {i}: no patches in the slide's regions")
-            caches.append(cache)
-            instances.append(idx)
-            names.append(Path(r.get(low.get("slide", ""), "") or cache.slide_name).name)
-        kinds = {c.backbone.features_key(): c.backbone for c in caches}
-        if len(kinds) > 1:
-            raise InputError(f"{table}: the features come from different backbones or "
-                             "inputs (" + "; ".join(sorted(b.describe() for b in kinds.values()))
-                             + "); extract them all with one backbone")
-        backbone: BackboneInfo = caches[0].backbone
-        # the grid settings new slides must be cut with (stored in the model)
-        fmeta = dict(caches[0].attrs.get("config") or {})
-        g = caches[0].attrs["grid"]
-        if not fmeta:  # a cache made by extract_features_job on a custom grid
-            fmeta = {"stride": g["stride"], "min_tissue": g["params"].get("min_tissue") or 0.5,
-                     "entropy_min": g["params"].get("entropy_min")}
-            fmeta.update({"level": g["level"]} if g["level"] is not None else {"mpp": g["mpp"]})
-        for k in ("backbone", "init", "seed", "batch_size", "device", "amp", "patch_size"):
-            fmeta.pop(k, None)
-
-        y = []
-        for v in labels:
-            if v in classes:
-                y.append(classes.index(v))
-            elif v.isdigit() and int(v) < len(classes):
-                y.append(int(v))
-            else:
-                raise InputError(f"{table}: label {v!r} is not one of {', '.join(classes)}")
-        numeric = [c.strip() for c in args.numeric.split(",") if c.strip()]
-        categorical = [c.strip() for c in args.categorical.split(",") if c.strip()]
-        splits = None
-        if "split" in low:
-            splits = [r[low["split"]].strip().lower() for r in rows]
-        encoder, clin_rows = None, None
-        if numeric or categorical:
-            src = args.clinical or str(table)
-            clin_rows = [clinical_row(args.clinical, n) for n in names] if args.clinical else rows
-            # fit on the training cohort only (no test-set statistics in the encoder)
-            if splits is None:
-                from ..train.mil import split_slides
-
-                splits = split_slides(y, test_fraction=args.test_fraction,
-                                      val_fraction=args.val_fraction, seed=args.seed)
-            tr = [k for k, s in enumerate(splits) if s == "train"]
-            encoder = ClinicalEncoder.fit([clin_rows[k] for k in tr], numeric=numeric,
-                                          categorical=categorical,
-                                          names=[names[k] for k in tr], source=src)
-        slides = []
-        for k, (cache, idx) in enumerate(zip(caches, instances, strict=True)):
-            clin = None if encoder is None else encoder.transform(
-                clin_rows[k], name=names[k], source=args.clinical or str(table))
-            slides.append(MILSlide(name=names[k], features=cache.load(idx), label=y[k],
-                                   clinical=clin, coords=cache.coords[idx]))
+        cohort = drive(mil_cohort_job(
+            table, cfg, cache_dir=Path(args.cache_dir) if args.cache_dir else out_dir / "features",
+            classes=args.classes, mpp=args.mpp, clinical=args.clinical,
+            numeric=[c.strip() for c in args.numeric.split(",") if c.strip()],
+            categorical=[c.strip() for c in args.categorical.split(",") if c.strip()],
+            region_scale=args.region_scale, test_fraction=args.test_fraction,
+            val_fraction=args.val_fraction, seed=args.seed), tp)
         tcfg = MILTrainConfig(pooling=args.pooling, embed_dim=args.embed_dim or None,
                               attn_dim=args.attn_dim, dropout=args.dropout,
                               bag_size=args.bag_size, bags_per_slide=args.bags,
@@ -328,9 +225,10 @@ def train_mil(p):
                               weight_decay=args.weight_decay, l1=args.l1, t0=args.t0,
                               test_fraction=args.test_fraction, val_fraction=args.val_fraction,
                               patience=args.patience, seed=args.seed, device=args.device)
-        res = drive(train_mil_job(slides, tcfg, classes=classes, backbone=backbone,
-                                  clinical=encoder, splits=splits, out_dir=out_dir,
-                                  overwrite=args.overwrite, features_meta=fmeta,
+        res = drive(train_mil_job(cohort.slides, tcfg, classes=cohort.classes,
+                                  backbone=cohort.backbone, clinical=cohort.clinical,
+                                  splits=cohort.splits, out_dir=out_dir,
+                                  overwrite=args.overwrite, features_meta=cohort.features_meta,
                                   extra={"table": str(table)}), tp)
         print(f"model: {res.model_path} (best epoch {res.best_epoch})")
         for split in ("val", "test"):
