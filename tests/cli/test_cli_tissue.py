@@ -7,10 +7,10 @@ import json
 import numpy as np
 
 from napari_lnmeta.cli import main
-from napari_lnmeta.core.stain import StainTarget
 from napari_lnmeta.core.tiling import PatchGrid
 from napari_lnmeta.core.tissue import TissueMask
 from napari_lnmeta.io.omezarr import read_ome_zarr
+from napari_lnmeta.io.stain_target import StainTarget
 
 
 def test_tissue_grid_stain_fit(cmu1, tmp_path, capsys):

@@ -11,6 +11,7 @@ from PIL import Image
 from napari_lnmeta.core import stain as S
 from napari_lnmeta.errors import InputError
 from napari_lnmeta.io.slide import MppWarning, open_slide
+from napari_lnmeta.io.stain_target import NORMALISERS, StainTarget
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_estimated_stains_deconvolve(he_tiles):
         S.estimate_stains(np.full((32, 32, 3), 250, np.uint8))
 
 
-@pytest.mark.parametrize("method", S.NORMALISERS)
+@pytest.mark.parametrize("method", NORMALISERS)
 def test_blank_and_background_tiles_never_nan(he_tiles, method):
     ref, src = he_tiles
     target = S.fit_target(ref, method)
@@ -129,7 +130,7 @@ def test_blank_and_background_tiles_never_nan(he_tiles, method):
 
 def test_target_json_roundtrip(he_tiles, tmp_path):
     ref, src = he_tiles
-    for method in S.NORMALISERS:
+    for method in NORMALISERS:
         norm = S.StainNormaliser(method).fit(ref, source="cmu1")
         path = norm.save(tmp_path / f"{method}.json")
         again = S.StainNormaliser.load(path)
@@ -137,10 +138,10 @@ def test_target_json_roundtrip(he_tiles, tmp_path):
         assert np.array_equal(again.transform(src), norm.transform(src))
     (tmp_path / "bad.json").write_text("{\"format\": \"other\"}")
     with pytest.raises(InputError, match="not an lnmeta stain target"):
-        S.StainTarget.load(tmp_path / "bad.json")
+        StainTarget.load(tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("method", S.NORMALISERS)
+@pytest.mark.parametrize("method", NORMALISERS)
 def test_torch_normaliser_matches_numpy(he_tiles, method, one_torch_thread):
     import torch
 
@@ -168,7 +169,7 @@ def test_torch_normaliser_matches_numpy(he_tiles, method, one_torch_thread):
 
 
 def test_default_target_and_slide_fit(cmu1):
-    assert S.StainTarget.default().stains.shape == (2, 3)
+    assert StainTarget.default().stains.shape == (2, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MppWarning)
         slide = open_slide(cmu1)

@@ -37,10 +37,10 @@ from .worker import JobPanel, float_spin, int_spin
 if TYPE_CHECKING:
     import napari
 
-    from ..core.stain import StainTarget
     from ..core.tiling import PatchGrid
     from ..core.tissue import TissueMask
     from ..io.slide import Slide
+    from ..io.stain_target import StainTarget
 
 TISSUE_LAYER = "Tissue"
 GRID_LAYER = "Patch grid"
@@ -106,8 +106,8 @@ class TissueStainWidget(DockWidget):
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        from ..core.stain import NORMALISERS
         from ..core.tissue import METHODS
+        from ..io.stain_target import NORMALISERS
 
         self.viewer = napari_viewer
         self.session = TissueStainSession()
@@ -367,7 +367,8 @@ class TissueStainWidget(DockWidget):
                                   "tissue pixels")
 
     def _preview_job(self, slide: Slide, box, target: StainTarget | None, method: str):
-        from ..core.stain import StainTarget, normalise
+        from ..core.stain import normalise
+        from ..io.stain_target import StainTarget
 
         yield Progress(0, 2, "reading view")
         rgb, ds = read_box(slide, box)
@@ -424,7 +425,7 @@ class TissueStainWidget(DockWidget):
             self._guard(lambda: self.session.grid.save(path, overwrite=True))
 
     def _load_target_dialog(self) -> None:
-        from ..core.stain import StainTarget
+        from ..io.stain_target import StainTarget
 
         path, _ = QFileDialog.getOpenFileName(self, "Load stain target", "", "*.json")
         if path:

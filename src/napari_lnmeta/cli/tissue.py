@@ -124,7 +124,7 @@ def grid(p):
 @command("stain-fit", help="Fit a stain-normalisation target on a slide's tissue and save it "
                            "as JSON")
 def stain_fit(p):
-    from ..core.stain import NORMALISERS
+    from ..io.stain_target import NORMALISERS
 
     p.add_argument("slide", help="reference slide (or image)")
     add_out(p, "output target (.json)", old=("--output",))

@@ -132,7 +132,7 @@ class SeparabilityConfig:
         Also run after stain normalisation with this method (``"macenko"``,
         ``"vahadane"``, ``"reinhard"``), or ``None``.
     stain_target
-        A stain-target JSON (:class:`~napari_lnmeta.core.stain.StainTarget`); default:
+        A stain-target JSON (:class:`~napari_lnmeta.io.stain_target.StainTarget`); default:
         fitted on a mosaic of patches from both sources.
     k, n_components, n_init, seed, batch_size, device
         k-means clusters, PCA dimensions, restarts, random seed, feature batch, device.
@@ -330,7 +330,8 @@ def separability_job(a: PatchSource | str | Path, b: PatchSource | str | Path,
     src = np.r_[np.zeros(len(a.patches), np.int64), np.ones(len(b.patches), np.int64)]
     runs = [("raw", x, None)]
     if cfg.stain:
-        from .stain import StainTarget, fit_target
+        from ..io.stain_target import StainTarget
+        from .stain import fit_target
 
         yield Progress(0, 1, f"{cfg.stain} stain normalisation")
         if cfg.stain_target:

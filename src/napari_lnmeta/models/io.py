@@ -218,7 +218,7 @@ def meta_from_json(d: Any, path: str | Path) -> ModelMeta:
     except (TypeError, ValueError) as e:
         raise ModelError(path, f"corrupt napari-lnmeta metadata ({e})") from e
     if meta.normalisation:
-        from ..core.stain import StainTarget
+        from ..io.stain_target import StainTarget
 
         norm = meta.normalisation
         td = norm.get("target")
