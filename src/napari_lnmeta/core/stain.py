@@ -343,6 +343,7 @@ class StainNormaliser:
     def load(cls, path: str | Path) -> StainNormaliser:
         return cls(target=StainTarget.load(path))
 
+
 def reference_mosaic(slide: Slide, *, tissue: Any = None, n_patches: int = 32,
                      patch_size: int = 256, mpp: float | None = None, seed: int = 0) -> np.ndarray:
     """A ``(n * S, S, 3)`` stack of random tissue patches of a slide, to fit a target on.
