@@ -42,7 +42,7 @@ def _warm(step):
 
 
 def timed_run(items, step, out, workers):
-    from napari_lnmeta.batch import run_batch
+    from napari_lnmeta.cohort import run_batch
 
     t = {}
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--step", default="tissue")
     args = ap.parse_args(argv)
-    from napari_lnmeta.batch import load_cohort
+    from napari_lnmeta.cohort import load_cohort
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)

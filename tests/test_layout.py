@@ -31,7 +31,7 @@ def _imports(path: Path):
 def test_core_packages_never_import_qt_or_napari():
     bad = []
     files = [f for sub in QT_FREE for f in (SRC / sub).rglob("*.py")]
-    files += [SRC / n for n in ("batch.py", "progress.py", "errors.py", "__init__.py")]
+    files += [SRC / n for n in ("cohort.py", "progress.py", "errors.py", "__init__.py")]
     for f in files:
         for mod in _imports(f):
             if any(mod == b or mod.startswith(b + ".") for b in FORBIDDEN):
@@ -41,7 +41,7 @@ def test_core_packages_never_import_qt_or_napari():
 
 def test_import_contracts_hold(capsys):
     """pyproject.toml's import-linter contracts: Qt-free core, and layers that point down
-    (errors < progress < io < models < core < train < batch < cli | _napari < _qt)."""
+    (errors < progress < io < models < core < train < cohort < cli | _napari < _qt)."""
     from importlinter.cli import lint_imports
 
     config = SRC.parents[1] / "pyproject.toml"

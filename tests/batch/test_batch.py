@@ -11,8 +11,8 @@ import signal
 import numpy as np
 import pytest
 
-from napari_lnmeta.batch import load_cohort, run_batch
 from napari_lnmeta.cli import main
+from napari_lnmeta.cohort import load_cohort, run_batch
 from napari_lnmeta.errors import InputError
 from napari_lnmeta.io.omezarr import read_ome_zarr
 from napari_lnmeta.progress import run
@@ -130,7 +130,7 @@ def test_cli_batch(cohort_dir, tmp_path, capsys):
 
 
 def test_step_parameters_parse_as_numbers_booleans_or_text():
-    from napari_lnmeta.batch import parse_params
+    from napari_lnmeta.cohort import parse_params
 
     got = parse_params(["model=/m.safetensors", "batch-size=32", "threshold = 0.5",
                         "tta=TRUE", "x=false"])

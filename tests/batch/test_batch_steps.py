@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tests._mil_helpers import BACKBONE, CROP_FEATURES_META, PATCH, camelyon_crop, random_mil_file
 
-from napari_lnmeta.batch import STEPS, load_cohort, run_batch
+from napari_lnmeta.cohort import STEPS, load_cohort, run_batch
 from napari_lnmeta.io.omezarr import read_ome_zarr
 from napari_lnmeta.progress import run
 
@@ -118,7 +118,7 @@ def test_features_then_mil_steps(tmp_path):
 
 
 def test_one_gpu_per_worker_only_when_asked_for_auto():
-    from napari_lnmeta.batch import worker_device
+    from napari_lnmeta.cohort import worker_device
 
     assert worker_device("auto", 0, 4) == "cuda:0"
     assert worker_device("auto", 5, 4) == "cuda:1"

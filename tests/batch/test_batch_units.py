@@ -148,7 +148,7 @@ def test_tcp_scheduler_writes_relative_out_on_the_client(slides, tmp_path, monke
 
 
 def test_file_parameters_are_made_absolute_on_the_client(tmp_path, monkeypatch):
-    from napari_lnmeta.batch import _absolute_paths
+    from napari_lnmeta.cohort import _absolute_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.safetensors").write_bytes(b"x")

@@ -134,7 +134,7 @@ def test_type_is_decided_by_content_not_name(cmu1, ihc_png, tmp_path):
 
 
 def test_one_list_of_slide_suffixes_used_by_batch(dicom_file, dicom_series, tmp_path):
-    from napari_lnmeta.batch import load_cohort
+    from napari_lnmeta.cohort import load_cohort
 
     assert {".dcm", ".vmu", ".ome.tif", ".svs", ".ndpi", ".mrxs"} <= set(SLIDE_SUFFIXES)
     folder = tmp_path / "cohort"

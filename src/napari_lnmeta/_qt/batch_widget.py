@@ -16,7 +16,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from ..batch import STEPS, load_cohort, parse_params, run_batch
+from ..cohort import STEPS, load_cohort, parse_params, run_batch
 from .base import DockWidget
 from .worker import JobPanel
 

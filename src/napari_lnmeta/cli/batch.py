@@ -32,7 +32,7 @@ def batch(p):
                    "never touched")
 
     def run(args):
-        from ..batch import load_cohort, parse_params, run_batch
+        from ..cohort import load_cohort, parse_params, run_batch
         from ..progress import run as drive
 
         params = parse_params(args.param)

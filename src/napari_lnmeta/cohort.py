@@ -12,7 +12,7 @@ lists every slide with its status.
 
 Python::
 
-    from napari_lnmeta.batch import load_cohort, run_batch
+    from napari_lnmeta.cohort import load_cohort, run_batch
     from napari_lnmeta.progress import run
     report = run(run_batch(load_cohort("slides/"), "tissue", "out/"))
 
