@@ -67,24 +67,20 @@ def find_target_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
 def _as_input(patches: Any, meta: ModelMeta | None, device: torch.device) -> torch.Tensor:
     import torch
 
-    from ..models.io import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, preprocess
+    from ..models.io import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
+    from ..models.preprocess import Preprocess
 
     if isinstance(patches, torch.Tensor) and patches.is_floating_point():
         x = patches.to(device).float()
         return x[None] if x.ndim == 3 else x
     m = meta or ModelMeta(architecture="?", classes=["a", "b"], patch_size=1,
                           mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    stain = None
     if meta is not None and meta.normalisation:
         from .inference import stain_transform
 
-        x = torch.from_numpy(np.ascontiguousarray(patches)) if isinstance(patches, np.ndarray) \
-            else patches
-        if x.ndim == 3:
-            x = x[None]
-        x = x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        x = stain_transform(meta.normalisation, device)(x)
-        return preprocess(x, m, device=device)
-    return preprocess(patches, m, device=device)
+        stain = stain_transform(meta.normalisation, device)
+    return Preprocess.for_meta(m, device, stain=stain)(patches)
 
 
 def gradcam(model: nn.Module, patches: Any, target_layer: nn.Module | None = None, *,

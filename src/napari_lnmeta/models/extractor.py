@@ -39,6 +39,7 @@ import numpy as np
 
 from ..errors import ModelError
 from .io import IMAGENET_MEAN, IMAGENET_STD
+from .preprocess import Preprocess
 
 if TYPE_CHECKING:
     import torch
@@ -324,36 +325,22 @@ def auto_batch_size(model: nn.Module, info: BackboneInfo, device, *, requested: 
     return int(max(1, min(int(requested), fit)))
 
 
-class Preprocessor:
-    """uint8 ``(B, H, W, 3)`` patches -> normalised float NCHW on the device.
+class Preprocessor(Preprocess):
+    """uint8 ``(B, H, W, 3)`` patches -> normalised float NCHW on the device, for a
+    :class:`BackboneInfo`: the :class:`~napari_lnmeta.models.preprocess.Preprocess` every
+    patch network uses, with the backbone's mean/std.
 
-    Applies ``stain`` (a callable on float NCHW batches in [0, 1] on the device) first,
-    then the mean/std of :class:`BackboneInfo`. A trained patch model whose metadata asks
-    for stain normalisation needs its normaliser passed in (models sit below the stain
-    code); :func:`napari_lnmeta.core.features.make_preprocessor` builds both.
+    A trained patch model whose metadata asks for stain normalisation needs its
+    normaliser passed in as ``stain`` (models sit below the stain code);
+    :func:`napari_lnmeta.core.features.make_preprocessor` builds both.
     """
 
     def __init__(self, info: BackboneInfo, device: str | torch.device, *,
                  stain: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        import torch
-
         if info.normalisation and stain is None:
             raise ValueError(f"{info.describe()} asks for stain normalisation: pass stain= "
                              "(core.features.make_preprocessor does)")
-        self.device = torch.device(device)
-        self.mean = torch.tensor(info.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(info.std, device=self.device).view(1, 3, 1, 1)
-        self.stain = stain
-
-    def __call__(self, patches: np.ndarray | torch.Tensor) -> torch.Tensor:
-        import torch
-
-        x = torch.from_numpy(np.ascontiguousarray(patches)) if isinstance(patches, np.ndarray) \
-            else patches
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        if self.stain is not None:
-            x = self.stain(x)
-        return ((x - self.mean) / self.std).contiguous()
+        super().__init__(info.mean, info.std, device=device, stain=stain)
 
 
 __all__ = ["DEFAULT_PATCH_SIZE", "BackboneInfo", "Preprocessor", "auto_batch_size", "feature_dim_of", "file_digest",

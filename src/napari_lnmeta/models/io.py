@@ -392,29 +392,19 @@ def preprocess(batch: torch.Tensor | np.ndarray, meta: ModelMeta, *,
     ``batch`` may be a numpy or torch ``uint8`` array, ``(B, H, W, 3)`` or ``(B, 3, H, W)``
     (values 0-255), or a float tensor ``(B, 3, H, W)`` in [0, 1]. With
     ``normalised=True`` a float tensor is taken as already mean/std normalised.
+    The transform is :class:`~napari_lnmeta.models.preprocess.Preprocess` with the
+    model's mean/std (no stain normaliser: this layer has none; whole-slide inference
+    and feature extraction pass it in).
     """
     import torch
 
-    dev = torch.device(device)
-    x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise ValueError(f"expected a batch (B, H, W, 3) or (B, 3, H, W), got shape {tuple(x.shape)}")
-    if x.shape[1] != 3 and x.shape[-1] == 3:
-        x = x.permute(0, 3, 1, 2)
-    if x.shape[1] != 3:
-        raise ValueError(f"expected 3 colour channels, got shape {tuple(x.shape)}")
-    x = x.to(dev, non_blocking=True)
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255.0)
-    elif normalised:
+    from .preprocess import Preprocess
+
+    prep = Preprocess.for_meta(meta, device)
+    x = prep.to_nchw(batch)
+    if normalised and x.dtype != torch.uint8:
         return x.float().contiguous()
-    else:
-        x = x.float()
-    mean = torch.tensor(meta.mean, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(meta.std, device=dev).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    return prep(x)
 
 
 def logits_to_probs(logits: torch.Tensor, meta: ModelMeta) -> torch.Tensor:

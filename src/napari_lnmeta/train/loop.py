@@ -50,6 +50,7 @@ import torch
 # is no protection; the napari plugin loads triton safely instead (napari_lnmeta._llvm_guard).
 from torch import nn
 
+from ..core.inference import model_preprocess
 from ..core.metrics import binary_metrics, multiclass_metrics
 from ..errors import InputError, ModelError
 from ..io import jsonio
@@ -261,10 +262,6 @@ def _loss_fn(cfg: TrainConfig, n_classes: int):
     return lambda logits, y: bce(logits.float(), nn.functional.one_hot(y, n_classes).float())
 
 
-def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x - mean) / std
-
-
 # -- training state (optimiser / scheduler / RNG) as safetensors + JSON ------------------
 def _state_tensors(opt, sched, rng_state: dict, extra: dict) -> tuple[dict, dict]:
     sd = opt.state_dict()
@@ -376,8 +373,7 @@ def predict_patches_job(model: nn.Module, ps: PatchSet, meta: ModelMeta, *, devi
                 message: str = "predicting") -> Job[np.ndarray]:
     """Class probabilities ``(N, C)`` of every patch of ``ps`` (in order)."""
     dev = torch.device(device)
-    mean = torch.tensor(meta.mean, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(meta.std, device=dev).view(1, 3, 1, 1)
+    prep = model_preprocess(meta, dev)
     out = np.empty((len(ps), len(meta.classes)), dtype=np.float32)
     loader = BatchLoader(ps, batch_size, sampler="sequential", workers=workers)
     was_training = model.training
@@ -387,8 +383,7 @@ def predict_patches_job(model: nn.Module, ps: PatchSet, meta: ModelMeta, *, devi
     try:
         for b, (x, _) in enumerate(loader):
             with torch.inference_mode():
-                xt = torch.from_numpy(x).to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
-                xt = _normalise(xt, mean, std)
+                xt = prep(x)
                 if amp and dev.type == "cuda":
                     with torch.autocast("cuda", dtype=torch.float16):
                         logits = model(xt)
@@ -579,8 +574,7 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
     loss_fn = _loss_fn(cfg, len(classes))
     use_amp = bool(cfg.amp and dev.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    prep = model_preprocess(meta, dev)  # the model's input transform, augmented between its steps
 
     history: list[dict[str, Any]] = []
     step, start_epoch = 0, 0
@@ -668,9 +662,8 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
         t_epoch = time.perf_counter()
         t_prev = t_epoch
         for b, (x_np, y_np) in enumerate(loader, start=first):
-            x = torch.from_numpy(x_np).to(dev, non_blocking=True).permute(0, 3, 1, 2)
+            x = prep.normalise(augment(prep.to_unit(x_np)))
             y = torch.from_numpy(y_np).to(dev, non_blocking=True)
-            x = _normalise(augment(x), mean_t, std_t)
             opt.zero_grad(set_to_none=True)
             if use_amp:
                 with torch.autocast("cuda", dtype=torch.float16):

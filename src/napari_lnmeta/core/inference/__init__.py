@@ -46,6 +46,7 @@ from .forward import (
     auto_batch_size,
     dihedral,
     is_oom,
+    model_preprocess,
     stain_transform,
 )
 from .loading import (
@@ -90,6 +91,7 @@ __all__ = [
     "read_patches_into",
     "run_inference",
     "run_key",
+    "model_preprocess",
     "stain_transform",
     "tile_working_set",
     "tumour_index",

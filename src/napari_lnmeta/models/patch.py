@@ -1,0 +1,130 @@
+"""The patch classifier as the pipeline uses it (:class:`PatchModel`): uint8 patches in,
+tumour probability out, through the model's own :class:`~.preprocess.Preprocess`,
+channels-last memory, AMP and optional 8-direction TTA (:func:`dihedral`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..errors import ModelError
+from .preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .io import ModelMeta
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th of the 8 dihedral transforms of an NCHW batch (0 = identity).
+
+    ``k % 4`` quarter turns, then a left-right flip when ``k >= 4`` (seed 004's eight
+    directions: four rotations, flipped and not).
+    """
+    import torch
+
+    y = torch.rot90(x, k % 4, dims=(2, 3)) if k % 4 else x
+    return torch.flip(y, dims=(3,)) if k >= 4 else y
+
+
+class PatchModel:
+    """The model as the pipeline uses it: uint8 NHWC patches in, tumour probability out.
+
+    Parameters
+    ----------
+    net, meta
+        The network (on ``device``) and its metadata.
+    device
+        Where it runs.
+    tumour
+        Index of the tumour class.
+    tta, amp, channels_last
+        See :class:`~napari_lnmeta.core.inference.InferenceConfig`.
+    stain
+        The on-device stain normaliser the metadata asks for (a callable on float NCHW
+        batches in [0, 1]; :func:`napari_lnmeta.core.inference.stain_transform`), or
+        ``None``. It becomes part of :attr:`preprocess`.
+
+    Attributes
+    ----------
+    preprocess
+        The model's input transform (:class:`~.preprocess.Preprocess`): the same one
+        feature extraction, ``infer_batch`` and training use.
+    """
+
+    def __init__(self, net: nn.Module, meta: ModelMeta, device: torch.device, *, tumour: int,
+                 tta: bool = False, amp: bool = True, channels_last: bool = True,
+                 stain: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 compile: bool = False, model_path: str = "model"):
+        import torch
+
+        if meta.normalisation and stain is None:
+            raise ValueError(f"{model_path} asks for stain normalisation: pass stain= "
+                             "(core.inference.stain_transform builds it)")
+        self.meta = meta
+        self.device = device
+        self.tumour = tumour
+        self.tta = tta
+        self.amp = bool(amp) and device.type == "cuda"
+        self.channels_last = channels_last
+        self.stain = stain
+        self.model_path = model_path
+        self.preprocess = Preprocess.for_meta(meta, device, stain=stain,
+                                              channels_last=channels_last)
+        net = net.to(device).eval()
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = torch.compile(net) if compile else net
+        self._checked = False
+
+    def prepare(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, H, W, 3)`` on the device -> normalised float NCHW (:attr:`preprocess`)."""
+        return self.preprocess(x_u8)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if self.amp:
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = self.net(x)
+        else:
+            out = self.net(x)
+        if not self._checked:
+            want = self.meta.num_outputs
+            if out.ndim != 2 or out.shape[1] != want:
+                raise ModelError(self.model_path, f"gives outputs of shape {tuple(out.shape)}, "
+                                 f"but its metadata lists {len(self.meta.classes)} classes "
+                                 f"{self.meta.classes} ({want} outputs expected)")
+            self._checked = True
+        return out
+
+    def probs(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """Tumour probability ``(B,)`` float32 on the device (averaged over TTA views)."""
+        import torch
+
+        from .io import logits_to_probs
+
+        with torch.inference_mode():
+            x = self.prepare(x_u8)
+            views = range(8) if self.tta else range(1)
+            acc = None
+            for k in views:
+                xv = dihedral(x, k)
+                if k and self.channels_last:
+                    xv = xv.contiguous(memory_format=torch.channels_last)
+                p = logits_to_probs(self.logits(xv), self.meta)[:, self.tumour]
+                acc = p if acc is None else acc + p
+            return acc / len(views)
+
+    def bare_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network alone on an already prepared batch (for benchmarks)."""
+        import torch
+
+        with torch.inference_mode():
+            return self.logits(x)
+
+
+__all__ = ["PatchModel", "dihedral"]
