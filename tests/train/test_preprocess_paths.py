@@ -73,10 +73,12 @@ def test_every_path_feeds_the_network_the_same_tensor(t001_patches, tmp_path, no
     got["feature extraction"] = make_preprocessor(info, cpu)(x)
     # Grad-CAM
     got["gradcam"] = _as_input(x, meta, cpu)
-    if not normalisation:  # the models layer has no stain normaliser of its own
-        infer_batch(net, x, device=cpu, meta=meta)
-        got["infer_batch"] = rec.last()
-        got["preprocess NCHW"] = preprocess(torch.from_numpy(x).permute(0, 3, 1, 2), meta)
+    # infer_batch / preprocess (the models layer: the stain normaliser is passed in)
+    stain = stain_transform(normalisation, cpu)
+    infer_batch(net, x, device=cpu, meta=meta, stain=stain)
+    got["infer_batch"] = rec.last()
+    got["preprocess NCHW"] = preprocess(torch.from_numpy(x).permute(0, 3, 1, 2), meta,
+                                        stain=stain)
 
     for name, t in got.items():
         assert t.dtype == torch.float32 and t.shape == ref.shape, name
@@ -88,5 +90,8 @@ def test_a_model_asking_for_stain_normalisation_needs_its_normaliser():
                      patch_size=32, normalisation={"method": "macenko"})
     with pytest.raises(ValueError, match="stain normalisation"):
         PatchModel(build_model("lnmeta_cnn_small", 2), meta, torch.device("cpu"), tumour=1)
+    with pytest.raises(ValueError, match="stain normalisation"):
+        infer_batch(build_model("lnmeta_cnn_small", 2).eval(),
+                    np.zeros((1, 32, 32, 3), np.uint8), device="cpu", meta=meta)
     assert model_preprocess(meta, "cpu").stain is not None
     assert Preprocess.for_meta(meta).stain is None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -386,24 +387,30 @@ def device_choices() -> list[str]:
 
 
 def preprocess(batch: torch.Tensor | np.ndarray, meta: ModelMeta, *,
-               device: str | torch.device = "cpu", normalised: bool = False) -> torch.Tensor:
+               device: str | torch.device = "cpu", normalised: bool = False,
+               stain: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Turn patches into the network's input: float32 NCHW, scaled and normalised.
 
     ``batch`` may be a numpy or torch ``uint8`` array, ``(B, H, W, 3)`` or ``(B, 3, H, W)``
     (values 0-255), or a float tensor ``(B, 3, H, W)`` in [0, 1]. With
     ``normalised=True`` a float tensor is taken as already mean/std normalised.
     The transform is :class:`~napari_lnmeta.models.preprocess.Preprocess` with the
-    model's mean/std (no stain normaliser: this layer has none; whole-slide inference
-    and feature extraction pass it in).
+    model's mean/std. A model whose metadata asks for stain normalisation needs its
+    normaliser as ``stain`` (this layer has none:
+    ``core.inference.stain_transform(meta.normalisation, device)`` builds it).
     """
     import torch
 
     from .preprocess import Preprocess
 
-    prep = Preprocess.for_meta(meta, device)
+    prep = Preprocess.for_meta(meta, device, stain=stain)
     x = prep.to_nchw(batch)
     if normalised and x.dtype != torch.uint8:
         return x.float().contiguous()
+    if meta.normalisation and stain is None:
+        raise ValueError(f"a {meta.architecture} model with stain normalisation "
+                         f"{meta.normalisation.get('method')!r} needs stain= (its normaliser, "
+                         "core.inference.stain_transform)")
     return prep(x)
 
 
@@ -422,7 +429,8 @@ def logits_to_probs(logits: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
 
 def infer_batch(model: nn.Module, batch: torch.Tensor | np.ndarray, *,
                 device: str | torch.device, meta: ModelMeta, amp: bool = False,
-                normalised: bool = False) -> np.ndarray:
+                normalised: bool = False,
+                stain: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """Class probabilities for one batch of patches.
 
     Parameters
@@ -437,6 +445,8 @@ def infer_batch(model: nn.Module, batch: torch.Tensor | np.ndarray, *,
         The model's metadata (normalisation and head).
     amp
         Autocast to float16 on CUDA.
+    stain
+        The stain normaliser the metadata asks for (see :func:`preprocess`).
 
     Returns
     -------
@@ -447,7 +457,7 @@ def infer_batch(model: nn.Module, batch: torch.Tensor | np.ndarray, *,
 
     dev = torch.device(device)
     with torch.inference_mode():
-        x = preprocess(batch, meta, device=dev, normalised=normalised)
+        x = preprocess(batch, meta, device=dev, normalised=normalised, stain=stain)
         if amp and dev.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
                 logits = model(x)
