@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.inference import model_preprocess
 from ..errors import InputError
 from ..io import jsonio
 from ..io.atomic import write_text_atomic
@@ -484,8 +485,7 @@ def predict_neighbourhoods_job(model: SpatialContextModel, ns: NeighbourhoodSet,
     from ..core.inference import dihedral
 
     dev = torch.device(device)
-    mean = torch.tensor(meta.mean, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(meta.std, device=dev).view(1, 3, 1, 1)
+    prep = model_preprocess(meta, dev)
     out = np.empty((len(ns), len(meta.classes)), dtype=np.float32)
     chunks = [np.arange(i, min(i + batch_size, len(ns))) for i in range(0, len(ns), batch_size)]
     was = model.training
@@ -493,8 +493,7 @@ def predict_neighbourhoods_job(model: SpatialContextModel, ns: NeighbourhoodSet,
     try:
         for b, (c, x, _) in enumerate(_batches(ns, chunks, workers)):
             with torch.inference_mode():
-                xt = torch.from_numpy(x).to(dev).permute(0, 3, 1, 2).float() / 255.0
-                xt = (xt - mean) / std
+                xt = prep(x)
                 views = range(8) if tta else range(1)
                 p = sum(logits_to_probs(model(dihedral(xt, v)), meta) for v in views)
                 out[c] = (p / len(views)).cpu().numpy()
@@ -577,8 +576,7 @@ def train_spatial_job(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
     use_amp = bool(cfg.amp and dev.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     jitter = ColorJitter().to(dev) if cfg.augment == "dihedral-jitter" else None
-    mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    prep = model_preprocess(meta, dev)  # the model's input transform, augmented between its steps
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", jsonio.dumps(
         {"train_spatial": cfg.to_json(), "patches": meta.extra["patches"],
@@ -601,15 +599,14 @@ def train_spatial_job(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
         n_run, correct = 0, 0
         t_epoch = t_prev = time.perf_counter()
         for b, (_, x_np, g_np) in enumerate(_batches(train_set, chunks, cfg.workers)):
-            x = torch.from_numpy(x_np).to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
-            x = x / 255.0
+            x = prep.to_unit(x_np)
             g = torch.from_numpy(g_np).to(dev)
             if cfg.augment != "none":
                 codes = torch.randint(0, 8, (len(x),))
                 x, g = dihedral_windows(x, g, codes.to(dev))
             if jitter is not None:
                 x = jitter(x)
-            x = (x - mean_t) / std_t
+            x = prep.normalise(x)
             opt.zero_grad(set_to_none=True)
             if use_amp:
                 with torch.autocast("cuda", dtype=torch.float16):
