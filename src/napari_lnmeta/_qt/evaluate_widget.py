@@ -44,6 +44,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._napari.evaluation_layers import (
+    check_units,
+    detection_probabilities,
+    level0_points,
+    slide_shape,
+    truth_from_layer,
+)
 from .._napari.layers import layer_kind, slide_layer_names, view_box, viewer_camera
 from ..errors import InputError, LnmetaError
 from .base import DockWidget
@@ -76,26 +83,6 @@ class EvaluateSession:
     report: EvaluationReport | None = None
     shown: SlideResult | None = None
     gradcam: dict[str, Any] = field(default_factory=dict)
-
-
-def _level0_points(layer, unit: float | None) -> np.ndarray:
-    """Points of a layer in level-0 pixels of the slide: world / slide µm/px."""
-    data = np.asarray(layer.data, dtype=np.float64).reshape(-1, layer.ndim)[:, -2:]
-    world = data * np.asarray(layer.scale[-2:]) + np.asarray(layer.translate[-2:])
-    return world / (unit or 1.0)
-
-
-def _check_units(layer, reference) -> None:
-    """Refuse a layer in pixels evaluated against one in µm (or the reverse): they do not
-    share a frame, and the FROC of such a pair is meaningless."""
-    def unit(ly):
-        return "µm" if str(ly.units[-1]) in ("micrometer", "µm") else "pixels"
-
-    if unit(layer) != unit(reference):
-        raise InputError(
-            f"layer {layer.name!r} is in {unit(layer)} but {reference.name!r} is in "
-            f"{unit(reference)}: they do not share a frame; give it the slide's µm/px with "
-            "Plugins > LN Metastasis > Pixel size first")
 
 
 class EvaluateWidget(DockWidget):
@@ -276,69 +263,25 @@ class EvaluateWidget(DockWidget):
 
     def layer_inputs(self) -> dict[str, Any]:
         """Detections (level-0) and ground truth of the chosen layers, for the core job."""
-        from .._napari.layers import META
-
         pname, tname = self.pred_combo.currentText(), self.truth_combo.currentText()
         if not pname or pname not in self.viewer.layers:
             raise InputError("choose a Points layer of detections (e.g. 'Lesion candidates' "
                              "from Detect metastases)")
         pts = self.viewer.layers[pname]
         mpp = self._slide_mpp()
-        coords = _level0_points(pts, mpp)
-        feats = getattr(pts, "features", None)
-        if feats is not None and "probability" in getattr(feats, "columns", []):
-            prob = np.asarray(feats["probability"], dtype=np.float64)
-        else:
-            prob = np.ones(len(coords))
+        coords = level0_points(pts, mpp)
+        prob = detection_probabilities(pts, len(coords))
         truth: Any = None
         slide = self._slide_layer()
         if tname and tname != NO_TRUTH:
             tl = self.viewer.layers[tname]
             if slide is not None:
-                _check_units(tl, slide)
-            _check_units(pts, slide if slide is not None else tl)
-            truth = self._truth_from_layer(tl, mpp, META)
-        shape = None
-        if slide is not None and slide.metadata.get(META, {}).get("shape"):
-            shape = tuple(int(v) for v in slide.metadata[META]["shape"][:2])
+                check_units(tl, slide)
+            check_units(pts, slide if slide is not None else tl)
+            truth = truth_from_layer(tl, mpp)
+        shape = slide_shape(slide)
         return {"coords": coords, "probability": prob, "truth": truth, "slide_mpp": mpp,
                 "slide": pname, "slide_shape": shape}
-
-    def _truth_from_layer(self, layer, mpp: float | None, meta_key: str) -> Any:
-        from ..io.annotations import Polygon
-        from ..io.frame import SlideFrame
-
-        unit = mpp or 1.0
-        if layer_kind(layer) == "shapes":
-            polys = []
-            for verts, kind in zip(layer.data, layer.shape_type, strict=True):
-                if kind in ("line", "path"):
-                    continue
-                v = np.asarray(verts, dtype=np.float64)[:, -2:]
-                world = v * np.asarray(layer.scale[-2:]) + np.asarray(layer.translate[-2:])
-                polys.append(Polygon(world / unit, label="tumour"))
-            if not polys:
-                raise InputError(f"layer {layer.name!r} has no polygon")
-            return polys
-        data = layer.data
-        if getattr(layer, "multiscale", False):
-            levels = list(data)
-            k = next((i for i, lv in enumerate(levels) if max(lv.shape[-2:]) <= 8192),
-                     len(levels) - 1)
-            f = levels[0].shape[-1] / levels[k].shape[-1]
-            arr = np.asarray(levels[k])
-        else:
-            f, arr = 1.0, np.asarray(data)
-        meta = layer.metadata.get(meta_key, {})
-        if "frame" in meta:
-            fr = SlideFrame.from_json(meta["frame"])
-            fr = SlideFrame(fr.downsample * f, fr.origin, fr.slide_mpp or mpp, fr.slide,
-                            fr.slide_shape)
-        else:
-            d = float(layer.scale[-1]) / unit * f
-            origin = tuple(float(t) / unit - (d - 1) / 2 for t in layer.translate[-2:])
-            fr = SlideFrame(downsample=d, origin=origin, slide_mpp=mpp)
-        return (arr > 0, fr)
 
     # -- evaluation --------------------------------------------------------------------------
     def run(self):
