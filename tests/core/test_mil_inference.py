@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from tests._mil_helpers import crop_features, random_mil_file
 
-from napari_lnmeta.core.mil import MILInferenceConfig, MILResult, extractor_for, predict_slide_job
+from napari_lnmeta.core.mil import (
+    MILInferenceConfig,
+    MILResult,
+    extractor_for,
+    predict_slide_job,
+    predict_slides_job,
+)
 from napari_lnmeta.core.tiling import make_grid
 from napari_lnmeta.errors import InputError, ModelError, OutputExistsError
 from napari_lnmeta.io.frame import layer_transform
@@ -63,6 +69,29 @@ def test_prediction_writes_aligned_attention_and_summary(tmp_path):
         run(predict_slide_job(slide, model, config=cfg, out_dir=tmp_path / "out"))
     again = run(predict_slide_job(slide, model, config=cfg, features=cache.path))
     np.testing.assert_allclose(again.probabilities, res.probabilities, rtol=1e-6)
+
+
+def test_several_slides_in_one_job(tmp_path):
+    path, cache_dir, cache = crop_features()
+    model = random_mil_file(tmp_path / "mil.safetensors", cache.backbone)
+    cfg = MILInferenceConfig(bags=4, device="cpu", cache_dir=str(cache_dir), top_k=3)
+    slides = [open_slide(path), open_slide(path)]
+    steps = []
+    done = run(predict_slides_job(slides, model, config=cfg, names=["a", "b"],
+                                  out_dir=tmp_path / "out", overwrite=True), steps.append)
+    assert len(done) == 2
+    one = run(predict_slide_job(slides[0], model, config=cfg))
+    for res, patches in done:
+        np.testing.assert_allclose(res.probabilities, one.probabilities, rtol=1e-6)
+        assert patches.shape[0] == 3 and patches.shape[-1] == 3
+    # each slide's steps are labelled with its place and name
+    msgs = [p.message for p in steps]
+    assert any(m.startswith("[1/2] a: ") for m in msgs)
+    assert any(m.startswith("[2/2] b: ") for m in msgs)
+    stem = path.name.split(".")[0]
+    assert (tmp_path / "out" / f"{stem}.mil" / "summary.json").is_file()
+    with pytest.raises(ValueError):
+        run(predict_slides_job(slides, model, config=cfg, clinical=[None]))
 
 
 def test_heatmap_cells_sit_on_overlapping_patches():

@@ -332,24 +332,15 @@ class MILWidget(DockWidget):
             self.panel.status.setText(f"error: {e}")
             return None
         model_path = self.session.model_path
-        top_k = cfg.top_k
+        names = [n for n, _, _ in jobs]
 
         def job():
-            from ..core.mil import predict_slide_job
-            from ..core.tiling import read_patches
-            from ..progress import Progress, relay
+            from ..core.mil import predict_slides_job
 
-            done = []
-            for k, (name, slide, clinical) in enumerate(jobs):
-                sub = None if out is None else Path(out) / f"{slide.path.name.split('.')[0]}.mil"
-                gen = predict_slide_job(slide, model_path, config=cfg, clinical=clinical,
-                                        out_dir=sub, overwrite=True)
-                res = yield from relay(gen, lambda p, k=k, name=name: Progress(
-                    p.done, p.total, f"[{k + 1}/{len(jobs)}] {name}: {p.message}"))
-                top = res.top(top_k)
-                patches = read_patches(slide, res.grid, top)
-                done.append((name, res, patches))
-            return done
+            done = yield from predict_slides_job(
+                [s for _, s, _ in jobs], model_path, config=cfg,
+                clinical=[c for _, _, c in jobs], out_dir=out, overwrite=True, names=names)
+            return [(n, res, patches) for n, (res, patches) in zip(names, done, strict=True)]
 
         self.scores.setText("")
         return self.panel.start(job, on_returned=self._on_results)

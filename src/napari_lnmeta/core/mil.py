@@ -20,6 +20,7 @@ patches (level-0 coordinates) and provenance.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -367,5 +368,41 @@ def _predict_slide_job_locked(slide: Slide, model: str | Path | tuple[MILModel, 
     return result
 
 
+
+def predict_slides_job(slides: Sequence[Slide], model: str | Path | tuple[MILModel, MILInfo], *,
+                       config: MILInferenceConfig | None = None,
+                       clinical: Sequence[dict[str, Any] | None] | None = None,
+                       out_dir: str | Path | None = None, overwrite: bool = False,
+                       names: Sequence[str] | None = None,
+                       ) -> Job[list[tuple[MILResult, np.ndarray]]]:
+    """Predict several slides with one MIL model, one after the other (progress generator).
+
+    Each slide is :func:`predict_slide_job` (with ``clinical[k]``), written to
+    ``out_dir/<slide stem>.mil`` when ``out_dir`` is given; progress messages are prefixed
+    ``[k/n] name`` (``names``: the slides' names by default). Returns, per slide, the
+    result and its ``config.top_k`` most attended patches (RGB, as
+    :func:`~napari_lnmeta.core.tiling.read_patches` reads them), highest first.
+    """
+    from ..progress import relay
+    from .tiling import read_patches
+
+    config = config or MILInferenceConfig()
+    slides = list(slides)
+    clinical = list(clinical) if clinical is not None else [None] * len(slides)
+    names = list(names) if names is not None else [s.name for s in slides]
+    if not (len(clinical) == len(names) == len(slides)):
+        raise ValueError("slides, clinical and names must have the same length")
+    done: list[tuple[MILResult, np.ndarray]] = []
+    for k, (slide, clin, name) in enumerate(zip(slides, clinical, names, strict=True)):
+        sub = None if out_dir is None else Path(out_dir) / f"{slide.path.name.split('.')[0]}.mil"
+        gen = predict_slide_job(slide, model, config=config, clinical=clin, out_dir=sub,
+                                overwrite=overwrite)
+        res = yield from relay(gen, lambda p, k=k, name=name: Progress(
+            p.done, p.total, f"[{k + 1}/{len(slides)}] {name}: {p.message}"))
+        done.append((res, read_patches(slide, res.grid, res.top(config.top_k))))
+    return done
+
+
 __all__ = ["ATTENTION_NAME", "SUMMARY_NAME", "MILInferenceConfig", "MILResult",
-           "default_cache_dir", "extractor_for", "feature_config_for", "predict_slide_job"]
+           "default_cache_dir", "extractor_for", "feature_config_for", "predict_slide_job",
+           "predict_slides_job"]
