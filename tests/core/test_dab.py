@@ -12,6 +12,7 @@ from napari_lnmeta.core.dab import (
     auto_threshold,
     dab_mask,
     mask_outlines,
+    slide_threshold_job,
     transfer_mask,
 )
 from napari_lnmeta.core.registration import SlideInfo, Transform
@@ -51,6 +52,23 @@ def test_mask_covers_brown_epithelium_not_blue_stroma(ihc):
     # Otsu over tissue splits DAB-positive from DAB-negative tissue well above the floor
     assert 0.04 < thr < 0.09
     assert auto_threshold(ihc) == pytest.approx(thr)
+
+
+def test_slide_threshold_job_reads_a_bounded_image(ihc):
+    slide = array_slide(ihc, mpp=0.5, name="ihc")
+    steps = []
+    thr = run(slide_threshold_job(slide), steps.append)
+    assert thr == pytest.approx(auto_threshold(ihc, mpp=0.5))
+    assert steps[-1].done == steps[-1].total and f"{thr:.3f}" in steps[-1].message
+    # a smaller bound reads a smaller image: the threshold of that image, at its µm/px
+    small = run(slide_threshold_job(slide, max_size=128))
+    ds = max(ihc.shape[:2]) / 128
+    from PIL import Image
+    size = (round(ihc.shape[1] / ds), round(ihc.shape[0] / ds))
+    low = np.asarray(Image.fromarray(ihc).resize(size, Image.BOX))
+    assert small == pytest.approx(auto_threshold(low, mpp=0.5 * ds))
+    # a fixed threshold is returned without reading anything
+    assert run(slide_threshold_job(slide, DabParams(threshold=0.2))) == 0.2
 
 
 def test_threshold_is_adjustable_and_monotonic(ihc):

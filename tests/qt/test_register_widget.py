@@ -110,7 +110,9 @@ def test_register_judge_nudge_and_transfer(viewer_pair, qtbot, tmp_path):
     qtbot.addWidget(tw)
     assert tw.source_combo.currentText() == REGISTERED_LAYER
     assert tw.session.transform is reg.session.transform
-    thr = tw.auto_threshold()
+    tw.auto_threshold()  # computed in the worker
+    _wait(qtbot, tw.panel)
+    thr = tw.session.threshold
     assert 0.04 < thr < 0.09 and tw.threshold_spin.value() == pytest.approx(thr, abs=1e-3)
     viewer.reset_view()
     tw.preview()

@@ -256,15 +256,26 @@ class TransferMaskWidget(DockWidget):
         self.threshold_slider.blockSignals(False)
         self._schedule_preview()
 
-    def auto_threshold(self) -> float:
-        """Otsu's DAB threshold over the IHC's tissue (see :mod:`napari_lnmeta.core.dab`)."""
-        from ..core.dab import DabParams, slide_threshold
+    def auto_threshold(self):
+        """Otsu's DAB threshold over the IHC's tissue (see :mod:`napari_lnmeta.core.dab`),
+        computed once per pair in the worker (:func:`~napari_lnmeta.core.dab.slide_threshold_job`,
+        the IHC read at most 4096 px a side) and then set on the spin box. Returns the
+        worker, or ``None`` when the threshold was already known (set at once)."""
+        from ..core.dab import DabParams, slide_threshold_job
 
         s = self._require()
-        if s.threshold is None:
-            s.threshold = slide_threshold(s.moving, DabParams())
-        self.set_threshold(s.threshold)
-        return s.threshold
+        if s.threshold is not None:
+            self.set_threshold(s.threshold)
+            return None
+        moving = s.moving
+
+        def done(thr: float) -> None:
+            if s.moving is moving:  # the pair was not changed meanwhile
+                s.threshold = thr
+                self.set_threshold(thr)
+
+        return self.panel.start(lambda: slide_threshold_job(moving, DabParams()),
+                                on_returned=done)
 
     def _auto_clicked(self) -> None:
         try:

@@ -239,9 +239,14 @@ def mask_downsample(fixed_shape: tuple[int, int], fixed_mpp: float | None, *,
     return float(max(ds, max(fixed_shape) / max_size))
 
 
-def slide_threshold(moving: Slide, params: DabParams | None = None, *,
-                    max_size: int = 4096) -> float:
-    """The automatic DAB threshold of a whole IHC slide, from a low-resolution image."""
+def slide_threshold_job(moving: Slide, params: DabParams | None = None, *,
+                        max_size: int = 4096) -> Generator[Progress, None, float]:
+    """The automatic DAB threshold of a whole IHC slide (progress generator returning it).
+
+    Bounded work: the IHC is read at most ``max_size`` px a side (from the pyramid level
+    nearest that size), then :func:`auto_threshold` runs on that image. ``params.threshold``
+    set: returned as is, nothing is read.
+    """
     from .registration.inputs import _Source
 
     p = params or DabParams()
@@ -249,9 +254,22 @@ def slide_threshold(moving: Slide, params: DabParams | None = None, *,
         return float(p.threshold)
     src = _Source(moving)
     ds = max(1.0, max(src.shape) / max_size)
-    rgb = src.read((max(int(round(src.shape[0] / ds)), 1), max(int(round(src.shape[1] / ds)), 1)))
+    size = (max(int(round(src.shape[0] / ds)), 1), max(int(round(src.shape[1] / ds)), 1))
+    yield Progress(0, 2, f"reading the IHC at {size[1]}x{size[0]} px")
+    rgb = src.read(size)
     mpp = None if src.mpp is None else src.mpp * ds
-    return auto_threshold(rgb, p, mpp=mpp)
+    yield Progress(1, 2, "DAB threshold (Otsu)")
+    thr = auto_threshold(rgb, p, mpp=mpp)
+    yield Progress(2, 2, f"DAB threshold {thr:.3f}")
+    return thr
+
+
+def slide_threshold(moving: Slide, params: DabParams | None = None, *,
+                    max_size: int = 4096) -> float:
+    """:func:`slide_threshold_job`, run to the end."""
+    from ..progress import run
+
+    return run(slide_threshold_job(moving, params, max_size=max_size))
 
 
 def mask_region(transform: Transform, moving: Slide, origin: tuple[float, float],
