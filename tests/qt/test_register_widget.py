@@ -80,10 +80,12 @@ def test_register_judge_nudge_and_transfer(viewer_pair, qtbot, tmp_path):
     reg.opacity.setValue(30)
     assert layer.opacity == pytest.approx(0.3)
 
-    reg.view_mode.setCurrentText("checkerboard")
+    reg.view_mode.setCurrentText("checkerboard")  # made in the worker
+    _wait(qtbot, reg.panel)
     check = viewer.layers[CHECK_LAYER]
     assert check.rgb and not layer.visible
     reg.view_mode.setCurrentText("difference")
+    _wait(qtbot, reg.panel)
     assert not viewer.layers[CHECK_LAYER].rgb
     assert float(np.median(viewer.layers[CHECK_LAYER].data)) < 0.1
     reg.view_mode.setCurrentText("overlay")

@@ -88,6 +88,7 @@ class RegisterWidget(DockWidget):
 
         self.viewer = napari_viewer
         self.session = RegistrationSession()
+        self._check = None  # (transform, RegistrationCheck) of the last check images
 
         self.fixed_combo = QComboBox()
         self.moving_combo = QComboBox()
@@ -264,7 +265,7 @@ class RegisterWidget(DockWidget):
             self.viewer.layers[REGISTERED_LAYER].opacity = value / 100
 
     def _view_mode_changed(self, mode: str) -> None:
-        if self.session.transform is None:
+        if self.session.transform is None or self.view_mode.currentText() != mode:
             return
         if mode == "overlay":
             if CHECK_LAYER in self.viewer.layers:
@@ -274,42 +275,47 @@ class RegisterWidget(DockWidget):
         else:
             self.show_check(mode)
 
-    def check_images(self, size: int = VIEW_SIZE) -> tuple[np.ndarray, np.ndarray, float]:
-        """Whole H&E and registered IHC at ``size`` px (longest side), and their downsample."""
-        from ..core.registration import read_mapped
-
-        s = self.session
-        h0, w0 = s.fixed.shape
-        ds = max(1.0, max(h0, w0) / size)
-        shape = (max(1, int(np.ceil(h0 / ds))), max(1, int(np.ceil(w0 / ds))))
-        coords = np.stack(np.meshgrid(np.arange(shape[0]) * ds + (ds - 1) / 2,
-                                      np.arange(shape[1]) * ds + (ds - 1) / 2, indexing="ij"))
-        fixed = read_mapped(s.fixed, coords, ds)
-        moving = s.transform.warp_slide_region(s.moving, (0.0, 0.0), shape, ds)
-        return fixed, moving, ds
-
-    def show_check(self, mode: str, squares: int = 8) -> None:
+    def show_check(self, mode: str, squares: int = 8):
         """A checkerboard of H&E / registered IHC, or the absolute difference of their
-        haematoxylin densities, as the ``Registration check`` layer."""
+        haematoxylin densities, as the ``Registration check`` layer. The images are made
+        in the worker (:func:`~napari_lnmeta.core.registration.registration_check_job`);
+        returns the worker."""
+        from qtpy.QtCore import QTimer
+
+        from ..core.registration import VIEWS, registration_check_job
+
+        if mode not in VIEWS:
+            raise ValueError(f"unknown view {mode!r}")
+        s = self.session
+        t, fixed, moving = s.transform, s.fixed, s.moving
+        if self._check is not None and self._check[0] is t:  # same transform: images kept
+            check = self._check[1]
+            self._push_check(mode, check, check.view(mode, squares=squares))
+            return None
+        if self.panel.running:  # e.g. the registration job is still finishing: retry
+            QTimer.singleShot(100, lambda: self._view_mode_changed(self.view_mode.currentText()))
+            return None
+
+        def make():
+            check = yield from registration_check_job(t, fixed, moving, size=VIEW_SIZE)
+            return check, check.view(mode, squares=squares)
+
+        def done(value) -> None:
+            self._check = (t, value[0])
+            if s.transform is t and self.view_mode.currentText() == mode:
+                self._push_check(mode, *value)
+
+        return self.panel.start(make, on_returned=done)
+
+    def _push_check(self, mode: str, check, data: np.ndarray) -> None:
         from .._napari.layers import add_or_update, frame_kwargs
-        from ..core.registration import representation
-        from ..io.frame import SlideFrame
 
         s = self.session
-        fixed, moving, ds = self.check_images()
         if mode == "checkerboard":
-            side = max(1, max(fixed.shape[:2]) // squares)
-            yy, xx = np.indices(fixed.shape[:2])
-            board = ((yy // side + xx // side) % 2).astype(bool)
-            data = np.where(board[..., None], moving, fixed)
             extra = {"rgb": True, "contrast_limits": (0, 255)}
-        elif mode == "difference":
-            data = np.abs(representation(fixed) - representation(moving))
-            extra = {"colormap": "magma", "contrast_limits": (0.0, 1.0)}
         else:
-            raise ValueError(f"unknown view {mode!r}")
-        frame = SlideFrame(ds, (0.0, 0.0), s.fixed.mpp, s.fixed.name, tuple(s.fixed.shape))
-        kw = place_on_layer(frame_kwargs(frame), self._fixed_layer(), s.fixed.mpp)
+            extra = {"colormap": "magma", "contrast_limits": (0.0, 1.0)}
+        kw = place_on_layer(frame_kwargs(check.frame), self._fixed_layer(), s.fixed.mpp)
         kw.update(name=CHECK_LAYER, **extra)
         if CHECK_LAYER in self.viewer.layers:
             self.viewer.layers.remove(CHECK_LAYER)

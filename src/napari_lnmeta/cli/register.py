@@ -1,4 +1,5 @@
-"""``lnmeta register``, ``lnmeta warp-points`` and ``lnmeta transfer-mask``: IHC → H&E."""
+"""``lnmeta register``, ``lnmeta check-registration``, ``lnmeta warp-points`` and
+``lnmeta transfer-mask``: IHC → H&E."""
 
 from __future__ import annotations
 
@@ -87,6 +88,58 @@ def register_cmd(p):
         for note in t.metrics.get("notes", []):
             print(f"note: {note}", file=sys.stderr)
         print(f"wrote {args.out}")
+
+    return run
+
+
+@command("check-registration", help="Images for judging a registration by eye: a checkerboard "
+                                    "of H&E / registered IHC and their haematoxylin difference "
+                                    "(PNG)")
+def check_registration_cmd(p):
+    _add_pair(p)
+    p.add_argument("--transform", required=True, help="transform from `lnmeta register`")
+    add_out(p, "output folder (checkerboard.png, difference.png)")
+    p.add_argument("--size", type=int, default=1024,
+                   help="longest side of the images (px, default 1024)")
+    p.add_argument("--squares", type=int, default=8,
+                   help="checkerboard squares along the longest side (default 8)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    add_overwrite(p)
+
+    def run(args):
+        import contextlib
+
+        import numpy as np
+
+        from ..core.registration import Transform, check_png, registration_check_job
+        from ..errors import InputError
+        from ..io.atomic import claim_output, write_bytes_atomic
+        from ..progress import run as drive
+
+        if args.size < 16 or args.squares < 1:
+            raise InputError(f"--size must be at least 16 (got {args.size}) and --squares at "
+                             f"least 1 (got {args.squares})")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: is a file; -o names a folder")
+        inputs = [args.fixed, args.moving, args.transform]
+        files = {name: out / f"{name}.png" for name in ("checkerboard", "difference")}
+        with contextlib.ExitStack() as stack:
+            for f in files.values():
+                stack.enter_context(claim_output(f, overwrite=args.overwrite, inputs=inputs))
+            fixed, moving = _open_pair(args)
+            t = Transform.load(args.transform)
+            check = drive(registration_check_job(t, fixed, moving, size=args.size),
+                          _progress(args))
+            out.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(files["checkerboard"], check_png(check.checkerboard(args.squares)),
+                               overwrite=args.overwrite)
+            diff = check.difference()
+            write_bytes_atomic(files["difference"], check_png(diff), overwrite=args.overwrite)
+        h, w = check.fixed.shape[:2]
+        print(f"{w}x{h} px (downsample {check.frame.downsample:g}); median haematoxylin "
+              f"difference {float(np.median(diff)):.3f}; wrote {files['checkerboard']}, "
+              f"{files['difference']}")
 
     return run
 

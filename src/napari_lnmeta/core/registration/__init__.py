@@ -27,7 +27,8 @@ does not overlap) raises :class:`~napari_lnmeta.errors.InputError` rather than r
 One subject per module: :mod:`.config` (:class:`RegistrationConfig`), :mod:`.transform`
 (:class:`Transform` and its file I/O, landmark affines), :mod:`.warp` (images through a
 transform), :mod:`.inputs` (sources, representation, foreground), :mod:`.prealign`,
-:mod:`.optimise` (the torch stages), :mod:`.run` (:func:`register`) and :mod:`.checks`.
+:mod:`.optimise` (the torch stages), :mod:`.run` (:func:`register`), :mod:`.checks` and
+:mod:`.views` (checkerboard / difference images for judging a result by eye).
 Import from the package.
 """
 
@@ -51,6 +52,12 @@ from .transform import (
     affine_from_points,
     invert_field,
 )
+from .views import (
+    VIEWS,
+    RegistrationCheck,
+    check_png,
+    registration_check_job,
+)
 from .warp import (
     read_mapped,
     sample_image,
@@ -61,15 +68,19 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MODES",
+    "VIEWS",
     "DisplacementField",
+    "RegistrationCheck",
     "RegistrationConfig",
     "SlideInfo",
     "Transform",
     "affine_from_points",
+    "check_png",
     "foreground",
     "invert_field",
     "read_mapped",
     "register",
+    "registration_check_job",
     "representation",
     "sample_image",
     "warped_pyramid",
