@@ -135,6 +135,51 @@ def _transfer_onto_transform(ws: Workspace) -> Spec:
                  "--overwrite"], inputs=[fixed, moving, tr])
 
 
+def _check_registration_argv(ws: Workspace, out: Path, *extra: str) -> tuple[list[str], list]:
+    fixed = _cmu(ws)
+    moving = ws.copy_shared(IHC)
+    tr = ws.path("transform.json")
+    _scaling_transform(fixed, moving, tr)
+    return (["check-registration", str(fixed), str(moving), "--transform", str(tr), "-o",
+             str(out), "--size", "128", "-q", *extra], [fixed, moving, tr])
+
+
+@case("check-registration writes both images into a new folder", expect="success")
+def _check_registration_ok(ws: Workspace) -> Spec:
+    out = ws.path("check")
+    argv, inputs = _check_registration_argv(ws, out)
+
+    def check(ws: Workspace) -> str | None:
+        missing = [n for n in ("checkerboard.png", "difference.png") if not (out / n).is_file()]
+        return f"missing {', '.join(missing)}" if missing else None
+
+    return Spec(argv, inputs=inputs, outputs=[out], check=check)
+
+
+@case("check-registration --overwrite onto the user's own checkerboard.png", expect="error")
+def _check_registration_user_png(ws: Workspace) -> Spec:
+    out = ws.path("figures")
+    user = ws.path("figures", "checkerboard.png")
+    user.write_bytes(b"the user's figure")
+    argv, inputs = _check_registration_argv(ws, out, "--overwrite")
+    return Spec(argv, inputs=[*inputs, user])
+
+
+@case("check-registration -o an existing file", expect="error")
+def _check_registration_onto_file(ws: Workspace) -> Spec:
+    out = ws.path("notes.txt")
+    out.write_text("keep me\n")
+    argv, inputs = _check_registration_argv(ws, out, "--overwrite")
+    return Spec(argv, inputs=[*inputs, out])
+
+
+@case("check-registration with the slides swapped (transform of other slides)", expect="error")
+def _check_registration_swapped(ws: Workspace) -> Spec:
+    argv, inputs = _check_registration_argv(ws, ws.path("check"))
+    argv[1], argv[2] = argv[2], argv[1]
+    return Spec(argv, inputs=inputs)
+
+
 @case("predict whose slide is named overview.png inside -o --overwrite", expect="error")
 def _predict_overview_png(ws: Workspace) -> Spec:
     out = ws.path("result")

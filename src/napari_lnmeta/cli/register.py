@@ -98,7 +98,7 @@ def register_cmd(p):
 def check_registration_cmd(p):
     _add_pair(p)
     p.add_argument("--transform", required=True, help="transform from `lnmeta register`")
-    add_out(p, "output folder (checkerboard.png, difference.png)")
+    add_out(p, "output folder (written whole: checkerboard.png, difference.png)")
     p.add_argument("--size", type=int, default=1024,
                    help="longest side of the images (px, default 1024)")
     p.add_argument("--squares", type=int, default=8,
@@ -107,13 +107,11 @@ def check_registration_cmd(p):
     add_overwrite(p)
 
     def run(args):
-        import contextlib
-
         import numpy as np
 
         from ..core.registration import Transform, check_png, registration_check_job
         from ..errors import InputError
-        from ..io.atomic import claim_output, write_bytes_atomic
+        from ..io.atomic import atomic_path, claim_output
         from ..progress import run as drive
 
         if args.size < 16 or args.squares < 1:
@@ -124,18 +122,18 @@ def check_registration_cmd(p):
             raise InputError(f"{out}: is a file; -o names a folder")
         inputs = [args.fixed, args.moving, args.transform]
         files = {name: out / f"{name}.png" for name in ("checkerboard", "difference")}
-        with contextlib.ExitStack() as stack:
-            for f in files.values():
-                stack.enter_context(claim_output(f, overwrite=args.overwrite, inputs=inputs))
+        # the folder is written whole (one rename); --overwrite replaces only a folder we wrote
+        with claim_output(out, overwrite=args.overwrite, inputs=inputs):
             fixed, moving = _open_pair(args)
             t = Transform.load(args.transform)
             check = drive(registration_check_job(t, fixed, moving, size=args.size),
                           _progress(args))
-            out.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(files["checkerboard"], check_png(check.checkerboard(args.squares)),
-                               overwrite=args.overwrite)
             diff = check.difference()
-            write_bytes_atomic(files["difference"], check_png(diff), overwrite=args.overwrite)
+            with atomic_path(out, overwrite=args.overwrite, inputs=inputs) as tmp:
+                tmp.mkdir()
+                (tmp / files["checkerboard"].name).write_bytes(
+                    check_png(check.checkerboard(args.squares)))
+                (tmp / files["difference"].name).write_bytes(check_png(diff))
         h, w = check.fixed.shape[:2]
         print(f"{w}x{h} px (downsample {check.frame.downsample:g}); median haematoxylin "
               f"difference {float(np.median(diff)):.3f}; wrote {files['checkerboard']}, "
