@@ -31,10 +31,7 @@ scaling) is used on CUDA when ``amp`` is true.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -64,7 +61,8 @@ from ..models.io import (
     save_model,
 )
 from ..models.registry import build_model, count_parameters, set_train_mode
-from ..progress import Job, Progress, relay
+from ..progress import Job, Progress
+from ._epochs import Monitor, close_epoch, epoch_row, step_progress
 from .augment import make_augment
 from .datasets import BatchLoader, PatchSet, check_class_counts
 from .options import OPTIMIZERS, SCHEDULERS
@@ -349,22 +347,6 @@ def _load_state(path: Path, opt, sched) -> dict:
     return meta
 
 
-def write_log(path: Path, history: list[dict[str, Any]]) -> None:
-    """Write the per-epoch history as ``log.csv`` (the union of the keys as columns)."""
-    keys: list[str] = []
-    for h in history:
-        for k, v in h.items():
-            if k not in keys and not isinstance(v, (list, dict)):
-                keys.append(k)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    for h in history:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in h.items()
-                    if k in keys})
-    write_text_atomic(path, buf.getvalue(), overwrite=True)
-
-
 # --------------------------------------------------------------------------------------
 # Prediction
 # --------------------------------------------------------------------------------------
@@ -579,9 +561,7 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
     history: list[dict[str, Any]] = []
     step, start_epoch = 0, 0
     resume_batch, resume_running = 0, [0.0, 0, 0]
-    better = (lambda a, b: a < b) if monitor.endswith("loss") else (lambda a, b: a > b)
-    best_value = math.inf if monitor.endswith("loss") else -math.inf
-    best_epoch, bad_epochs = -1, 0
+    mon = Monitor(monitor, patience=cfg.early_stopping or None)
     if resume:
         lmeta = read_meta(last_p)
         if lmeta.architecture != cfg.architecture or lmeta.classes != classes:
@@ -608,8 +588,7 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
         if scaler is not None and smeta.get("scaler"):
             scaler.load_state_dict(smeta["scaler"])
         history = list(smeta.get("history", []))
-        best_value = float(smeta.get("best_value", best_value))
-        best_epoch, bad_epochs = int(smeta.get("best_epoch", -1)), int(smeta.get("bad_epochs", 0))
+        mon.restore(smeta)
     tb = None
     if cfg.tensorboard:
         try:
@@ -634,8 +613,7 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
         rng_state = {"sampler": loader.rng.bit_generator.state, "epoch": loader.epoch_state}
         state_p = out / f"state-{step}.safetensors"
         _save_state(state_p, opt, sched, rng_state,
-                    {"history": history, "best_value": best_value, "best_epoch": best_epoch,
-                     "bad_epochs": bad_epochs, "step": step, "epochs_done": epochs_done,
+                    {"history": history, **mon.state(), "step": step, "epochs_done": epochs_done,
                      "batch_in_epoch": batch_in_epoch, "running": running,
                      "scaler": scaler.state_dict() if scaler is not None else None})
         save_model(last_p, model, meta, overwrite=True)  # the commit point
@@ -685,10 +663,8 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
             seen += len(y_np)
             now = time.perf_counter()
             t_train += now - t_prev  # reading + augmenting + the step: the real pipeline
-            yield Progress(step, total_steps, f"epoch {epoch + 1}/{cfg.epochs} loss {lv:.4f}",
-                           partial={"kind": "step", "step": step, "epoch": epoch,
-                                    "epoch_float": epoch + (b + 1) / steps_per_epoch,
-                                    "loss": lv, "lr": opt.param_groups[0]["lr"]})
+            yield step_progress(step, total_steps, epoch, cfg.epochs, b, steps_per_epoch, lv,
+                                opt.param_groups[0]["lr"])
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
                     and b + 1 < steps_per_epoch:
                 checkpoint(epoch, best=False, batch_in_epoch=b + 1,
@@ -696,40 +672,31 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
             t_prev = time.perf_counter()
             if step >= total_steps:
                 break
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step,
-                               "train_loss": running / max(n_run, 1),
-                               "train_acc": correct / max(n_run, 1),
-                               "lr": opt.param_groups[0]["lr"],
-                               "seconds": round(time.perf_counter() - t_epoch, 3)}
-        last_epoch = epoch + 1 == cfg.epochs or step >= total_steps
-        if val_set is not None and ((epoch + 1) % max(1, cfg.val_every) == 0 or last_epoch):
-            job = predict_patches_job(model, val_set, meta, device=dev, batch_size=max(cfg.batch_size, 128),
-                              amp=use_amp, workers=cfg.workers, message="validating")
-            probs = yield from relay(job, lambda p, step=step, epoch=epoch: Progress(
-                step, total_steps, f"epoch {epoch + 1}: {p.message} {p.done}/{p.total}"))
-            row.update(val_metrics(probs, val_set.labels, classes))
-        history.append(row)
-        value = row.get(monitor, math.nan if monitor != "train_loss" else row["train_loss"])
-        improved = not math.isnan(value) and better(value, best_value)
-        if improved:
-            best_value, best_epoch, bad_epochs = value, epoch + 1, 0
-        elif not math.isnan(value):
-            bad_epochs += 1
-        if sched is not None and sched_unit == "epoch" and not math.isnan(value):
-            sched.step(value)
-        meta.extra["best"] = {"monitor": monitor, "value": best_value, "epoch": best_epoch}
-        checkpoint(epoch + 1, best=improved)
-        write_log(out / "log.csv", history)
-        if tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                    tb.add_scalar(k, v, epoch + 1)
-        yield Progress(step, total_steps, f"epoch {epoch + 1}/{cfg.epochs} done: "
-                       + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                   if k.endswith(("loss", "auc", "acc"))),
-                       partial={"kind": "epoch", "row": row, "history": list(history)})
-        if cfg.early_stopping and bad_epochs >= cfg.early_stopping:
-            stopped_early = True
+        row = epoch_row(epoch, step, {"loss": running}, n_run, correct,
+                        opt.param_groups[0]["lr"], time.perf_counter() - t_epoch)
+
+        def validate():
+            job = predict_patches_job(model, val_set, meta, device=dev,
+                                      batch_size=max(cfg.batch_size, 128), amp=use_amp,
+                                      workers=cfg.workers, message="validating")
+            probs = yield from job
+            return val_metrics(probs, val_set.labels, classes)
+
+        def save(improved: bool, epoch=epoch, row=row) -> None:
+            meta.extra["best"] = {"monitor": monitor, "value": mon.best_value,
+                                  "epoch": mon.best_epoch}
+            checkpoint(epoch + 1, best=improved)
+            if tb is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                        tb.add_scalar(k, v, epoch + 1)
+
+        stopped_early = yield from close_epoch(
+            row, epoch=epoch, epochs=cfg.epochs, step=step, total_steps=total_steps,
+            history=history, monitor=mon, validate=validate if val_set is not None else None,
+            val_every=cfg.val_every, sched=sched, sched_unit=sched_unit, save=save,
+            log=out / "log.csv", shown=("loss", "auc", "acc"))
+        if stopped_early:
             break
     if tb is not None:
         tb.close()
@@ -744,8 +711,9 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
     if not best_p.exists():
         save_model(best_p, model, meta, overwrite=True)
     return TrainResult(out_dir=out, last=last_p, best=best_p, history=history,
-                       best_value=best_value, best_epoch=best_epoch, stopped_early=stopped_early,
-                       steps=step, meta=meta, seconds=time.perf_counter() - t_start,
+                       best_value=mon.best_value, best_epoch=mon.best_epoch,
+                       stopped_early=stopped_early, steps=step, meta=meta,
+                       seconds=time.perf_counter() - t_start,
                        patches_per_second=seen / t_train if t_train else float("nan"),
                        extra={"device": str(dev), "amp": use_amp,
                               "parameters": count_parameters(model)},

@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from ..core.bags import BagSpec, MILSlide, check_enough, gather, make_bags, samp
 from ..errors import InputError
 from ..io import jsonio
 from ..progress import Job, Progress
+from ._epochs import Monitor
 
 if TYPE_CHECKING:
     from ..models.clinical import ClinicalEncoder
@@ -475,8 +477,11 @@ def _train_mil_job_locked(slides: Sequence[MILSlide], config: MILTrainConfig, *,
     y_val = np.array([s.label for s in by["val"]], dtype=np.int64)
 
     history: list[dict[str, Any]] = []
-    best = {"epoch": 0, "auc": -1.0, "loss": math.inf, "state": None}
-    bad_epochs = 0
+    # best by (val AUC, then val loss) or val loss, or the last epoch (also without val slides)
+    mon = Monitor(config.select, patience=config.patience if by["val"] else None,
+                  better=partial(_better, select=config.select, has_val=bool(by["val"])),
+                  best_value=(-1.0, math.inf), best_epoch=0)
+    best_state = None
     stopped_early = False
     total = config.epochs
     yield Progress(0, total, "training MIL")
@@ -508,16 +513,11 @@ def _train_mil_job_locked(slides: Sequence[MILSlide], config: MILTrainConfig, *,
             rec["val_auc"] = _auc_of(pv, y_val, len(classes))
             rec["val_acc"] = float((pv.argmax(1) == y_val).mean())
         history.append(rec)
-        improved = _better(rec, best, config.select)
-        if improved:
-            best.update(epoch=epoch, auc=_nz(rec.get("val_auc"), -1.0),
-                        loss=_nz(rec.get("val_loss"), math.inf),
-                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
-            bad_epochs = 0
+        if mon.update((_nz(rec.get("val_auc"), -1.0), _nz(rec.get("val_loss"), math.inf)),
+                      epoch):
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if out is not None:
                 save_mil(out / "best.safetensors", model, _with(info, epoch, rec), overwrite=True)
-        else:
-            bad_epochs += 1
         if out is not None and (epoch % max(1, config.checkpoint_every) == 0
                                 or epoch == config.epochs):
             save_mil(out / "last.safetensors", model, _with(info, epoch, rec), overwrite=True)
@@ -527,14 +527,14 @@ def _train_mil_job_locked(slides: Sequence[MILSlide], config: MILTrainConfig, *,
         if "val_auc" in rec:
             msg += f", val AUC {rec['val_auc']:.3f}"
         yield Progress(epoch, total, msg, partial=rec)
-        if config.patience is not None and by["val"] and bad_epochs >= config.patience:
+        if mon.exhausted:
             stopped_early = True
             break
 
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
-    metrics: dict[str, Any] = {"best_epoch": best["epoch"]}
+    metrics: dict[str, Any] = {"best_epoch": mon.best_epoch}
     predictions: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         if not by[split]:
@@ -548,7 +548,7 @@ def _train_mil_job_locked(slides: Sequence[MILSlide], config: MILTrainConfig, *,
                                    "proba": [float(v) for v in pr],
                                    "bag_proba_sd": [float(v) for v in pb.std(0)]}
     info.extra["metrics"] = _jsonable(metrics)
-    info.extra["best_epoch"] = best["epoch"]
+    info.extra["best_epoch"] = mon.best_epoch
     model_path = None
     if out is not None:
         model_path = save_mil(out / "best.safetensors", model, info, overwrite=True)
@@ -561,7 +561,7 @@ def _train_mil_job_locked(slides: Sequence[MILSlide], config: MILTrainConfig, *,
     yield Progress(total, total, "done")
     return MILTrainResult(model=model, info=info, history=history, metrics=_jsonable(metrics),
                           splits={s.name: sp for s, sp in zip(slides, splits, strict=True)},
-                          predictions=predictions, best_epoch=best["epoch"],
+                          predictions=predictions, best_epoch=mon.best_epoch,
                           model_path=model_path, out_dir=out, stopped_early=stopped_early,
                           seconds=time.perf_counter() - t_start)
 
@@ -570,13 +570,15 @@ def _nz(v: Any, default: float) -> float:
     return default if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def _better(rec: dict[str, Any], best: dict[str, Any], select: str) -> bool:
-    if select == "last" or "val_loss" not in rec:
+def _better(value: tuple[float, float], best: tuple[float, float], *, select: str,
+            has_val: bool) -> bool:
+    """Whether an epoch's (val AUC, val loss) beats the best so far under ``select``."""
+    if select == "last" or not has_val:
         return True
-    auc, loss = _nz(rec.get("val_auc"), -1.0), _nz(rec.get("val_loss"), math.inf)
+    (auc, loss), (best_auc, best_loss) = value, best
     if select == "val_loss":
-        return loss < best["loss"]
-    return auc > best["auc"] + 1e-9 or (abs(auc - best["auc"]) <= 1e-9 and loss < best["loss"])
+        return loss < best_loss
+    return auc > best_auc + 1e-9 or (abs(auc - best_auc) <= 1e-9 and loss < best_loss)
 
 
 def _with(info: MILInfo, epoch: int, rec: dict[str, Any]) -> MILInfo:

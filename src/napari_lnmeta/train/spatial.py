@@ -21,7 +21,6 @@ transform, so augmented labels stay under their cells. Output folder: ``last.saf
 
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -45,6 +44,7 @@ from ..models.spatial import (
     window_offset,
 )
 from ..progress import Job, Progress, relay
+from ._epochs import Monitor, close_epoch, epoch_row, step_progress
 from .datasets import (
     PatchConfig,
     PatchSet,
@@ -62,7 +62,6 @@ from .loop import (
     optimiser_step,
     seed_everything,
     val_metrics,
-    write_log,
 )
 from .options import SPATIAL_AUGMENTS as AUGMENTS
 from .options import augment_name
@@ -585,9 +584,8 @@ def train_spatial_job(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
         overwrite=True)
 
     history: list[dict[str, Any]] = []
-    better = (lambda a, b: a < b) if monitor.endswith("loss") else (lambda a, b: a > b)
-    best_value = math.inf if monitor.endswith("loss") else -math.inf
-    best_epoch, bad_epochs, step, seen, t_train = -1, 0, 0, 0, 0.0
+    mon = Monitor(monitor, patience=cfg.early_stopping or None)
+    step, seen, t_train = 0, 0, 0.0
     stopped_early = False
     for epoch in range(cfg.epochs):
         if step >= total_steps:
@@ -632,58 +630,44 @@ def train_spatial_job(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
             seen += bn
             now = time.perf_counter()
             t_train += now - t_prev
-            yield Progress(step, total_steps, f"epoch {epoch + 1}/{cfg.epochs} loss {lv:.4f}",
-                           partial={"kind": "step", "step": step, "epoch": epoch,
-                                    "epoch_float": epoch + (b + 1) / steps_per_epoch,
-                                    "loss": lv, "ce": float(ce.detach()),
-                                    "spatial": float(sp.detach()),
-                                    "lr": opt.param_groups[0]["lr"]})
+            yield step_progress(step, total_steps, epoch, cfg.epochs, b, steps_per_epoch, lv,
+                                opt.param_groups[0]["lr"], ce=float(ce.detach()),
+                                spatial=float(sp.detach()))
             t_prev = time.perf_counter()
             if step >= total_steps:
                 break
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step,
-                               "train_loss": sums["loss"] / max(n_run, 1),
-                               "train_ce": sums["ce"] / max(n_run, 1),
-                               "train_spatial": sums["spatial"] / max(n_run, 1),
-                               "train_acc": correct / max(n_run, 1),
-                               "lr": opt.param_groups[0]["lr"],
-                               "seconds": round(time.perf_counter() - t_epoch, 3)}
-        last_epoch = epoch + 1 == cfg.epochs or step >= total_steps
-        if val_set is not None and ((epoch + 1) % max(1, cfg.val_every) == 0 or last_epoch):
+        row = epoch_row(epoch, step, sums, n_run, correct, opt.param_groups[0]["lr"],
+                        time.perf_counter() - t_epoch)
+
+        def validate():
             job = predict_neighbourhoods_job(model, val_set, meta, device=dev,
                                              batch_size=max(cfg.batch_size, 64),
                                              workers=cfg.workers, message="validating")
-            probs = yield from relay(job, lambda p, step=step, epoch=epoch: Progress(
-                step, total_steps, f"epoch {epoch + 1}: {p.message} {p.done}/{p.total}"))
-            row.update(val_metrics(probs, val_set.labels, classes))
-        history.append(row)
-        value = row.get(monitor, math.nan)
-        improved = not math.isnan(value) and better(value, best_value)
-        if improved:
-            best_value, best_epoch, bad_epochs = value, epoch + 1, 0
-        elif not math.isnan(value):
-            bad_epochs += 1
-        if sched is not None and sched_unit == "epoch" and not math.isnan(value):
-            sched.step(value)
-        meta.extra["history"] = history
-        meta.extra["best"] = {"monitor": monitor, "value": best_value, "epoch": best_epoch}
-        meta.extra["checkpoint"] = {"step": step, "epochs_done": epoch + 1}
-        save_model(last_p, model, meta, overwrite=True)
-        if improved:
-            save_model(best_p, model, meta, overwrite=True)
-        write_log(out / "log.csv", history)
-        yield Progress(step, total_steps, f"epoch {epoch + 1}/{cfg.epochs} done: "
-                       + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                   if k.endswith(("loss", "auc", "acc", "spatial"))),
-                       partial={"kind": "epoch", "row": row, "history": list(history)})
-        if cfg.early_stopping and bad_epochs >= cfg.early_stopping:
-            stopped_early = True
+            probs = yield from job
+            return val_metrics(probs, val_set.labels, classes)
+
+        def save(improved: bool, epoch=epoch, step=step) -> None:
+            meta.extra["history"] = history
+            meta.extra["best"] = {"monitor": monitor, "value": mon.best_value,
+                                  "epoch": mon.best_epoch}
+            meta.extra["checkpoint"] = {"step": step, "epochs_done": epoch + 1}
+            save_model(last_p, model, meta, overwrite=True)
+            if improved:
+                save_model(best_p, model, meta, overwrite=True)
+
+        stopped_early = yield from close_epoch(
+            row, epoch=epoch, epochs=cfg.epochs, step=step, total_steps=total_steps,
+            history=history, monitor=mon, validate=validate if val_set is not None else None,
+            val_every=cfg.val_every, sched=sched, sched_unit=sched_unit, save=save,
+            log=out / "log.csv", shown=("loss", "auc", "acc", "spatial"))
+        if stopped_early:
             break
     if not best_p.exists():
         save_model(best_p, model, meta, overwrite=True)
     return TrainResult(out_dir=out, last=last_p, best=best_p, history=history,
-                       best_value=best_value, best_epoch=best_epoch, stopped_early=stopped_early,
-                       steps=step, meta=meta, seconds=time.perf_counter() - t_start,
+                       best_value=mon.best_value, best_epoch=mon.best_epoch,
+                       stopped_early=stopped_early, steps=step, meta=meta,
+                       seconds=time.perf_counter() - t_start,
                        patches_per_second=seen / t_train if t_train else float("nan"),
                        extra={"device": str(dev), "amp": use_amp,
                               "parameters": count_parameters(model)},
