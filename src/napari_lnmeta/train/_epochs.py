@@ -7,19 +7,27 @@ best so far, step a per-epoch scheduler, write the checkpoints and the log, repo
 progress, and stop early once the monitored value has not improved for ``patience``
 epochs. :class:`Monitor` holds the best-so-far/early-stopping state (saved with a
 training state and restored on resume, so a resumed run decides exactly as an
-uninterrupted one); :func:`close_epoch` is the shared end of an epoch.
+uninterrupted one); :func:`close_epoch` is the shared end of an epoch;
+:func:`optimiser_step` the shared step (a non-finite loss stops before the weights change);
+``_save_state``/``_load_state`` the training state (optimiser, scheduler, every RNG) beside
+a checkpoint, from which ``train_job`` resumes bit-identically.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..errors import InputError, ModelError
 from ..io.atomic import write_text_atomic
 from ..progress import Job, Progress, relay
 
@@ -72,6 +80,127 @@ class Monitor:
         self.best_value = float(state.get("best_value", self.best_value))
         self.best_epoch = int(state.get("best_epoch", -1))
         self.bad_epochs = int(state.get("bad_epochs", 0))
+
+
+def optimiser_step(loss, opt, scaler, sched, step: int) -> None:
+    """Backward pass and one optimiser step (through the AMP ``scaler`` when given).
+
+    A non-finite loss stops training with an :class:`InputError` before the weights are
+    touched, so the last good checkpoint stays the last good one. ``sched`` is stepped
+    when it is a per-step schedule (pass ``None`` for per-epoch ones).
+    """
+    import torch
+
+    if not torch.isfinite(loss):
+        raise InputError(f"the loss became {loss.item()} at step {step}; lower the "
+                         "learning rate (the last good checkpoint is kept)")
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    if sched is not None:
+        sched.step()
+
+
+def _latest_state(out: Path, step: int) -> Path | None:
+    p = out / f"state-{step}.safetensors"
+    return p if p.exists() else None
+
+
+# -- training state (optimiser / scheduler / RNG) as safetensors + JSON ------------------
+def _state_tensors(opt, sched, rng_state: dict, extra: dict) -> tuple[dict, dict]:
+    import torch
+
+    sd = opt.state_dict()
+    tensors: dict[str, Any] = {}
+    plain: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous().clone()
+            else:
+                plain[f"{pid}.{k}"] = v
+    tensors["rng.torch"] = torch.get_rng_state().clone()
+    np_state = np.random.get_state()
+    tensors["rng.numpy.key"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    rng_state = {**rng_state, "python": json.loads(json.dumps(random.getstate())),
+                 "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s.clone()
+    sched_state = None
+    if sched is not None:
+        try:
+            sched_state = json.loads(json.dumps(sched.state_dict(), default=_no_json))
+        except TypeError:
+            sched_state = None
+    meta = {"param_groups": sd["param_groups"], "plain": plain, "scheduler": sched_state,
+            "rng": rng_state, **extra}
+    return tensors, {"lnmeta_train_state": json.dumps(meta, default=_no_json)}
+
+
+def _no_json(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o).__name__)
+
+
+def _save_state(path: Path, opt, sched, rng_state: dict, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    from ..io.atomic import atomic_path
+
+    tensors, md = _state_tensors(opt, sched, rng_state, extra)
+    with atomic_path(path, overwrite=True) as tmp:
+        save_file(tensors, str(tmp), metadata=md)
+
+
+def _load_state(path: Path, opt, sched) -> dict:
+    import torch
+
+    from ..models.io import read_safetensors
+
+    tensors, md = read_safetensors(path)
+    if "lnmeta_train_state" not in md:
+        raise ModelError(path, "not a training-state file")
+    meta = json.loads(md["lnmeta_train_state"])
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for k, v in meta["plain"].items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g and isinstance(g["betas"], list):
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    if sched is not None and meta.get("scheduler") is not None:
+        sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    rng = meta.get("rng") or {}
+    if "python" in rng:  # random / numpy global states (files from older versions lack them)
+        v, internal, gauss = rng["python"]
+        random.setstate((v, tuple(internal), gauss))
+    if "numpy" in rng and "rng.numpy.key" in tensors:
+        name, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, tensors["rng.numpy.key"].numpy().astype(np.uint32), pos,
+                             has_gauss, cached))
+    if torch.cuda.is_available():
+        states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
+                  if f"rng.cuda.{i}" in tensors]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    return meta
 
 
 def write_log(path: Path, history: list[dict[str, Any]]) -> None:

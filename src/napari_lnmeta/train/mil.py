@@ -401,7 +401,7 @@ def _train_mil_job_locked(slides: Sequence[MILSlide], config: MILTrainConfig, *,
     from ..io.atomic import write_text_atomic
     from ..models.io import resolve_device
     from ..models.mil import MILConfig, MILInfo, MILModel, feature_stats, save_mil
-    from .loop import optimiser_step
+    from ._epochs import optimiser_step
 
     t_start = time.perf_counter()
     classes = [str(c) for c in classes]

@@ -44,7 +44,7 @@ from ..models.spatial import (
     window_offset,
 )
 from ..progress import Job, Progress, relay
-from ._epochs import Monitor, close_epoch, epoch_row, step_progress
+from ._epochs import Monitor, close_epoch, epoch_row, optimiser_step, step_progress
 from .datasets import (
     PatchConfig,
     PatchSet,
@@ -59,7 +59,6 @@ from .loop import (
     dataset_stats,
     make_optimizer,
     make_scheduler,
-    optimiser_step,
     seed_everything,
     val_metrics,
 )
