@@ -317,6 +317,24 @@ def val_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[st
 # --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
+def finish_run(model: nn.Module, meta: ModelMeta, *, out: Path, history: list[dict[str, Any]],
+               monitor: Monitor, stopped_early: bool, steps: int, t_start: float, seen: int,
+               t_train: float, device: torch.device, amp: bool) -> TrainResult:
+    """The end of a patch or spatial run: ``best.safetensors`` (the last weights when no
+    epoch improved on the monitored value) and the :class:`TrainResult`."""
+    last_p, best_p = out / "last.safetensors", out / "best.safetensors"
+    if not best_p.exists():
+        save_model(best_p, model, meta, overwrite=True)
+    return TrainResult(out_dir=out, last=last_p, best=best_p, history=history,
+                       best_value=monitor.best_value, best_epoch=monitor.best_epoch,
+                       stopped_early=stopped_early, steps=steps, meta=meta,
+                       seconds=time.perf_counter() - t_start,
+                       patches_per_second=seen / t_train if t_train else float("nan"),
+                       extra={"device": str(device), "amp": amp,
+                              "parameters": count_parameters(model)},
+                       model=model.eval())
+
+
 def train_job(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet | None = None, *,
               out_dir: str | Path, resume: bool = False, overwrite: bool = False,
               patch_config: dict | None = None) -> Job[TrainResult]:
@@ -601,16 +619,9 @@ def _train_job_locked(cfg: TrainConfig, train_set: PatchSet, val_set: PatchSet |
 
                 m, mt = load_model(p)
                 save_model(p, m, mt, overwrite=True, dtype=cfg.save_dtype)
-    if not best_p.exists():
-        save_model(best_p, model, meta, overwrite=True)
-    return TrainResult(out_dir=out, last=last_p, best=best_p, history=history,
-                       best_value=mon.best_value, best_epoch=mon.best_epoch,
-                       stopped_early=stopped_early, steps=step, meta=meta,
-                       seconds=time.perf_counter() - t_start,
-                       patches_per_second=seen / t_train if t_train else float("nan"),
-                       extra={"device": str(dev), "amp": use_amp,
-                              "parameters": count_parameters(model)},
-                       model=model.eval())
+    return finish_run(model, meta, out=out, history=history, monitor=mon,
+                      stopped_early=stopped_early, steps=step, t_start=t_start, seen=seen,
+                      t_train=t_train, device=dev, amp=use_amp)
 
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "TrainConfig", "TrainResult", "dataset_stats",

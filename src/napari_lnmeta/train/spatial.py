@@ -57,6 +57,7 @@ from .loop import (
     TrainConfig,
     TrainResult,
     dataset_stats,
+    finish_run,
     make_optimizer,
     make_scheduler,
     seed_everything,
@@ -661,16 +662,9 @@ def train_spatial_job(cfg: SpatialTrainConfig, train_set: NeighbourhoodSet,
             log=out / "log.csv", shown=("loss", "auc", "acc", "spatial"))
         if stopped_early:
             break
-    if not best_p.exists():
-        save_model(best_p, model, meta, overwrite=True)
-    return TrainResult(out_dir=out, last=last_p, best=best_p, history=history,
-                       best_value=mon.best_value, best_epoch=mon.best_epoch,
-                       stopped_early=stopped_early, steps=step, meta=meta,
-                       seconds=time.perf_counter() - t_start,
-                       patches_per_second=seen / t_train if t_train else float("nan"),
-                       extra={"device": str(dev), "amp": use_amp,
-                              "parameters": count_parameters(model)},
-                       model=model.eval())
+    return finish_run(model, meta, out=out, history=history, monitor=mon,
+                      stopped_early=stopped_early, steps=step, t_start=t_start, seen=seen,
+                      t_train=t_train, device=dev, amp=use_amp)
 
 
 __all__ = ["AUGMENTS", "ClassSlideSampler", "NeighbourhoodSet", "SpatialTrainConfig",
