@@ -271,16 +271,13 @@ def _config(cls, params: dict[str, Any], step: str, *, extra: tuple[str, ...] = 
     """``cls(**params)`` with the fields it knows; an unknown key is an error, not ignored."""
     import dataclasses
 
-    # ``mpp`` is the slides' level-0 µm/px override (--mpp); a read resolution is
-    # ``patch_mpp``, as in ``lnmeta predict --patch-mpp``.
+    # ``mpp`` is the slides' level-0 µm/px override (--mpp), not a step parameter; a read
+    # resolution is ``patch_mpp``, as in the configs and ``lnmeta predict --patch-mpp``.
     params = {k: v for k, v in params.items() if k != "mpp"}
-    if "patch_mpp" in params:
-        params["mpp"] = params.pop("patch_mpp")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - names - set(extra))
     if unknown:
-        known = sorted((names - {"mpp"}) | set(extra)
-                       | ({"patch_mpp"} if "mpp" in names else set()))
+        known = sorted(names | set(extra))
         raise InputError(f"step {step!r}: unknown parameter(s) {', '.join(unknown)}; "
                          f"known: {', '.join(known)}")
     return cls(**{k: v for k, v in params.items() if k in names})

@@ -228,7 +228,7 @@ class PredictWidget(DockWidget):
         # unknown µm/px); an edited one is passed on
         if meta is not None and mpp is not None and meta.mpp and abs(mpp - meta.mpp) < 1e-6:
             mpp, level = None, None
-        return InferenceConfig(model=self.model_file(), mpp=mpp, level=level,
+        return InferenceConfig(model=self.model_file(), patch_mpp=mpp, level=level,
                                patch_size=self.patch.value(), stride=self.stride.value() or None,
                                tta=self.tta.isChecked(), device=self.device.currentText(),
                                batch_size=self.batch.value(),

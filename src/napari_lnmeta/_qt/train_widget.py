@@ -294,7 +294,7 @@ class TrainWidget(DockWidget):
         from ..train.datasets import PatchConfig
 
         mpp = self.patch_mpp.value() or None
-        return PatchConfig(patch_size=self.patch_size.value(), mpp=mpp,
+        return PatchConfig(patch_size=self.patch_size.value(), patch_mpp=mpp,
                            stride=self.stride.value() or None,
                            positive_min=self.positive_min.value(),
                            fibrosis_as_tumour=self.fibrosis.isChecked())

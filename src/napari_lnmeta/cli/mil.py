@@ -96,7 +96,7 @@ def _feature_config(args):
     resolve_device(args.device)  # a device this machine lacks fails before any work
     _apply_recipe(args)
     return FeatureConfig(backbone=args.backbone, init=args.init, seed=args.backbone_seed,
-                         patch_size=args.patch_size, stride=args.stride, mpp=args.patch_mpp,
+                         patch_size=args.patch_size, stride=args.stride, patch_mpp=args.patch_mpp,
                          level=args.level, min_tissue=args.min_tissue,
                          entropy_min=args.entropy_min, tissue_mpp=args.tissue_mpp,
                          batch_size=args.batch_size, device=args.device, amp=args.amp,

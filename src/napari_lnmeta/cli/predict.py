@@ -69,7 +69,7 @@ def predict(p):
         from ..progress import run as drive
 
         slide = open_slide(args.slide, mpp=args.mpp)
-        cfg = InferenceConfig(model=args.model, mpp=args.patch_mpp, level=args.level,
+        cfg = InferenceConfig(model=args.model, patch_mpp=args.patch_mpp, level=args.level,
                               patch_size=args.patch_size, stride=args.stride, tta=args.tta,
                               device=args.device, batch_size=args.batch_size,
                               workers=args.workers, decode=args.decode,

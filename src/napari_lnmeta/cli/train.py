@@ -212,7 +212,7 @@ def make_patches(p: argparse.ArgumentParser):
         from ..train.datasets import PatchConfig, build_patchset_job, cache_patches_job
 
         n = len(args.slide)
-        cfg = PatchConfig(patch_size=args.patch_size, mpp=args.patch_mpp, level=args.level,
+        cfg = PatchConfig(patch_size=args.patch_size, patch_mpp=args.patch_mpp, level=args.level,
                           stride=args.stride,
                           classes=[c.strip() for c in args.classes.split(",") if c.strip()],
                           positive_min=args.positive_min, negative_max=args.negative_max,

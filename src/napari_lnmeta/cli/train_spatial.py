@@ -132,7 +132,7 @@ def train_spatial_cmd(p: argparse.ArgumentParser):
         scfg = SpatialConfig(backbone=args.arch, k=args.k, hidden=args.hidden,
                              layers=args.layers, bidirectional=args.bidirectional,
                              dropout=args.dropout)
-        pcfg = PatchConfig(patch_size=args.patch_size, mpp=args.patch_mpp, level=args.level,
+        pcfg = PatchConfig(patch_size=args.patch_size, patch_mpp=args.patch_mpp, level=args.level,
                            stride=args.stride, positive_min=args.positive_min,
                            negative_max=args.negative_max, min_tissue=args.min_tissue,
                            balance=args.balance, seed=args.seed)

@@ -70,9 +70,10 @@ class FeatureConfig:
         Seed of a random initialisation (ignored with ``init`` or a model file).
     patch_size, stride
         Pixels at the read resolution; ``patch_size`` defaults to the model file's, or 256.
-    mpp, level
-        Read resolution (µm/px, or a pyramid level); defaults to the model file's µm/px,
-        else level 0.
+    patch_mpp, level
+        Read resolution of the patches (µm/px, or a pyramid level); defaults to the model
+        file's µm/px, else level 0. Stored as ``mpp`` in the cache key and, before this
+        field was named ``patch_mpp``, in the feature store's ``config`` attribute.
     min_tissue
         Minimum tissue fraction of a patch (seed 003: patches from all tissue).
     entropy_min
@@ -92,7 +93,7 @@ class FeatureConfig:
     seed: int = 0
     patch_size: int | None = None
     stride: int | None = None
-    mpp: float | None = None
+    patch_mpp: float | None = None
     level: int | None = None
     min_tissue: float = 0.5
     entropy_min: float | None = None
@@ -459,7 +460,7 @@ def cache_key(slide: Slide, config: FeatureConfig, info: BackboneInfo,
     from ..models.extractor import file_digest
 
     d = {"slide": _slide_fingerprint(slide), "backbone": info.id,
-         "patch_size": info.patch_size, "stride": config.stride, "mpp": config.mpp,
+         "patch_size": info.patch_size, "stride": config.stride, "mpp": config.patch_mpp,
          "level": config.level, "min_tissue": config.min_tissue,
          "entropy_min": config.entropy_min, "tissue_mpp": config.tissue_mpp,
          "regions": None if regions is None else file_digest(regions),
@@ -476,8 +477,8 @@ def cache_path(cache_dir: str | Path, slide: Slide, config: FeatureConfig, info:
 
 def resolve_read_resolution(config: FeatureConfig, info: BackboneInfo) -> tuple[float | None, int | None]:
     """(mpp, level) to read at: the config's, else the patch model's µm/px, else level 0."""
-    if config.mpp is not None or config.level is not None:
-        return config.mpp, config.level
+    if config.patch_mpp is not None or config.level is not None:
+        return config.patch_mpp, config.level
     return info.mpp, None
 
 

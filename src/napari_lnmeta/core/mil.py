@@ -225,7 +225,9 @@ def feature_config_for(info: MILInfo, config: MILInferenceConfig) -> Any:
     from .features import FeatureConfig
 
     f = dict(info.features or {})
-    known = {k: f[k] for k in ("stride", "mpp", "level", "min_tissue", "entropy_min",
+    if "mpp" in f and "patch_mpp" not in f:  # models saved before the key was patch_mpp
+        f["patch_mpp"] = f.pop("mpp")
+    known = {k: f[k] for k in ("stride", "patch_mpp", "level", "min_tissue", "entropy_min",
                                "tissue_mpp", "dtype", "chunk") if k in f}
     return FeatureConfig(backbone=info.backbone.name, patch_size=info.backbone.patch_size,
                          batch_size=config.batch_size, device=config.device, amp=config.amp,

@@ -91,7 +91,9 @@ def features_meta(cache: FeatureCache) -> dict[str, Any]:
     if not meta:  # a cache made by extract_features_job on a custom grid
         meta = {"stride": g["stride"], "min_tissue": g["params"].get("min_tissue") or 0.5,
                 "entropy_min": g["params"].get("entropy_min")}
-        meta.update({"level": g["level"]} if g["level"] is not None else {"mpp": g["mpp"]})
+        meta.update({"level": g["level"]} if g["level"] is not None else {"patch_mpp": g["mpp"]})
+    if "mpp" in meta and "patch_mpp" not in meta:  # a store written before the key was patch_mpp
+        meta["patch_mpp"] = meta.pop("mpp")
     for k in ("backbone", "init", "seed", "batch_size", "device", "amp", "patch_size"):
         meta.pop(k, None)
     return meta

@@ -28,8 +28,9 @@ class InferenceConfig:
     ----------
     model
         Path of a ``.safetensors`` model file; ``None`` uses the bundled default model.
-    mpp
-        Read resolution in µm/px (default: the model's). Needs the slide's µm/px.
+    patch_mpp
+        Read resolution of the patches in µm/px (default: the model's). Needs the
+        slide's µm/px. (``mpp`` elsewhere is the slide's level-0 µm/px.)
     level
         Read this pyramid level instead of a µm/px.
     patch_size
@@ -83,7 +84,7 @@ class InferenceConfig:
     """
 
     model: str | None = None
-    mpp: float | None = None
+    patch_mpp: float | None = None
     level: int | None = None
     patch_size: int | None = None
     stride: int | None = None
@@ -116,6 +117,9 @@ class InferenceConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> InferenceConfig:
         names = set(cls.__dataclass_fields__)
+        d = dict(d)
+        if "mpp" in d and "patch_mpp" not in d:  # written before the field was patch_mpp
+            d["patch_mpp"] = d.pop("mpp")
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

@@ -177,7 +177,7 @@ def plan_read(slide: Slide, meta: ModelMeta, config: InferenceConfig, *,
     if stride > patch:
         warnings.append(f"stride {stride} > patch size {patch}: parts of the tissue are "
                         "skipped")
-    mpp, level = config.mpp, config.level
+    mpp, level = config.patch_mpp, config.level
     if mpp is not None and level is not None:
         raise InputError("give a read µm/px or a level, not both")
     if level is None and mpp is None:

@@ -31,8 +31,8 @@ class PatchConfig:
     ----------
     patch_size
         Patch side in pixels at the read resolution (seed 000: 90).
-    mpp, level
-        Read resolution: µm/px (resampled from the nearest finer level) or a pyramid
+    patch_mpp, level
+        Read resolution of the patches: µm/px (resampled from the nearest finer level) or a pyramid
         level; with neither, level 0.
     stride
         Grid step in read pixels (default: ``patch_size``, non-overlapping).
@@ -63,7 +63,7 @@ class PatchConfig:
     """
 
     patch_size: int = 90
-    mpp: float | None = None
+    patch_mpp: float | None = None
     level: int | None = None
     stride: int | None = None
     classes: list[str] = field(default_factory=lambda: ["normal", "tumour"])
@@ -205,12 +205,12 @@ def patches_from_slide_job(slide: Slide | str | Path, labels: Any, config: Patch
     yield Progress(1, 4, f"{sl.name}: tissue")
     if tissue is None:
         # coarse enough to be quick, fine enough that a patch spans >= ~8 mask pixels
-        read_mpp = config.mpp or (sl.level_mpp(config.level or 0) if sl.mpp else None)
+        read_mpp = config.patch_mpp or (sl.level_mpp(config.level or 0) if sl.mpp else None)
         target = 10.0 if read_mpp is None else min(32.0, max(8.0, read_mpp * config.patch_size / 8))
         tissue = tissue_mask(sl, target_mpp=target, method=config.tissue_method)
     tm = tissue
     yield Progress(2, 4, f"{sl.name}: grid")
-    grid = make_grid(sl, patch_size=config.patch_size, stride=config.stride, mpp=config.mpp,
+    grid = make_grid(sl, patch_size=config.patch_size, stride=config.stride, mpp=config.patch_mpp,
                      level=config.level, tissue=tm, min_tissue=config.min_tissue)
     if len(grid) == 0:
         raise InputError(f"{sl.name}: no patch of {config.patch_size} px has "
