@@ -143,3 +143,27 @@ def test_bad_inputs(tmp_path):
     assert ok.clinical_used
     # a random backbone is rebuilt exactly (same weights digest) for new slides
     assert extractor_for(cache.backbone)[1].id == cache.backbone.id
+
+
+
+def test_read_resolution_of_older_files_is_patch_mpp(tmp_path):
+    """A MIL model whose ``features`` metadata says ``mpp`` (as written before the key was
+    ``patch_mpp``) reads its patches at that µm/px; so does a saved InferenceConfig."""
+    import torch
+
+    from napari_lnmeta.core.inference import InferenceConfig
+    from napari_lnmeta.core.mil import feature_config_for
+    from napari_lnmeta.models.mil import MILConfig, MILInfo, MILModel, read_mil_info, save_mil
+
+    bb = BackboneInfo(name="lnmeta_cnn_small", weights="random", feature_dim=8, patch_size=16)
+    cfg = MILConfig(feature_dim=8, n_classes=2, embed_dim=8, attn_dim=4)
+    torch.manual_seed(0)
+    for key, value in (("mpp", 2.0), ("patch_mpp", 3.0)):
+        info = MILInfo(config=cfg, classes=["N0", "N+"], backbone=bb, clinical=None,
+                       features={"stride": 16, key: value, "min_tissue": 0.4})
+        path = save_mil(tmp_path / f"{key}.safetensors", MILModel(cfg), info)
+        fc = feature_config_for(read_mil_info(path), MILInferenceConfig(device="cpu"))
+        assert (fc.patch_mpp, fc.stride, fc.min_tissue, fc.level) == (value, 16, 0.4, None)
+    old = InferenceConfig.from_json({"mpp": 0.5, "stride": 64})
+    assert (old.patch_mpp, old.stride) == (0.5, 64)
+    assert InferenceConfig.from_json(InferenceConfig(patch_mpp=1.0).to_json()).patch_mpp == 1.0
