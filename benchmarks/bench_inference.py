@@ -2,7 +2,7 @@
 
 Prints, in one run on one device (no assertions):
 
-1. **I/O hidden**: patches/s of the inference loop of :func:`run_inference` (tissue
+1. **I/O hidden**: patches/s of the inference loop of :func:`run_inference_job` (tissue
    patches read by the thread pool, prefetched, preprocessed on the device) divided by
    the model's bare forward patches/s on in-memory batches of the same size (target
    >= 0.9);
@@ -276,12 +276,12 @@ def child_predict(slide: Path, cfg: dict, out: Path) -> dict:
 
 
 def run_slide(slide_path: Path, cfg):
-    from napari_lnmeta.core.inference import run_inference
+    from napari_lnmeta.core.inference import run_inference_job
     from napari_lnmeta.io.slide import open_slide
     from napari_lnmeta.progress import run
 
     t0 = time.perf_counter()
-    res = run(run_inference(open_slide(slide_path), cfg))
+    res = run(run_inference_job(open_slide(slide_path), cfg))
     return res, time.perf_counter() - t0
 
 

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
               f"tissue {tm['tissue_s']:.2f} s, batch probe {tm['batch_probe_s']:.2f} s "
               f"(probed: {tm.get('batch_probed')}), inference loop {tm['inference_s']:.2f} s "
               f"({tm['patches']} patches), torch import + writing + rest {rest:.2f} s "
-              f"[run_inference {run_s:.2f} s]")
+              f"[run_inference_job {run_s:.2f} s]")
     return 0
 
 

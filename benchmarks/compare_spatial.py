@@ -20,7 +20,7 @@ overlapping).
 Printed: patch-level AUC with a stratified-bootstrap 95 % CI, ACC/SEN/SPE at 0.5, DeLong's
 test of the two AUCs on the same patches and, when :mod:`napari_lnmeta.core.froc` is
 present, the FROC score on the held-out region: each model runs through the whole-slide
-engine (``run_inference``, stride 16) on the held-out region's tissue, lesions come from
+engine (``run_inference_job``, stride 16) on the held-out region's tissue, lesions come from
 the engine's non-maximum suppression (threshold 0.5, radius 200 µm, the ``lnmeta predict``
 defaults) and are matched against the held-out polygon by the CAMELYON16 rules. The
 region holds ONE metastasis, so that FROC is a coarse number (sensitivity is 0 or 1 at
@@ -57,7 +57,7 @@ def _fmt_ci(m: dict) -> str:
 def main(argv=None) -> int:
     import torch
 
-    from napari_lnmeta.core.inference import InferenceConfig, run_inference
+    from napari_lnmeta.core.inference import InferenceConfig, run_inference_job
     from napari_lnmeta.core.metrics import delong_test, evaluate_binary
     from napari_lnmeta.core.tissue import tissue_mask
     from napari_lnmeta.io.annotations import read_camelyon_json
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
                        "lesion_threshold": 0.5, "lesion_radius_um": 200.0, "stride": 16}
         t3 = time.perf_counter()
         for name, res in (("cnn", cnn), ("spatial", sp)):
-            inf = run(run_inference(slide, InferenceConfig(model=str(res.last), device="cpu",
+            inf = run(run_inference_job(slide, InferenceConfig(model=str(res.last), device="cpu",
                                                            workers=1), tissue=region_tissue))
             pred = postprocess(inf)
             r = froc_mod.match_detections(pred.lesions.coords, pred.lesions.probability,

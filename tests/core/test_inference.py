@@ -19,7 +19,7 @@ from napari_lnmeta.core.inference import (
     InferenceConfig,
     PartialHeatmap,
     dihedral,
-    run_inference,
+    run_inference_job,
 )
 from napari_lnmeta.errors import InputError, ModelError, OutputExistsError
 from napari_lnmeta.io.slide import open_slide
@@ -67,7 +67,7 @@ def test_heatmap_cells_sit_under_their_patches(synth, tissue, stride, tmp_path):
     assert slide.shape[0] % PATCH and slide.shape[1] % PATCH  # not a multiple of the patch
     cfg = InferenceConfig(stride=stride, batch_size=64, workers=2, device="cpu",
                           lesion_radius_um=30.0)
-    res = run(run_inference(slide, cfg, model=redness_model(synth), tissue=tissue))
+    res = run(run_inference_job(slide, cfg, model=redness_model(synth), tissue=tissue))
     prob, frame = res.probability, res.frame
     assert res.grid.grid_shape == prob.shape
     planted = synth.tumour_64 + (synth.tumour_32 if stride == PATCH // 2 else [])
@@ -146,9 +146,9 @@ def test_tta_views_are_the_eight_dihedral_transforms():
 def test_tta_of_a_rotation_invariant_model_changes_nothing(synth, small_tissue):
     slide = open_slide(synth.path)
     net, meta = redness_model(synth)
-    a = run(run_inference(slide, InferenceConfig(device="cpu"), model=(net, meta),
+    a = run(run_inference_job(slide, InferenceConfig(device="cpu"), model=(net, meta),
                           tissue=small_tissue))
-    b = run(run_inference(slide, InferenceConfig(device="cpu", tta=True), model=(net, meta),
+    b = run(run_inference_job(slide, InferenceConfig(device="cpu", tta=True), model=(net, meta),
                           tissue=small_tissue))
     assert a.probability.max() > 0.99  # a planted tumour lies in the window
     np.testing.assert_allclose(a.probability, b.probability, atol=1e-5)
@@ -178,7 +178,7 @@ def test_reads_that_share_tiles_reserve_the_tile_cache(synth, tissue, monkeypatc
     assert tile_working_set(slide, sparse, batches(sparse), 4) == 0
 
     net, meta = redness_model(synth)
-    res = run(run_inference(slide, InferenceConfig(device="cpu", stride=PATCH // 2,
+    res = run(run_inference_job(slide, InferenceConfig(device="cpu", stride=PATCH // 2,
                                                    batch_size=64), model=(net, meta),
                             tissue=tissue))
     reserved = res.timing["tile_cache_reserved_mb"] * 2**20
@@ -197,7 +197,7 @@ def test_pipeline_equals_infer_batch_on_a_saved_model(synth, tissue, model_file)
 
     slide = open_slide(synth.path)
     cfg = InferenceConfig(model=str(model_file), batch_size=16, workers=2, device="cpu")
-    res = run(run_inference(slide, cfg, tissue=tissue))
+    res = run(run_inference_job(slide, cfg, tissue=tissue))
     net, meta = load_model(model_file)
     idx = np.arange(0, len(res.grid), 7)
     ref = infer_batch(net, read_patches(slide, res.grid, idx), device="cpu", meta=meta)[:, 1]
@@ -217,15 +217,15 @@ def test_second_run_reuses_the_loaded_model_until_the_file_changes(synth, small_
     slide = open_slide(synth.path)
     cfg = InferenceConfig(model=str(path), workers=1, device="cpu")  # batch size probed
     inference.clear_model_cache()
-    first = run(run_inference(slide, cfg, tissue=small_tissue))
-    second = run(run_inference(slide, cfg, tissue=small_tissue))
+    first = run(run_inference_job(slide, cfg, tissue=small_tissue))
+    second = run(run_inference_job(slide, cfg, tissue=small_tissue))
     assert (first.timing["model_cached"], second.timing["model_cached"]) == (False, True)
     assert (first.timing["batch_probed"], second.timing["batch_probed"]) == (True, False)
     assert first.batch_size == second.batch_size
     np.testing.assert_array_equal(first.probability, second.probability)
     assert inference.model_cache_stats() == {"hits": 1, "misses": 1, "entries": 1}
     small_model_file(path, seed=1)  # rewritten in place: a new file identity
-    third = run(run_inference(slide, cfg, tissue=small_tissue))
+    third = run(run_inference_job(slide, cfg, tissue=small_tissue))
     assert third.timing["model_cached"] is False and third.timing["batch_probed"] is True
     assert not np.array_equal(third.probability, first.probability)
     inference.clear_model_cache()
@@ -238,22 +238,22 @@ def test_patch_size_mismatch_is_refused(synth, tissue, model_file):
     slide = open_slide(synth.path)
     cfg = InferenceConfig(model=str(model_file), patch_size=96, device="cpu")
     with pytest.raises(ModelError, match="trained on 32 px patches"):
-        run(run_inference(slide, cfg, tissue=tissue))
+        run(run_inference_job(slide, cfg, tissue=tissue))
 
 
 def test_classes_mismatch_is_refused(synth, tissue, tmp_path, model_file):
     slide = open_slide(synth.path)
     with pytest.raises(ModelError, match="has no class 'lymphoma'"):
-        run(run_inference(slide, InferenceConfig(model=str(model_file), tumour_class="lymphoma",
+        run(run_inference_job(slide, InferenceConfig(model=str(model_file), tumour_class="lymphoma",
                                                  device="cpu"), tissue=tissue))
     odd = small_model_file(tmp_path / "odd.safetensors", classes=("a", "b"))
     with pytest.raises(ModelError, match="cannot tell which"):
-        run(run_inference(slide, InferenceConfig(model=str(odd), device="cpu"), tissue=tissue))
+        run(run_inference_job(slide, InferenceConfig(model=str(odd), device="cpu"), tissue=tissue))
     # metadata lists 3 classes but the network gives 2 outputs
     net, meta = redness_model(synth)
     meta.classes = ["normal", "tumour", "lymphoma"]
     with pytest.raises(ModelError, match="3 outputs expected"):
-        run(run_inference(slide, InferenceConfig(device="cpu", batch_size=8), model=(net, meta),
+        run(run_inference_job(slide, InferenceConfig(device="cpu", batch_size=8), model=(net, meta),
                           tissue=tissue))
 
 
@@ -263,7 +263,7 @@ def test_slide_without_tissue_is_refused(tmp_path, model_file):
     path = write_pyramid_tiff(tmp_path / "blank.ome.tif", np.full((300, 400, 3), 246, np.uint8),
                               levels=1, mpp=MPP, compression="zlib")
     with pytest.raises(InputError, match="no tissue"):
-        run(run_inference(open_slide(path), InferenceConfig(model=str(model_file),
+        run(run_inference_job(open_slide(path), InferenceConfig(model=str(model_file),
                                                             device="cpu")))
 
 
@@ -272,10 +272,10 @@ def test_missing_model_and_cuda_are_clear_errors(synth, tissue, tmp_path):
 
     slide = open_slide(synth.path)
     with pytest.raises(ModelError, match="no such model file"):
-        run(run_inference(slide, InferenceConfig(model=str(tmp_path / "nope.safetensors"))))
+        run(run_inference_job(slide, InferenceConfig(model=str(tmp_path / "nope.safetensors"))))
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):
-            run(run_inference(slide, InferenceConfig(device="cuda")))
+            run(run_inference_job(slide, InferenceConfig(device="cuda")))
 
 
 def test_out_of_memory_backs_off(synth, tissue):
@@ -298,9 +298,9 @@ def test_out_of_memory_backs_off(synth, tissue):
             return self.inner(x)
 
     picky = Picky()
-    ref = run(run_inference(slide, InferenceConfig(device="cpu", batch_size=32), model=(net, meta),
+    ref = run(run_inference_job(slide, InferenceConfig(device="cpu", batch_size=32), model=(net, meta),
                             tissue=tissue))
-    res = run(run_inference(slide, InferenceConfig(device="cpu", batch_size=32),
+    res = run(run_inference_job(slide, InferenceConfig(device="cpu", batch_size=32),
                             model=(picky, meta), tissue=tissue))
     assert res.timing["oom_backoffs"] == 2  # 32 -> 16 -> 8
     assert res.timing["forward_batch_size"] == 8
@@ -380,7 +380,7 @@ def test_stain_normalisation_asked_by_the_model_runs_on_the_device(synth, small_
     slide = open_slide(synth.path)
     net, meta = redness_model(synth)
     meta.normalisation = {"method": "macenko"}
-    res = run(run_inference(slide, InferenceConfig(device="cpu", batch_size=32),
+    res = run(run_inference_job(slide, InferenceConfig(device="cpu", batch_size=32),
                             model=(net, meta), tissue=small_tissue))
     assert res.params["normalisation"] == {"method": "macenko"}
     idx = np.arange(0, len(res.grid), 2)
@@ -413,13 +413,13 @@ def test_cuda_pipeline_matches_cpu(synth, tissue, model_file):
         pytest.skip("no CUDA device")
     slide = open_slide(synth.path)
     kw = {"model": str(model_file), "batch_size": 16, "stride": 16}
-    cpu = run(run_inference(slide, InferenceConfig(device="cpu", **kw), tissue=tissue))
-    gpu = run(run_inference(slide, InferenceConfig(device="auto", tta=False, **kw),
+    cpu = run(run_inference_job(slide, InferenceConfig(device="cpu", **kw), tissue=tissue))
+    gpu = run(run_inference_job(slide, InferenceConfig(device="auto", tta=False, **kw),
                             tissue=tissue))
     assert gpu.device.startswith("cuda")
     np.testing.assert_allclose(gpu.probability, cpu.probability, atol=1e-2)  # float16 AMP
     np.testing.assert_array_equal(gpu.scored, cpu.scored)
-    auto = run(run_inference(slide, InferenceConfig(model=str(model_file), device="cuda"),
+    auto = run(run_inference_job(slide, InferenceConfig(model=str(model_file), device="cuda"),
                              tissue=tissue))
     assert auto.batch_size >= 8  # chosen from free device memory
 
@@ -511,10 +511,10 @@ def test_jpeg_tiles_decoded_on_the_gpu_match_the_cpu_run(jpeg_slide, tmp_path):
     slide = open_slide(jpeg_slide)
     model = small_model_file(tmp_path / "m.safetensors", patch_size=32, mpp=MPP)
     kw = {"model": str(model), "batch_size": 64, "stride": 24, "min_tissue": 0.0}
-    cpu = run(run_inference(slide, InferenceConfig(device="cpu", **kw)))
-    gpu = run(run_inference(slide, InferenceConfig(device="cuda", decode="device", **kw)))
+    cpu = run(run_inference_job(slide, InferenceConfig(device="cpu", **kw)))
+    gpu = run(run_inference_job(slide, InferenceConfig(device="cuda", decode="device", **kw)))
     assert gpu.timing["reader"] == "jpeg-cuda"
     assert cpu.timing["reader"] == "threads"
     np.testing.assert_allclose(gpu.probability, cpu.probability, atol=2e-2)
-    default = run(run_inference(slide, InferenceConfig(device="cuda", **kw)))
+    default = run(run_inference_job(slide, InferenceConfig(device="cuda", **kw)))
     assert default.timing["reader"] == "threads"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tests._inference_helpers import make_synthetic_slide, small_model_file
 
-from napari_lnmeta.core.inference import InferenceConfig, context_grid, run_inference
+from napari_lnmeta.core.inference import InferenceConfig, context_grid, run_inference_job
 from napari_lnmeta.errors import InputError, ModelError
 from napari_lnmeta.io.slide import open_slide
 from napari_lnmeta.models.io import ModelMeta, load_model, read_meta, save_model
@@ -252,7 +252,7 @@ def test_engine_reads_the_neighbourhood_around_each_patch(synth, small_tissue, s
 
     slide = open_slide(synth.path)
     cfg = InferenceConfig(model=str(spatial_file), device="cpu", batch_size=16, workers=2)
-    res = run(run_inference(slide, cfg, tissue=small_tissue))
+    res = run(run_inference_job(slide, cfg, tissue=small_tissue))
     assert res.params["context"] == 3 and res.params["patch_size"] == 16
     assert res.grid.level == 1 and res.grid.patch_size == 16
     # the heatmap is on the patch grid, exactly as a plain 16 px model's would be
@@ -273,7 +273,7 @@ def test_engine_reads_the_neighbourhood_around_each_patch(synth, small_tissue, s
     got = res.probability[res.grid.index[:, 0], res.grid.index[:, 1]]
     np.testing.assert_allclose(got, ref, atol=1e-5)
     # 8-direction TTA rotates whole windows: still one value per patch
-    tta = run(run_inference(slide, dataclasses.replace(cfg, tta=True), tissue=small_tissue))
+    tta = run(run_inference_job(slide, dataclasses.replace(cfg, tta=True), tissue=small_tissue))
     assert tta.probability.shape == res.probability.shape
     assert np.array_equal(tta.scored, res.scored)
     assert not np.allclose(tta.probability[tta.scored], got)  # not rotation invariant

@@ -133,7 +133,7 @@ def _cfg(**kw) -> SpatialTrainConfig:
 
 
 def test_short_training_run_decreases_the_loss(t001_nb, t001, tmp_path):
-    from napari_lnmeta.core.inference import InferenceConfig, run_inference
+    from napari_lnmeta.core.inference import InferenceConfig, run_inference_job
 
     tr, te = split_neighbourhoods(t001_nb, region=HOLDOUT, margin=16)
     te = te.subset((te.labels == 1) | (np.arange(len(te)) % 4 == 0))  # a quick validation
@@ -175,7 +175,7 @@ def test_short_training_run_decreases_the_loss(t001_nb, t001, tmp_path):
     d = tissue.downsample
     m[int(3800 / d):int(4200 / d), int(2000 / d):int(2400 / d)] = True
     part = dataclasses.replace(tissue, mask=m & tissue.mask)
-    inf = run(run_inference(slide, InferenceConfig(model=str(res.last), device="cpu"),
+    inf = run(run_inference_job(slide, InferenceConfig(model=str(res.last), device="cpu"),
                             tissue=part))
     assert inf.probability.shape == (7168 // 16, 3072 // 16) and inf.params["context"] == 3
     assert 50 < inf.scored.sum() < 700

@@ -47,7 +47,7 @@ from .heatmap import (
     to_storage,
     write_png,
 )
-from .inference import InferenceConfig, InferenceResult, run_inference
+from .inference import InferenceConfig, InferenceResult, run_inference_job
 from .lesions import Lesions, find_lesions, write_lesions_geojson
 
 if TYPE_CHECKING:
@@ -164,8 +164,8 @@ def postprocess(result: InferenceResult, *, truth: Any = None,
 def predict_job(slide: Slide, config: InferenceConfig | None = None, *,
                 model: tuple[nn.Module, ModelMeta] | None = None,
                 truth: Any = None) -> Job[Prediction]:
-    """:func:`run_inference` then :func:`postprocess`, in memory (the widget's job)."""
-    result = yield from run_inference(slide, config, model=model)
+    """:func:`run_inference_job` then :func:`postprocess`, in memory (the widget's job)."""
+    result = yield from run_inference_job(slide, config, model=model)
     return postprocess(result, truth=truth)
 
 
@@ -346,7 +346,7 @@ def predict_to_folder_job(slide: Slide | str | Path, out_dir: str | Path,
     with output_lock(out_dir):  # one writer per result folder, checkpoint included
         out, has_partial = prepare_output(out_dir, overwrite=overwrite, inputs=(slide.path,))
         ckdir = out / PARTIAL
-        result = yield from run_inference(
+        result = yield from run_inference_job(
             slide, cfg, model=model, checkpoint_dir=ckdir,
             on_mismatch="error" if has_partial and not overwrite else "restart")
         t0 = time.perf_counter()

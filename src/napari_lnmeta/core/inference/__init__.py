@@ -24,7 +24,7 @@ One subject per module: :mod:`.config` (parameters and results), :mod:`.loading`
 (device, warm model cache, read plan), :mod:`.forward` (on-device preprocessing, TTA,
 :class:`PatchModel`, batch size), :mod:`.readers` (:class:`BatchReader`,
 :class:`DeviceTileReader`), :mod:`.checkpoint` and :mod:`.engine`
-(:func:`run_inference`). Import from the package.
+(:func:`run_inference_job`). Import from the package.
 """
 
 from .checkpoint import (
@@ -39,7 +39,7 @@ from .config import (
     PartialHeatmap,
 )
 from .engine import (
-    run_inference,
+    run_inference_job,
 )
 from .forward import (
     PatchModel,
@@ -89,7 +89,7 @@ __all__ = [
     "model_cache_stats",
     "plan_read",
     "read_patches_into",
-    "run_inference",
+    "run_inference_job",
     "run_key",
     "model_preprocess",
     "stain_transform",

@@ -1,4 +1,4 @@
-"""The run: :func:`run_inference`, the progress generator that ties grid, readers,
+"""The run: :func:`run_inference_job`, the progress generator that ties grid, readers,
 model and checkpoints together.
 """
 
@@ -36,7 +36,7 @@ _PROBED_BATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # --------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------
-def run_inference(slide: Slide, config: InferenceConfig | None = None, *,
+def run_inference_job(slide: Slide, config: InferenceConfig | None = None, *,
                   model: tuple[nn.Module, ModelMeta] | None = None,
                   checkpoint_dir: str | Path | None = None,
                   tissue: TissueMask | None = None,
