@@ -147,7 +147,7 @@ def big_pair() -> tuple[Path, Path]:
 
 
 def runtime(quick: bool, threads: int | None) -> dict:
-    from napari_lnmeta.core.dab import transfer_mask
+    from napari_lnmeta.core.dab import transfer_mask_job
     from napari_lnmeta.core.registration import RegistrationConfig, register
     from napari_lnmeta.io.slide import open_slide
     from napari_lnmeta.progress import run
@@ -183,7 +183,7 @@ def runtime(quick: bool, threads: int | None) -> dict:
 
         mask = cache_dir() / "mask.ome.zarr"
         t0 = time.perf_counter()
-        res = run(transfer_mask(fixed, moving, t, mask, overwrite=True))
+        res = run(transfer_mask_job(fixed, moving, t, mask, overwrite=True))
         out["transfer s"] = time.perf_counter() - t0
         out["mask"] = f"{res.shape[1]}x{res.shape[0]} at {res.frame.mpp:g} µm/px"
         shutil.rmtree(mask, ignore_errors=True)

@@ -302,7 +302,7 @@ def step_predict(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[st
 
 def step_register(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Register the slide's IHC partner onto it and transfer the DAB tumour mask."""
-    from .core.dab import DabParams, transfer_mask
+    from .core.dab import DabParams, transfer_mask_job
     from .core.registration import RegistrationConfig, register
     from .io.slide import open_slide
     from .progress import run as drive
@@ -318,7 +318,7 @@ def step_register(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[s
     moving = open_slide(item.ihc, mpp=params.get("ihc_mpp"))
     t = drive(register(fixed, moving, cfg))
     t.save(out / "transform.json", inputs=(item.slide, item.ihc))
-    res = drive(transfer_mask(fixed, moving, t, out / "tumour_mask.ome.zarr", dab,
+    res = drive(transfer_mask_job(fixed, moving, t, out / "tumour_mask.ome.zarr", dab,
                               mask_mpp=params.get("mask_mpp", 2.0)))
     return {"ihc": item.ihc, "mode": cfg.mode, "dab_threshold": round(float(res.threshold), 5),
             "tumour_fraction": round(float(res.tumour_fraction), 6)}

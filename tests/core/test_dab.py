@@ -13,7 +13,7 @@ from napari_lnmeta.core.dab import (
     dab_mask,
     mask_outlines,
     slide_threshold_job,
-    transfer_mask,
+    transfer_mask_job,
 )
 from napari_lnmeta.core.registration import SlideInfo, Transform
 from napari_lnmeta.errors import InputError
@@ -134,8 +134,8 @@ def test_transfer_tile_by_tile_equals_whole_image(ihc, tmp_path):
     t = _rot90_transform(ihc.shape[:2])
     np.testing.assert_array_equal(t.warp_slide_region(moving, (0, 0), fixed.shape, 1.0),
                                   fixed_rgb)
-    whole = run(transfer_mask(fixed, moving, t, None, tile=4096))
-    tiled = run(transfer_mask(fixed, moving, t, tmp_path / "m.ome.zarr", tile=128))
+    whole = run(transfer_mask_job(fixed, moving, t, None, tile=4096))
+    tiled = run(transfer_mask_job(fixed, moving, t, tmp_path / "m.ome.zarr", tile=128))
     # outside the slide is glass: the reference is the mask of the white-padded image
     pad = 100
     padded = np.pad(fixed_rgb, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
@@ -155,4 +155,4 @@ def test_transfer_tile_by_tile_equals_whole_image(ihc, tmp_path):
 def test_transfer_refuses_other_slides(ihc):
     t = _rot90_transform((100, 80))
     with pytest.raises(InputError, match="transform"):
-        run(transfer_mask(array_slide(ihc), array_slide(ihc), t, None))
+        run(transfer_mask_job(array_slide(ihc), array_slide(ihc), t, None))

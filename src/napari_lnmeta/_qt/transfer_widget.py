@@ -329,7 +329,7 @@ class TransferMaskWidget(DockWidget):
     # -- whole-slide mask ----------------------------------------------------------------
     def run_mask(self) -> None:
         """The whole-slide mask on the H&E grid (a job), pushed as an editable Labels layer."""
-        from ..core.dab import mask_downsample, transfer_mask
+        from ..core.dab import mask_downsample, transfer_mask_job
 
         try:
             s = self._require()
@@ -341,7 +341,7 @@ class TransferMaskWidget(DockWidget):
         t, fixed, moving = s.transform, s.fixed, s.moving
 
         def job():
-            res = yield from transfer_mask(fixed, moving, t, None, p, downsample=ds, tile=512)
+            res = yield from transfer_mask_job(fixed, moving, t, None, p, downsample=ds, tile=512)
             return res
 
         self.panel.start(job, on_returned=self.show_mask)

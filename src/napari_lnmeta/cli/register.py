@@ -268,14 +268,14 @@ def transfer_mask_cmd(p):
             _transfer(args, read_ome_zarr, drive)
 
     def _transfer(args, read_ome_zarr, drive):
-        from ..core.dab import DabParams, mask_outlines, transfer_mask
+        from ..core.dab import DabParams, mask_outlines, transfer_mask_job
         from ..core.registration import Transform
 
         fixed, moving = _open_pair(args)
         t = Transform.load(args.transform)
         params = DabParams(threshold=args.threshold, min_area_um2=args.min_area_um2,
                            close_um=args.close_um, fibrosis_um=args.fibrosis_um)
-        res = drive(transfer_mask(fixed, moving, t, args.out, params,
+        res = drive(transfer_mask_job(fixed, moving, t, args.out, params,
                                   downsample=args.downsample, mask_mpp=args.mask_mpp,
                                   overwrite=args.overwrite), _progress(args))
         print(f"DAB threshold {res.threshold:.4f}; tumour {100 * res.tumour_fraction:.2f}% of "

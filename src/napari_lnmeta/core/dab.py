@@ -220,7 +220,7 @@ def _clean(pos: np.ndarray, p: DabParams, px: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 @dataclass
 class TransferResult:
-    """What :func:`transfer_mask` wrote (or computed)."""
+    """What :func:`transfer_mask_job` wrote (or computed)."""
 
     path: Path | None
     frame: SlideFrame
@@ -294,7 +294,7 @@ def mask_region(transform: Transform, moving: Slide, origin: tuple[float, float]
     return labels[halo:halo + h, halo:halo + w]
 
 
-def transfer_mask(fixed: Slide, moving: Slide, transform: Transform, out: str | Path | None,
+def transfer_mask_job(fixed: Slide, moving: Slide, transform: Transform, out: str | Path | None,
                   params: DabParams | None = None, *, downsample: float | None = None,
                   mask_mpp: float | None = 2.0, tile: int = 1024, overwrite: bool = False,
                   ) -> Generator[Progress, None, TransferResult]:
