@@ -42,7 +42,7 @@ def _warm(step):
 
 
 def timed_run(items, step, out, workers):
-    from napari_lnmeta.cohort import run_batch
+    from napari_lnmeta.cohort import run_cohort_job
 
     t = {}
 
@@ -52,7 +52,7 @@ def timed_run(items, step, out, workers):
         client.run(_warm, step)
         t["start"] = time.perf_counter()
 
-    job = run_batch(items, step, out, n_workers=workers, threads_per_worker=1, on_start=started)
+    job = run_cohort_job(items, step, out, n_workers=workers, threads_per_worker=1, on_start=started)
     from napari_lnmeta.progress import run
 
     report = run(job)

@@ -12,9 +12,9 @@ lists every slide with its status.
 
 Python::
 
-    from napari_lnmeta.cohort import load_cohort, run_batch
+    from napari_lnmeta.cohort import load_cohort, run_cohort_job
     from napari_lnmeta.progress import run
-    report = run(run_batch(load_cohort("slides/"), "tissue", "out/"))
+    report = run(run_cohort_job(load_cohort("slides/"), "tissue", "out/"))
 
 Steps (``STEPS``): ``tissue``, ``predict``, ``register`` (register + transfer-mask; needs
 an ``ihc`` column), ``extract-features``, ``mil``. A step is a plain function
@@ -569,7 +569,7 @@ def default_cluster_size() -> tuple[int, int]:
     return workers, max(1, ncpu // workers)
 
 
-def run_batch(items: list[CohortItem], step: str, out: str | Path, *,
+def run_cohort_job(items: list[CohortItem], step: str, out: str | Path, *,
               params: dict[str, Any] | None = None, scheduler: str | None = None,
               n_workers: int | None = None, threads_per_worker: int | None = None,
               retries: int = 1, client: Any = None,
@@ -620,7 +620,7 @@ def run_batch(items: list[CohortItem], step: str, out: str | Path, *,
 
 
 def _check_out(items: list[CohortItem], out: Path) -> None:
-    """Everything ``run_batch`` refuses, checked before any slide runs."""
+    """Everything ``run_cohort_job`` refuses, checked before any slide runs."""
     from .io.atomic import check_inputs
 
     inputs = [p for it in items for p in (it.slide, it.ihc) if p]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from napari_lnmeta.cli import main
-from napari_lnmeta.cohort import load_cohort, run_batch
+from napari_lnmeta.cohort import load_cohort, run_cohort_job
 from napari_lnmeta.errors import InputError
 from napari_lnmeta.io.omezarr import read_ome_zarr
 from napari_lnmeta.progress import run
@@ -43,11 +43,11 @@ def _masks(out):
 def test_cluster_survives_a_killed_worker_exactly_once(cohort_dir, tmp_path):
     items = load_cohort(cohort_dir)
     assert len(items) == 10 and not any(i.error for i in items)
-    ref = run(run_batch(items, "tissue", tmp_path / "sync", scheduler="sync"))
+    ref = run(run_cohort_job(items, "tissue", tmp_path / "sync", scheduler="sync"))
     assert ref.counts == {"done": 10}
 
     clients = []
-    job = run_batch(items, "tissue", tmp_path / "dask", n_workers=2, threads_per_worker=1,
+    job = run_cohort_job(items, "tissue", tmp_path / "dask", n_workers=2, threads_per_worker=1,
                     on_start=clients.append)
     killed = None
     seen = []
@@ -100,20 +100,20 @@ def test_resume_skips_finished_and_bad_rows_are_reported(cohort_dir, tmp_path, c
     assert items[0].clinical == {"age": "54", "grade": "2"}
     assert "no such file" in items[1].error and "duplicate" in items[2].error
     out = tmp_path / "out"
-    report = run(run_batch(items, "tissue", out, scheduler="sync"))
+    report = run(run_cohort_job(items, "tissue", out, scheduler="sync"))
     status = {r["id"]: r["status"] for r in report.records}
     assert list(status.values()) == ["done", "failed", "failed", "failed", "done"]
     broken = report.records[3]
     assert "broken.svs" in broken["error"] and "truncated" in broken["error"]
     # resume: finished slides are skipped, not recomputed
     before = os.stat(out / items[0].id / "result.json").st_mtime_ns
-    again = run(run_batch(items, "tissue", out, scheduler="sync"))
+    again = run(run_cohort_job(items, "tissue", out, scheduler="sync"))
     assert [r["status"] for r in again.records] == ["skipped", "failed", "failed", "failed", "skipped"]
     assert os.stat(out / items[0].id / "result.json").st_mtime_ns == before
     # a half-written folder from a crash is ignored and redone
     shutil.rmtree(out / items[4].id)
     (out / f".{items[4].id}.tmp-dead").mkdir()
-    third = run(run_batch(items, "tissue", out, scheduler="sync"))
+    third = run(run_cohort_job(items, "tissue", out, scheduler="sync"))
     assert third.records[4]["status"] == "done"
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tests._mil_helpers import BACKBONE, CROP_FEATURES_META, PATCH, camelyon_crop, random_mil_file
 
-from napari_lnmeta.cohort import STEPS, load_cohort, run_batch
+from napari_lnmeta.cohort import STEPS, load_cohort, run_cohort_job
 from napari_lnmeta.io.omezarr import read_ome_zarr
 from napari_lnmeta.progress import run
 
@@ -36,7 +36,7 @@ def test_predict_step_on_a_local_cluster(shared_data, tmp_path):
                 "camelyon16_tumor001_lowres/tumor_001_level5.ome.tif"):
         os.symlink(shared_data / rel, d / os.path.basename(rel))
     items = load_cohort(d)
-    report = run(run_batch(items, "predict", tmp_path / "out", n_workers=2,
+    report = run(run_cohort_job(items, "predict", tmp_path / "out", n_workers=2,
                            threads_per_worker=1, params={"stride": 16}))
     assert report.counts == {"done": 2}
     by_id = {r["id"]: r for r in report.records}
@@ -55,7 +55,7 @@ def test_second_slide_on_a_worker_reuses_the_loaded_model(cmu1, tmp_path):
     d.mkdir()
     for name in ("a.svs", "b.svs"):  # two files (one file twice is a duplicate row)
         shutil.copyfile(cmu1, d / name)
-    report = run(run_batch(load_cohort(d), "predict", tmp_path / "out", n_workers=1,
+    report = run(run_cohort_job(load_cohort(d), "predict", tmp_path / "out", n_workers=1,
                            threads_per_worker=1, params={"stride": 32}))
     assert report.counts == {"done": 2}, report.failed()
     assert len({r["pid"] for r in report.records}) == 1  # the same worker process
@@ -69,7 +69,7 @@ def test_second_slide_on_a_worker_reuses_the_loaded_model(cmu1, tmp_path):
 
 def test_unknown_step_parameter_is_reported_per_slide(cmu1, tmp_path):
     items = load_cohort(_csv(tmp_path / "c.csv", ["slide"], [[str(cmu1)]]))
-    report = run(run_batch(items, "predict", tmp_path / "out", scheduler="sync",
+    report = run(run_cohort_job(items, "predict", tmp_path / "out", scheduler="sync",
                            params={"strid": 8}))
     assert report.counts == {"failed": 1}
     assert "unknown parameter(s) strid" in report.records[0]["error"]
@@ -80,7 +80,7 @@ def test_register_step_needs_and_uses_the_ihc_partner(shared_data, tmp_path):
     he, cd31 = img / "29-041-Izd2-w35-He-les3.jpg", img / "29-041-Izd2-w35-CD31-3-les3.jpg"
     table = _csv(tmp_path / "pairs.csv", ["slide", "ihc"], [[str(he), str(cd31)], [str(cd31), ""]])
     items = load_cohort(table)
-    report = run(run_batch(items, "register", tmp_path / "out", scheduler="sync",
+    report = run(run_cohort_job(items, "register", tmp_path / "out", scheduler="sync",
                            params={"mode": "affine", "mpp": 2.0, "ihc_mpp": 2.0,
                                    "mask_mpp": 8.0}))
     rec = {r["id"]: r for r in report.records}
@@ -98,7 +98,7 @@ def test_features_then_mil_steps(tmp_path):
 
     crop, _ = camelyon_crop()
     items = load_cohort(_csv(tmp_path / "c.csv", ["slide"], [[str(crop)]]))
-    feats = run(run_batch(items, "extract-features", tmp_path / "f", scheduler="sync",
+    feats = run(run_cohort_job(items, "extract-features", tmp_path / "f", scheduler="sync",
                           params={"backbone": BACKBONE, "patch_size": PATCH, "device": "cpu",
                                   **CROP_FEATURES_META}))
     assert feats.counts == {"done": 1}, feats.records[0].get("error")
@@ -106,14 +106,14 @@ def test_features_then_mil_steps(tmp_path):
     assert n > 50
     _, info = load_extractor(BACKBONE, patch_size=PATCH, seed=0)
     model = random_mil_file(tmp_path / "mil.safetensors", info)
-    mil = run(run_batch(items, "mil", tmp_path / "m", scheduler="sync",
+    mil = run(run_cohort_job(items, "mil", tmp_path / "m", scheduler="sync",
                         params={"model": str(model), "device": "cpu"}))
     assert mil.counts == {"done": 1}, mil.records[0].get("error")
     res = mil.records[0]["result"]
     assert res["instances"] == n
     assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert (tmp_path / "m" / items[0].id / "mil" / "summary.json").is_file()
-    missing = run(run_batch(items, "mil", tmp_path / "m2", scheduler="sync"))
+    missing = run(run_cohort_job(items, "mil", tmp_path / "m2", scheduler="sync"))
     assert "needs a MIL model file" in missing.records[0]["error"]
 
 

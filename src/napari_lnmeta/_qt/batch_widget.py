@@ -16,7 +16,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from ..cohort import STEPS, load_cohort, parse_params, run_batch
+from ..cohort import STEPS, load_cohort, parse_params, run_cohort_job
 from .base import DockWidget
 from .worker import JobPanel
 
@@ -81,7 +81,7 @@ class BatchWidget(DockWidget):
         scheduler = self.scheduler.value.strip() or None
 
         def job():
-            return (yield from run_batch(items, self.step.value, self.out.value,
+            return (yield from run_cohort_job(items, self.step.value, self.out.value,
                                          params=self._params(), scheduler=scheduler,
                                          n_workers=self.workers.value or None,
                                          on_start=self._started))

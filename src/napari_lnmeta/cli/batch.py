@@ -32,7 +32,7 @@ def batch(p):
                    "never touched")
 
     def run(args):
-        from ..cohort import load_cohort, parse_params, run_batch
+        from ..cohort import load_cohort, parse_params, run_cohort_job
         from ..progress import run as drive
 
         params = parse_params(args.param)
@@ -55,7 +55,7 @@ def batch(p):
                 line += f" — {rec.get('error')}"
             print(line, file=sys.stderr, flush=True)
 
-        report = drive(run_batch(items, args.step, args.out, params=params,
+        report = drive(run_cohort_job(items, args.step, args.out, params=params,
                                  scheduler=args.scheduler, n_workers=args.workers,
                                  threads_per_worker=args.threads, retries=args.retries,
                                  on_start=started, overwrite=args.overwrite), show)
