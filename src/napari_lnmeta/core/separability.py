@@ -268,10 +268,11 @@ def cluster_separability(features: np.ndarray, source: np.ndarray, *, k: int = 2
                               names=names, stain=stain)
 
 
-def extract_features(patches: np.ndarray, *, backbone: str = "resnet18",
-                     init: str | None = None, batch_size: int = 32, device: str = "cpu",
-                     seed: int = 0, extractor: tuple[nn.Module, Any] | None = None
-                     ) -> Job[np.ndarray]:
+def extract_patch_features_job(patches: np.ndarray, *, backbone: str = "resnet18",
+                               init: str | None = None, batch_size: int = 32,
+                               device: str = "cpu", seed: int = 0,
+                               extractor: tuple[nn.Module, Any] | None = None
+                               ) -> Job[np.ndarray]:
     """Penultimate-layer features of uint8 ``(N, S, S, 3)`` patches (a progress generator).
 
     ``extractor``: an already built ``(model, BackboneInfo)`` of
@@ -350,8 +351,8 @@ def separability_job(a: PatchSource | str | Path, b: PatchSource | str | Path,
                          device=cfg.device)
     out: dict[str, SeparabilityResult] = {}
     for key, data, stain in runs:
-        feats = yield from extract_features(data, batch_size=cfg.batch_size, device=cfg.device,
-                                            extractor=ext)
+        feats = yield from extract_patch_features_job(data, batch_size=cfg.batch_size,
+                                                      device=cfg.device, extractor=ext)
         out[key] = cluster_separability(feats, src, k=cfg.k, n_components=cfg.n_components,
                                         n_init=cfg.n_init, seed=cfg.seed, names=names,
                                         stain=stain)
