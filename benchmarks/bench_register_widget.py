@@ -2,7 +2,7 @@
 
 The ANHIR pair (CIMA lung lesion 3, H&E + CC10 IHC) is registered non-rigidly
 
-1. as the CLI does: ``progress.run(register(...))`` in the main thread, ``--threads 1``;
+1. as the CLI does: ``progress.run(register_job(...))`` in the main thread, ``--threads 1``;
 2. in the widget, in a shown napari viewer with both slides opened by our reader: the
    job runs in napari's worker thread while the GUI thread keeps drawing, with the
    widget's default threads (1 on a machine with <= 4 cores);
@@ -27,7 +27,7 @@ MOVING = PAIR / "29-041-Izd2-w35-Cc10-5-les3.jpg"
 
 
 def cli_time(threads: int) -> float:
-    from napari_lnmeta.core.registration import RegistrationConfig, register
+    from napari_lnmeta.core.registration import RegistrationConfig, register_job
     from napari_lnmeta.io.slide import MppWarning, open_slide
     from napari_lnmeta.progress import run
 
@@ -35,7 +35,7 @@ def cli_time(threads: int) -> float:
         warnings.simplefilter("ignore", MppWarning)
         fixed, moving = open_slide(FIXED), open_slide(MOVING)
     t = time.perf_counter()
-    run(register(fixed, moving, RegistrationConfig(threads=threads)))
+    run(register_job(fixed, moving, RegistrationConfig(threads=threads)))
     return time.perf_counter() - t
 
 

@@ -60,7 +60,7 @@ def landmarks(path: Path) -> np.ndarray:
 
 
 def accuracy(modes: list[str], threads: int | None) -> list[dict]:
-    from napari_lnmeta.core.registration import RegistrationConfig, affine_from_points, register
+    from napari_lnmeta.core.registration import RegistrationConfig, affine_from_points, register_job
     from napari_lnmeta.progress import run
 
     he = read_rgb(ANHIR / "images" / f"{PREFIX}He-les3.jpg")
@@ -76,7 +76,7 @@ def accuracy(modes: list[str], threads: int | None) -> list[dict]:
         row = {"pair": f"H&E <- {stain}", "identity": ident, "landmark-affine": floor}
         for mode in modes:
             t0 = time.perf_counter()
-            t = run(register(he, ihc, RegistrationConfig(mode=mode, threads=threads)))
+            t = run(register_job(he, ihc, RegistrationConfig(mode=mode, threads=threads)))
             dt = time.perf_counter() - t0
             err = np.linalg.norm(t.moving_to_fixed(lm) - he_lm, axis=1)
             row[mode] = float(np.median(err) / diag)
@@ -148,7 +148,7 @@ def big_pair() -> tuple[Path, Path]:
 
 def runtime(quick: bool, threads: int | None) -> dict:
     from napari_lnmeta.core.dab import transfer_mask_job
-    from napari_lnmeta.core.registration import RegistrationConfig, register
+    from napari_lnmeta.core.registration import RegistrationConfig, register_job
     from napari_lnmeta.io.slide import open_slide
     from napari_lnmeta.progress import run
 
@@ -157,7 +157,7 @@ def runtime(quick: bool, threads: int | None) -> dict:
     out = {"slides": f"{fixed.shape[1]}x{fixed.shape[0]} px, {fixed.mpp} µm/px, "
                      f"{fixed.level_count} levels"}
     t0 = time.perf_counter()
-    t = run(register(fixed, moving, RegistrationConfig(threads=threads)))
+    t = run(register_job(fixed, moving, RegistrationConfig(threads=threads)))
     out["register s"] = time.perf_counter() - t0
     out["timings"] = t.metrics["timings"]
     out["prealign"] = t.metrics["stages"]["prealign"]

@@ -49,10 +49,10 @@ def loo_spline(moving_lm: np.ndarray, fixed_lm: np.ndarray, smoothing: float) ->
 
 
 def register_pair(fixed: np.ndarray, moving: np.ndarray):
-    from napari_lnmeta.core.registration import RegistrationConfig, register
+    from napari_lnmeta.core.registration import RegistrationConfig, register_job
     from napari_lnmeta.progress import run
 
-    return run(register(fixed, moving, RegistrationConfig(threads=1)))
+    return run(register_job(fixed, moving, RegistrationConfig(threads=1)))
 
 
 def main() -> int:

@@ -303,7 +303,7 @@ def step_predict(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[st
 def step_register(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Register the slide's IHC partner onto it and transfer the DAB tumour mask."""
     from .core.dab import DabParams, transfer_mask_job
-    from .core.registration import RegistrationConfig, register
+    from .core.registration import RegistrationConfig, register_job
     from .io.slide import open_slide
     from .progress import run as drive
 
@@ -316,7 +316,7 @@ def step_register(item: CohortItem, out: Path, params: dict[str, Any]) -> dict[s
     dab = _config(DabParams, {k: v for k, v in params.items() if k in dab_keys}, "register")
     fixed = _open(item, params)
     moving = open_slide(item.ihc, mpp=params.get("ihc_mpp"))
-    t = drive(register(fixed, moving, cfg))
+    t = drive(register_job(fixed, moving, cfg))
     t.save(out / "transform.json", inputs=(item.slide, item.ihc))
     res = drive(transfer_mask_job(fixed, moving, t, out / "tumour_mask.ome.zarr", dab,
                               mask_mpp=params.get("mask_mpp", 2.0)))

@@ -11,7 +11,7 @@ from napari_lnmeta.core.registration import (
     RegistrationConfig,
     Transform,
     affine_from_points,
-    register,
+    register_job,
 )
 from napari_lnmeta.errors import InputError
 from napari_lnmeta.progress import Progress, run
@@ -71,7 +71,7 @@ def test_anhir_register_each_ihc_onto_he(anhir, stain):
     he, he_lm = anhir("He")
     ihc, ihc_lm = anhir(stain)
     steps = []
-    t = run(register(he, ihc, RegistrationConfig(**CFG)), steps.append)
+    t = run(register_job(he, ihc, RegistrationConfig(**CFG)), steps.append)
     assert steps and all(isinstance(s, Progress) for s in steps)
     assert steps[-1].done == steps[-1].total
     assert t.field is not None and t.mode == "nonrigid"
@@ -110,7 +110,7 @@ def _elastic_pair(he, rng):
 def test_synthetic_affine_plus_elastic_recovered(anhir):
     he, _ = anhir("He")
     moving, s = _elastic_pair(he, np.random.default_rng(0))
-    t = run(register(he, moving, RegistrationConfig(**CFG)))
+    t = run(register_job(he, moving, RegistrationConfig(**CFG)))
     h, w = he.shape[:2]
     q = np.argwhere(np.ones((h // 8, w // 8), bool)) * 8
     true = s[:, q[:, 0], q[:, 1]].T
@@ -124,7 +124,7 @@ def test_synthetic_affine_plus_elastic_recovered(anhir):
 
 def test_identity_within_half_pixel(anhir):
     he, he_lm = anhir("He")
-    t = run(register(he, he, RegistrationConfig(**CFG)))
+    t = run(register_job(he, he, RegistrationConfig(**CFG)))
     assert np.abs(t.moving_to_fixed(he_lm) - he_lm).max() < 0.5
     assert np.abs(t.fixed_to_moving(he_lm) - he_lm).max() < 0.5
 
@@ -139,7 +139,7 @@ def test_upside_down_moving_is_found(anhir, how):
     else:
         moving = he[::-1]
         moving_lm = np.column_stack([h - 1 - he_lm[:, 0], he_lm[:, 1]])
-    t = run(register(he, np.ascontiguousarray(moving), RegistrationConfig(mode="rigid", **CFG)))
+    t = run(register_job(he, np.ascontiguousarray(moving), RegistrationConfig(mode="rigid", **CFG)))
     pre = t.metrics["stages"]["prealign"]
     assert pre["flip"] == (how == "flipud")
     err = np.linalg.norm(t.moving_to_fixed(moving_lm) - he_lm, axis=1)
@@ -155,8 +155,8 @@ def test_mismatched_mpp(anhir):
     small = np.asarray(Image.fromarray(ihc).resize((ihc.shape[1] // 2, ihc.shape[0] // 2),
                                                    Image.BOX))
     cfg = RegistrationConfig(mode="affine", **CFG)
-    t_full = run(register(he, ihc, cfg, fixed_mpp=2.0, moving_mpp=2.0))
-    t_half = run(register(he, small, cfg, fixed_mpp=2.0, moving_mpp=4.0))
+    t_full = run(register_job(he, ihc, cfg, fixed_mpp=2.0, moving_mpp=2.0))
+    t_half = run(register_job(he, small, cfg, fixed_mpp=2.0, moving_mpp=4.0))
     # moving level-0 px per fixed px: half as many as at full size
     det_full = np.linalg.det(t_full.matrix[:2, :2])
     assert np.linalg.det(t_half.matrix[:2, :2]) == pytest.approx(det_full / 4, rel=0.03)
@@ -172,7 +172,7 @@ def test_no_tissue_is_an_input_error(anhir):
     he, _ = anhir("He")
     blank = np.full_like(he, 250)
     with pytest.raises(InputError, match="no tissue"):
-        run(register(he, blank, RegistrationConfig(**CFG), moving_name="blank.png"))
+        run(register_job(he, blank, RegistrationConfig(**CFG), moving_name="blank.png"))
 
 
 def test_unrelated_tissue_fails_instead_of_a_wrong_transform(anhir, cmu1):
@@ -182,20 +182,20 @@ def test_unrelated_tissue_fails_instead_of_a_wrong_transform(anhir, cmu1):
     he, _ = anhir("He")
     cfg = RegistrationConfig(mode="affine", **CFG)
     with pytest.raises(InputError, match="failed"):
-        run(register(open_slide(cmu1), he, cfg))
+        run(register_job(open_slide(cmu1), he, cfg))
     w = he.shape[1]
     left = he.copy()
     left[:, w // 2:] = 255
     right = he.copy()
     right[:, : w // 2] = 255
     with pytest.raises(InputError, match="failed"):
-        run(register(left, right, cfg))
+        run(register_job(left, right, cfg))
 
 
 def test_save_load_roundtrip_and_points(tmp_path, anhir):
     he, he_lm = anhir("He")
     ihc, ihc_lm = anhir("proSPC-4")
-    t = run(register(he, ihc, RegistrationConfig(nonrigid_levels=((4, 32, 30, 21),), **CFG)))
+    t = run(register_job(he, ihc, RegistrationConfig(nonrigid_levels=((4, 32, 30, 21),), **CFG)))
     path = t.save(tmp_path / "t.json")
     assert (tmp_path / "t.field.npz").is_file()
     with pytest.raises(Exception, match="already exists"):

@@ -202,7 +202,7 @@ class RegisterWidget(DockWidget):
 
     def run_registration(self) -> None:
         """Register the IHC layer onto the H&E layer (a job with progress and Cancel)."""
-        from ..core.registration import register
+        from ..core.registration import register_job
 
         try:
             fixed, moving = self._slides()
@@ -210,7 +210,7 @@ class RegisterWidget(DockWidget):
             notify_error(self.panel, e)
             return
         cfg = self.config()
-        self.panel.start(lambda: register(fixed, moving, cfg), on_returned=self.set_transform)
+        self.panel.start(lambda: register_job(fixed, moving, cfg), on_returned=self.set_transform)
 
     def set_transform(self, transform: Transform) -> None:
         """Adopt a transform (computed, loaded or nudged) and show the registered IHC."""

@@ -67,7 +67,7 @@ def register_cmd(p):
             _register(args)
 
     def _register(args):
-        from ..core.registration import RegistrationConfig, register
+        from ..core.registration import RegistrationConfig, register_job
         from ..models.io import resolve_device
         from ..progress import run as drive
 
@@ -78,7 +78,7 @@ def register_cmd(p):
               "allow_flip": not args.no_flip, "device": device, "threads": args.threads}
         if args.min_similarity is not None:
             kw["min_similarity"] = args.min_similarity
-        t = drive(register(fixed, moving, RegistrationConfig(**kw)), _progress(args))
+        t = drive(register_job(fixed, moving, RegistrationConfig(**kw)), _progress(args))
         t.save(args.out, overwrite=args.overwrite, inputs=(args.fixed, args.moving))
         st = t.metrics["stages"]
         pre = st["prealign"]

@@ -27,7 +27,7 @@ does not overlap) raises :class:`~napari_lnmeta.errors.InputError` rather than r
 One subject per module: :mod:`.config` (:class:`RegistrationConfig`), :mod:`.transform`
 (:class:`Transform` and its file I/O, landmark affines), :mod:`.warp` (images through a
 transform), :mod:`.inputs` (sources, representation, foreground), :mod:`.prealign`,
-:mod:`.optimise` (the torch stages), :mod:`.run` (:func:`register`), :mod:`.checks` and
+:mod:`.optimise` (the torch stages), :mod:`.run` (:func:`register_job`), :mod:`.checks` and
 :mod:`.views` (checkerboard / difference images for judging a result by eye).
 Import from the package.
 """
@@ -41,7 +41,7 @@ from .inputs import (
     representation,
 )
 from .run import (
-    register,
+    register_job,
 )
 from .transform import (
     FORMAT,
@@ -79,7 +79,7 @@ __all__ = [
     "foreground",
     "invert_field",
     "read_mapped",
-    "register",
+    "register_job",
     "registration_check_job",
     "representation",
     "sample_image",

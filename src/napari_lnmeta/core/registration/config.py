@@ -20,7 +20,7 @@ MODES = ("rigid", "affine", "nonrigid")
 # --------------------------------------------------------------------------------------
 @dataclass
 class RegistrationConfig:
-    """Parameters of :func:`register` (defaults suit H&E ↔ IHC consecutive sections).
+    """Parameters of :func:`register_job` (defaults suit H&E ↔ IHC consecutive sections).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""The registration job: :func:`register` (a progress generator) and the stages it runs.
+"""The registration job: :func:`register_job` (a progress generator) and the stages it runs.
 """
 
 from __future__ import annotations
@@ -59,11 +59,12 @@ def _moving_grid(src: _Source, fixed_grid: _Grid, mpp_um: float) -> tuple[_Grid,
     return _Grid(shape, (h0 / shape[0], w0 / shape[1]), mpp_um), shape
 
 
-def register(fixed: Slide | np.ndarray | str | Path, moving: Slide | np.ndarray | str | Path,
-             config: RegistrationConfig | None = None, *, fixed_mpp: float | None = None,
-             moving_mpp: float | None = None,
-             fixed_name: str | None = None, moving_name: str | None = None,
-             ) -> Generator[Progress, None, Transform]:
+def register_job(fixed: Slide | np.ndarray | str | Path,
+                 moving: Slide | np.ndarray | str | Path,
+                 config: RegistrationConfig | None = None, *, fixed_mpp: float | None = None,
+                 moving_mpp: float | None = None,
+                 fixed_name: str | None = None, moving_name: str | None = None,
+                 ) -> Generator[Progress, None, Transform]:
     """Register ``moving`` onto ``fixed``; a progress generator returning a :class:`Transform`.
 
     Parameters
@@ -112,7 +113,7 @@ def register(fixed: Slide | np.ndarray | str | Path, moving: Slide | np.ndarray 
 def _register(fixed, moving, cfg: RegistrationConfig, *, fixed_mpp: float | None = None,
               moving_mpp: float | None = None, fixed_name: str | None = None,
               moving_name: str | None = None) -> Generator[Progress, None, Transform]:
-    """The work behind :func:`register`."""
+    """The work behind :func:`register_job`."""
     import torch
 
     t_start = time.perf_counter()
