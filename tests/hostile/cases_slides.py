@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import shutil
-import struct
+
+from tests._tiff_helpers import huge_tiff
 
 from ._framework import Spec, Workspace, case
 
 CMU1 = "cmu1_small_region_svs/CMU-1-Small-Region.svs"
 
 
-def _huge_tiff(path, side=10**6):
-    """138 bytes: an uncompressed RGB TIFF declaring ``side`` x ``side`` px in one strip."""
-    entries = [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 1), (262, 3, 2),
-               (273, 4, 0), (277, 3, 3), (278, 4, side), (279, 4, 4), (284, 3, 1)]
-    data_off = 8 + 2 + 12 * len(entries) + 4
-    out = bytearray(b"II*\x00" + struct.pack("<IH", 8, len(entries)))
-    for tag, typ, val in entries:
-        val = data_off if tag == 273 else val
-        out += (struct.pack("<HHIHH", tag, typ, 1, val, 0) if typ == 3
-                else struct.pack("<HHII", tag, typ, 1, val))
-    out += struct.pack("<I", 0) + b"\xff" * 4
-    path.write_bytes(bytes(out))
-    return path
 
 
 def _dicom(ws: Workspace, levels: int = 1):
@@ -36,20 +24,20 @@ def _dicom(ws: Workspace, levels: int = 1):
 
 @case("tissue on a 138-byte TIFF declaring 10^6 x 10^6 px", expect="error")
 def _huge_tissue(ws: Workspace) -> Spec:
-    slide = _huge_tiff(ws.path("huge.tif"))
+    slide = huge_tiff(ws.path("huge.tif"))
     return Spec(["tissue", str(slide), "-o", str(ws.path("out.ome.zarr"))], inputs=[slide],
                 timeout=60, subprocess=True)
 
 
 @case("info on a 138-byte TIFF declaring 10^6 x 10^6 px", expect="error")
 def _huge_info(ws: Workspace) -> Spec:
-    slide = _huge_tiff(ws.path("huge.tif"))
+    slide = huge_tiff(ws.path("huge.tif"))
     return Spec(["info", str(slide)], inputs=[slide], timeout=60)
 
 
 @case("predict on a 138-byte TIFF declaring 10^5 x 10^5 px in one strip", expect="error")
 def _huge_strip_predict(ws: Workspace) -> Spec:
-    slide = _huge_tiff(ws.path("strip.tif"), side=10**5)
+    slide = huge_tiff(ws.path("strip.tif"), side=10**5)
     return Spec(["predict", str(slide), "-o", str(ws.path("pred"))], inputs=[slide],
                 timeout=60, subprocess=True)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import time
 import warnings
 
 import numpy as np
 import pytest
 from tests._dicom_helpers import cached_dicom
+from tests._tiff_helpers import huge_tiff
 
 from napari_lnmeta.errors import SlideError
 from napari_lnmeta.io import slide as slide_mod
@@ -35,20 +35,6 @@ def dicom_series(cmu1):
     return cached_dicom(cmu1, levels=2)
 
 
-def huge_tiff(path, side=10**6, rows_per_strip=None):
-    """A 138-byte uncompressed RGB TIFF declaring ``side`` x ``side`` px in one strip."""
-    entries = [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 1), (262, 3, 2),
-               (273, 4, 0), (277, 3, 3), (278, 4, rows_per_strip or side), (279, 4, 4),
-               (284, 3, 1)]
-    data_off = 8 + 2 + 12 * len(entries) + 4
-    out = bytearray(b"II*\x00" + struct.pack("<IH", 8, len(entries)))
-    for tag, typ, val in entries:
-        val = data_off if tag == 273 else val
-        out += (struct.pack("<HHIHH", tag, typ, 1, val, 0) if typ == 3
-                else struct.pack("<HHII", tag, typ, 1, val))
-    out += struct.pack("<I", 0) + b"\xff" * 4
-    path.write_bytes(bytes(out))
-    return path
 
 
 # -- DICOM ----------------------------------------------------------------------------
