@@ -279,16 +279,14 @@ def predict_slide_job(slide: Slide, model: str | Path | tuple[MILModel, MILInfo]
 
     lock = output_lock(out_dir) if out_dir is not None else contextlib.nullcontext()
     with lock:  # one writer per output
-        return (yield from _predict_slide_job_locked(slide, model, config=config, clinical=clinical, features=features, regions=regions, region_scale=region_scale, out_dir=out_dir, overwrite=overwrite, clinical_source=clinical_source))
+        return (yield from _predict_slide_job_locked(
+            slide, model, config, clinical, features, regions, region_scale, out_dir,
+            overwrite, clinical_source))
 
 
-def _predict_slide_job_locked(slide: Slide, model: str | Path | tuple[MILModel, MILInfo], *,
-                              config: MILInferenceConfig | None = None,
-                              clinical: dict[str, Any] | None = None,
-                              features: FeatureCache | str | Path | None = None,
-                              regions: str | Path | None = None, region_scale: float = 1.0,
-                              out_dir: str | Path | None = None, overwrite: bool = False,
-                              clinical_source: str = "clinical data") -> Job[MILResult]:
+def _predict_slide_job_locked(slide, model, config, clinical, features, regions, region_scale,
+                              out_dir, overwrite, clinical_source) -> Job[MILResult]:
+    """:func:`predict_slide_job`'s body, run while its output is locked."""
     import torch
 
     from ..models.io import resolve_device
