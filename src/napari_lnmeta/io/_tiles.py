@@ -186,6 +186,7 @@ class _TileDecoder:
         if getattr(page, "jpegheader", None) is not None:
             self._kw["jpegheader"] = page.jpegheader
             self.check = "off"  # tiles are pieces of one stream (NDPI), not JPEG files
+        self.fill = 0  # value of tiles the writer left out (tifffile's fill value)
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         # a slide dropped without close() must not leak its descriptors
         self._finalizer = weakref.finalize(self, _close_fd, self._fd)
@@ -330,11 +331,13 @@ class _TileDecoder:
         region = (round(r0 * dy), round(c0 * dx), round(r1 * dy), round(c1 * dx))
         return CorruptTileError(self.path, self.level, (ty, tx), region, problem)
 
-    def tile(self, ty: int, tx: int) -> np.ndarray:
+    def tile(self, ty: int, tx: int, *, check: bool = True) -> np.ndarray:
         """Tile ``(ty, tx)`` as ``(rows, cols, 3)`` uint8, cut to the level's extent.
 
         Raises :class:`CorruptTileError` (naming the tile) when the stored bytes cannot be
-        decoded or, for JPEG, fail :func:`jpeg_problem` (``LNMETA_JPEG_CHECK``).
+        decoded or, for JPEG, fail :func:`jpeg_problem` (``LNMETA_JPEG_CHECK``; a tile is
+        checked once; ``check=False`` decodes without checking). A tile the writer left
+        out reads as :attr:`fill`.
         """
         rows = min(self.th, self.h - ty * self.th)
         cols = min(self.tw, self.w - tx * self.tw)
@@ -342,12 +345,14 @@ class _TileDecoder:
             data = self._raw(ty, tx)
         except OSError as e:
             raise self.corrupt(ty, tx, f"cannot read the stored bytes ({e})") from e
-        if data is None:  # a tile the writer left out: tifffile's fill value
-            return np.zeros((rows, cols, 3), np.uint8)
-        if self.check != "off":
+        if data is None:  # a tile the writer left out
+            return np.full((rows, cols, 3), self.fill, np.uint8)
+        verified = self.__dict__.setdefault("_verified", set())
+        if check and self.check != "off" and (ty, tx) not in verified:
             problem = self._problem(self._full_stream(data))
             if problem is not None:
                 raise self.corrupt(ty, tx, problem)
+            verified.add((ty, tx))
         try:
             out = self._decode(data, ty * self.ntx + tx, **self._kw)[0]
         except Exception as e:  # noqa: BLE001 - the decoders raise many types
@@ -356,6 +361,42 @@ class _TileDecoder:
             raise self.corrupt(ty, tx, "the decoder returned no or a wrong-sized image")
         out = np.asarray(out).reshape(self.th, self.tw, self.spp)
         return np.ascontiguousarray(out[:rows, :cols, :3])
+
+    def read(self, y: int, x: int, h: int, w: int, *, cache: TileCache | None = None,
+             check: bool = True, workers: int = 1) -> np.ndarray:
+        """Level pixels ``[y, y+h) x [x, x+w)`` (inside the level) from decoded tiles.
+
+        With ``cache`` the tiles go through it (small reads that share tiles: patches);
+        ``workers > 1`` decodes the tiles of a large region in that many threads
+        (imagecodecs releases the GIL), each written straight into the output.
+        """
+        th, tw = self.th, self.tw
+        keys = [(ty, tx) for ty in range(y // th, (y + h - 1) // th + 1)
+                for tx in range(x // tw, (x + w - 1) // tw + 1)]
+        out = np.empty((h, w, 3), np.uint8)
+
+        def one(key: tuple[int, int]) -> None:
+            ty, tx = key
+            if cache is not None:
+                t = cache.get_or_load((self.level, ty, tx),
+                                      lambda: self.tile(ty, tx, check=check))
+            else:
+                t = self.tile(ty, tx, check=check)
+            y0, x0 = max(y, ty * th), max(x, tx * tw)
+            y1, x1 = min(y + h, ty * th + t.shape[0]), min(x + w, tx * tw + t.shape[1])
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = t[y0 - ty * th:y1 - ty * th,
+                                                  x0 - tx * tw:x1 - tx * tw]
+
+        if workers > 1 and len(keys) > 2:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(workers, len(keys))) as ex:
+                for _ in ex.map(one, keys):
+                    pass
+        else:
+            for key in keys:
+                one(key)
+        return out
 
     def close(self) -> None:
         self._finalizer()

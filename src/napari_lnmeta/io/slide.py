@@ -494,6 +494,8 @@ class _SyntheticLevelArray:
 _SYNTH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SYNTH_BUILD_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SYNTH_LOCK = threading.Lock()
+#: guards the creation of OpenSlide levels' tile readers (OpenSlideSlide._tiff_level)
+_DECODER_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------------------
@@ -526,6 +528,7 @@ class OpenSlideSlide(Slide):
             raise SlideError(self.path, "not a format OpenSlide supports") from e
         except openslide.OpenSlideError as e:
             raise SlideError(self.path, f"OpenSlide cannot read it ({e})") from e
+        self._cache = TileCache.from_env()  # tiles of the levels read directly (_direct)
         props = dict(self._osr.properties)
         self.properties = props
         self.vendor = props.get("openslide.vendor")
@@ -545,6 +548,9 @@ class OpenSlideSlide(Slide):
             self.objective_power = float(obj) if obj else None
         except ValueError:
             self.objective_power = None
+        # levels of these TIFF-based formats may be read through their tiles (_direct)
+        self._tiles_ok = (self.vendor in ("aperio", "generic-tiff")
+                          and os.environ.get("LNMETA_TIFF_DIRECT", "1") != "0")
         # bounds of the scanned area (MRXS, SCN): reported so tissue detection can ignore padding
         try:
             self.bounds = tuple(int(props[f"openslide.bounds-{k}"]) for k in ("y", "x", "height", "width"))
@@ -562,30 +568,66 @@ class OpenSlideSlide(Slide):
             out[k] = np.asarray(img.convert("RGB"))
         return out
 
-    def _tile_verifier(self, level: int) -> _TileDecoder | None:
+    def _tiff_level(self, level: int) -> _TileDecoder | None:
         """For a TIFF-based file (generic tiled TIFF, Aperio SVS...), a reader of the JPEG
-        tiles behind OpenSlide's level ``level``, used only to check them (OpenSlide
-        repairs damaged JPEG data silently); None for other formats or layouts."""
-        cache = self.__dict__.setdefault("_verifiers", {})
-        if level in cache:
-            return cache[level]
+        tiles behind OpenSlide's level ``level``; None for other formats or layouts."""
+        cache = self.__dict__.setdefault("_tiff_levels", {})
+        if level not in cache:
+            with _DECODER_LOCK:
+                if level not in cache:
+                    try:
+                        dec = _TileDecoder.for_openslide_level(self.path, self.level_shapes,
+                                                               level)
+                    except Exception:  # noqa: BLE001 - not a TIFF we can map: OpenSlide alone
+                        dec = None
+                    cache[level] = dec
+        return cache[level]
+
+    def _direct(self, level: int) -> _TileDecoder | None:
+        """The level's tile reader when reading through it gives OpenSlide's pixels.
+
+        Aperio SVS and generic tiled TIFF store each level as one tiled JPEG page that
+        OpenSlide paints tile by tile without resampling; decoding those tiles directly
+        (imagecodecs, libjpeg-turbo, in the reader threads) gives the same pixels several
+        times faster than OpenSlide's read_region and its RGBA conversion. Checked once
+        per level: the level's first tile must equal OpenSlide's read of it bit for bit,
+        or OpenSlide keeps reading the level. ``LNMETA_TIFF_DIRECT=0`` turns it off.
+        """
+        direct = self.__dict__.setdefault("_direct_levels", {})
+        if level in direct:
+            return direct[level]
         dec = None
-        if os.environ.get("LNMETA_JPEG_CHECK", "full").strip().lower() != "off":
-            try:
-                dec = _TileDecoder.for_openslide_level(self.path, self.level_shapes, level)
-            except Exception:  # noqa: BLE001 - not a TIFF we can map: OpenSlide alone
+        if self._tiles_ok:
+            dec = self._tiff_level(level)
+            if dec is not None and (dec.spp != 3 or not dec.counts or not dec.counts[0]):
                 dec = None
-        cache[level] = dec
+        if dec is not None:
+            rows, cols = min(dec.th, dec.h), min(dec.tw, dec.w)
+            try:
+                ours = dec.tile(0, 0, check=False)
+                img = self._osr.read_region((0, 0), level, (cols, rows))
+                same = np.array_equal(ours, _rgba_to_rgb(np.asarray(img)))
+            except Exception:  # noqa: BLE001 - OpenSlide alone decides what this level is
+                same = False
+            dec = dec if same else None
+            if dec is not None:
+                dec.fill = 255  # a tile left out is transparent in OpenSlide: white here
+        direct[level] = dec
         return dec
 
     def _verify(self, level: int, y: int, x: int, h: int, w: int) -> None:
         if not self.__dict__.get("_check_reads", True):
             return
-        dec = self._tile_verifier(level)
+        if os.environ.get("LNMETA_JPEG_CHECK", "full").strip().lower() == "off":
+            return
+        dec = self._tiff_level(level)
         if dec is not None:
             dec.verify_region(y, x, h, w)
 
     def _read_level(self, level, y, x, h, w):
+        dec = self._direct(level)
+        if dec is not None:
+            return _read_decoded(self, dec, y, x, h, w)
         ds = self._downsamples[level]
         self._verify(level, y, x, h, w)
         try:
@@ -600,7 +642,12 @@ class OpenSlideSlide(Slide):
             y0, x0 = int(location[0]), int(location[1])
             h, w = int(size[0]), int(size[1])
             ds = self._downsamples[level]
-            self._verify(level, math.floor(y0 / ds), math.floor(x0 / ds), h, w)
+            ly, lx = y0 / ds, x0 / ds
+            if (self._direct(level) is not None and ly == math.floor(ly)
+                    and lx == math.floor(lx) and h > 0 and w > 0):
+                # on whole level pixels OpenSlide does not resample: the same pixels
+                return self._read_padded(level, int(ly), int(lx), h, w)
+            self._verify(level, math.floor(ly), math.floor(lx), h, w)
             try:
                 img = self._osr.read_region((x0, y0), level, (w, h))
             except Exception as e:
@@ -618,6 +665,7 @@ class OpenSlideSlide(Slide):
     def reserve_tile_cache(self, nbytes):
         import openslide
 
+        self._cache.reserve(nbytes)  # levels read through their tiles (_direct)
         # OpenSlide caches decoded tiles as 4-byte RGBA (default 32 MiB per slide)
         want = int(nbytes * 4 / 3)
         if hasattr(openslide, "OpenSlideCache") and want > getattr(self, "_cache_bytes", 32 << 20):
@@ -629,19 +677,25 @@ class OpenSlideSlide(Slide):
 
     def close(self):
         self._osr.close()
+        for dec in self.__dict__.pop("_tiff_levels", {}).values():
+            if dec is not None:
+                dec.close()
+        self.__dict__.pop("_direct_levels", None)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_osr", None)
         state.pop("associated_images", None)
         state.pop("_cache_bytes", None)  # the new handle starts with OpenSlide's own cache
-        state.pop("_verifiers", None)
+        for k in ("_tiff_levels", "_direct_levels", "_cache"):
+            state.pop(k, None)
         return state
 
     def __setstate__(self, state):
         import openslide
 
         self.__dict__.update(state)
+        self._cache = TileCache.from_env()
         self._osr = openslide.OpenSlide(str(self._openslide_path))
 
 
@@ -654,6 +708,27 @@ def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     a = alpha[..., None].astype(np.uint16)
     out = rgb.astype(np.uint16) + (255 - a)
     return np.minimum(out, 255).astype(np.uint8)
+
+
+def _region_workers() -> int:
+    """Threads that decode the tiles of one large region read (``LNMETA_REGION_THREADS``;
+    default up to 4)."""
+    try:
+        n = int(os.environ.get("LNMETA_REGION_THREADS", "0"))
+    except ValueError:
+        n = 0
+    return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+def _read_decoded(slide: Slide, dec: _TileDecoder, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """An in-bounds level window through a direct tile reader: small reads (patches)
+    through the slide's tile cache, large ones (overviews, synthetic levels, tissue)
+    decoded tile by tile in parallel threads straight into the output. JPEG tiles are
+    checked once each, unless the slide is in :meth:`Slide.unchecked_reads`."""
+    small = h * w <= 4 * dec.th * dec.tw
+    return dec.read(y, x, h, w, cache=slide._cache if small else None,
+                    check=slide.__dict__.get("_check_reads", True),
+                    workers=1 if small else _region_workers())
 
 
 def _tiff_resolution_mpp(path: Path) -> tuple[float | None, str | None]:
@@ -802,8 +877,8 @@ class TiffSlide(Slide):
 
     def _read_level(self, level, y, x, h, w):
         dec = self._tile_decoder(level)
-        if dec is not None and h * w <= 4 * dec.th * dec.tw:
-            return self._read_cached(level, None, (dec.th, dec.tw), y, x, h, w, dec)
+        if dec is not None:
+            return _read_decoded(self, dec, y, x, h, w)
         arr = self._zarr_levels()[level]
         tile = self._tile_shape(arr)
         if tile is not None and self._cache.capacity and h * w <= 4 * tile[0] * tile[1]:
@@ -818,14 +893,13 @@ class TiffSlide(Slide):
         c = dict(zip(self._axes, chunks, strict=True))
         return int(c["Y"]), int(c["X"])
 
-    def _read_cached(self, level, arr, tile, y, x, h, w, dec=None):
-        """Small reads (training and inference patches) assembled from decoded tiles.
+    def _read_cached(self, level, arr, tile, y, x, h, w):
+        """Small reads of a level without a direct tile reader, assembled from tiles.
 
         Neighbouring and overlapping patches share tiles; like OpenSlide's tile cache, a
         bounded LRU of decoded tiles (``LNMETA_TILE_CACHE_MB``, default 64 MB per slide,
-        shared by the reading threads) saves decoding the same JPEG tile again. With a
-        direct tile reader (``dec``) missing tiles are decoded in the calling thread, so
-        reader threads decode in parallel; otherwise they come from one zarr read.
+        shared by the reading threads) saves decoding the same tile again. Missing
+        tiles come from one zarr read, so the store decodes them concurrently.
         """
         th, tw = tile
         lh, lw = self.level_shapes[level]
@@ -833,11 +907,7 @@ class TiffSlide(Slide):
                 for tx in range(x // tw, (x + w - 1) // tw + 1)]
         tiles = {k: self._cache.get(k) for k in keys}
         missing = [k for k, t in tiles.items() if t is None]
-        if missing and dec is not None:
-            for k in missing:
-                tiles[k] = self._cache.get_or_load(k, lambda k=k: dec.tile(k[1], k[2]))
-        elif missing:
-            # one read for all missing tiles, so the store decodes them concurrently
+        if missing:
             ty0, ty1 = min(k[1] for k in missing), max(k[1] for k in missing) + 1
             tx0, tx1 = min(k[2] for k in missing), max(k[2] for k in missing) + 1
             by, bx = ty0 * th, tx0 * tw

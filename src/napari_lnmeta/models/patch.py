@@ -5,6 +5,7 @@ channels-last memory, AMP and optional 8-direction TTA (:func:`dihedral`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,42 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 
     y = torch.rot90(x, k % 4, dims=(2, 3)) if k % 4 else x
     return torch.flip(y, dims=(3,)) if k >= 4 else y
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """``net`` with every eval-mode batch norm that follows a convolution folded into the
+    convolution's weights (a traced copy; ``net`` itself is not changed).
+
+    The same function up to float rounding (about 1e-7 in a probability), with one
+    kernel instead of two per convolution: a CNN such as resnet18 runs about 1.2x faster
+    on a CPU. A network that cannot be traced symbolically (data-dependent control flow),
+    or has nothing to fold, is returned as it is.
+    """
+    import torch
+    from torch import nn
+
+    if net.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                               for m in net.modules()):
+        return net
+    # the same loaded network (warm runs) is folded once, until its weights change
+    sig = tuple(t._version for t in (*net.parameters(), *net.buffers()))
+    hit = _FOLDED.get(net)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        with torch.no_grad():
+            folded = fuse(net, inplace=False)
+    except Exception:  # noqa: BLE001 - not traceable: run it unfolded
+        folded = net
+    if folded is not net:
+        _FOLDED[net] = (sig, folded)
+    return folded
+
+
+#: folded copies of loaded networks (dropped with the network)
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PatchModel:
@@ -75,6 +112,8 @@ class PatchModel:
         self.preprocess = Preprocess.for_meta(meta, device, stain=stain,
                                               channels_last=channels_last)
         net = net.to(device).eval()
+        if device.type == "cpu" and not compile:
+            net = fold_batchnorm(net)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = torch.compile(net) if compile else net
@@ -127,4 +166,4 @@ class PatchModel:
             return self.logits(x)
 
 
-__all__ = ["PatchModel", "dihedral"]
+__all__ = ["PatchModel", "dihedral", "fold_batchnorm"]
