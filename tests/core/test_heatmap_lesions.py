@@ -127,3 +127,51 @@ def test_camelyon_polygons_match_the_rasterised_mask(camelyon):
     assert from_json.max() > 0.5 and (from_json > 0.2).sum() >= 5
     np.testing.assert_allclose(from_json, from_png, atol=0.05)
     assert ((from_json > 0.2) == (from_png > 0.2)).mean() > 0.95
+
+
+def _reference_overview_blend(thumb, lab, edge, alpha=0.5):
+    """The overview's blending restated on the whole image in float (every pixel)."""
+    from napari_lnmeta.core.heatmap import TIER_COLORS
+
+    rgb = thumb.astype(np.float32)
+    lut = np.zeros((256, 3), np.float32)
+    for k, c in TIER_COLORS.items():
+        lut[k] = c[:3]
+    on = lab > 0
+    rgb[on] = (1 - alpha) * rgb[on] + alpha * lut[lab[on]]
+    rgb[edge] = 0.5 * rgb[edge] + 0.5 * np.array([90, 90, 90], np.float32)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overview_blends_exactly_like_the_whole_image_float_blend(cmu1, seed):
+    from napari_lnmeta.core.heatmap import _erode, cell_index_map, overview_image
+    from napari_lnmeta.io.slide import open_slide
+
+    slide = open_slide(cmu1)
+    rng = np.random.default_rng(seed)
+    frame = SlideFrame(origin=(float(rng.integers(-50, 50)), float(rng.integers(-50, 50))),
+                       downsample=float(rng.choice([96, 192, 250])))
+    shape = (int(slide.shape[0] // frame.downsample) + 1, int(slide.shape[1] // frame.downsample))
+    tiers = rng.integers(0, 4, shape).astype(np.uint8)
+    scored = rng.random(shape) < 0.7
+    img = overview_image(slide, tiers, frame, max_size=700, scored=scored)
+    from PIL import Image
+
+    from napari_lnmeta.core.tissue import low_res
+
+    thumb, _ = low_res(slide, max(slide.shape) / 700 * slide.mpp, max_size=700)
+    pil = Image.fromarray(thumb)
+    if max(pil.size) > 700:
+        pil.thumbnail((700, 700), Image.BILINEAR)
+    thumb = np.asarray(pil.convert("RGB"))
+    th, tw = thumb.shape[:2]
+    ri, ci, rok, cok = cell_index_map(frame, tiers.shape, (th, tw),
+                                      (slide.shape[0] / th, slide.shape[1] / tw))
+    inside = rok[:, None] & cok[None, :]
+    lab = np.where(inside, tiers[ri[:, None], ci[None, :]], 0)
+    sc = scored[ri[:, None], ci[None, :]] & inside
+    want = _reference_overview_blend(thumb, lab, sc ^ _erode(sc))
+    assert img.shape == want.shape
+    assert np.array_equal(img, want)
+    assert not np.array_equal(img, thumb)  # something was drawn

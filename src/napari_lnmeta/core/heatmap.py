@@ -188,8 +188,8 @@ def overview_image(slide: Slide, tiers: np.ndarray, frame: SlideFrame, *, max_si
     img = Image.fromarray(thumb)
     if max(img.size) > max_size:
         img.thumbnail((max_size, max_size), Image.BILINEAR)
-    rgb = np.asarray(img.convert("RGB")).astype(np.float32)
-    th, tw = rgb.shape[:2]
+    base = np.asarray(img.convert("RGB"))
+    th, tw = base.shape[:2]
     dy, dx = h0 / th, w0 / tw
     ri, ci, rok, cok = cell_index_map(frame, tiers.shape, (th, tw), (dy, dx))
     lab = tiers[ri[:, None], ci[None, :]]
@@ -198,12 +198,21 @@ def overview_image(slide: Slide, tiers: np.ndarray, frame: SlideFrame, *, max_si
     for k, c in TIER_COLORS.items():
         lut[k] = c[:3]
     on = lab > 0
-    rgb[on] = (1 - alpha) * rgb[on] + alpha * lut[lab[on]]
+    edge = None
     if scored is not None:
         sc = scored[ri[:, None], ci[None, :]] & rok[:, None] & cok[None, :]
         edge = sc ^ _erode(sc)
-        rgb[edge] = 0.5 * rgb[edge] + 0.5 * np.array([90, 90, 90], np.float32)
-    out = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    # only coloured pixels are blended (in float); the others are the thumbnail as read
+    touched = on | edge if edge is not None else on
+    rgb = base[touched].astype(np.float32)
+    on_t = on[touched]
+    rgb[on_t] = (1 - alpha) * rgb[on_t] + alpha * lut[lab[touched][on_t]]
+    if edge is not None:
+        e_t = edge[touched]
+        rgb[e_t] = 0.5 * rgb[e_t] + 0.5 * np.array([90, 90, 90], np.float32)
+    blended = base.copy()
+    blended[touched] = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    out = Image.fromarray(blended)
     if lesions is not None and len(lesions):
         draw = ImageDraw.Draw(out)
         r = max(4, round(max_size / 200))

@@ -238,28 +238,38 @@ def _write_files(pred: Prediction, out: Path, slide: Slide | None,
     if r.unknown is not None and r.unknown.any():
         prob = np.where(r.unknown, np.nan, prob)  # float heatmaps: NaN; uint8: 0
         analysed[r.unknown] = 2
-    write_ome_zarr(out / "probability.ome.zarr", to_storage(prob, r.config.heatmap_dtype),
-                   kind="image", name="tumour probability", attrs=prob_attrs, **common)
-    write_ome_zarr(out / "binary.ome.zarr", pred.binary, kind="labels", name="tumour (p > 0.5)",
-                   colors=BINARY_COLORS, **common)
-    write_ome_zarr(out / "tiers.ome.zarr", pred.tiers, kind="labels",
-                   name="tumour probability tiers", colors=TIER_COLORS, **common)
-    write_ome_zarr(out / "analysed.ome.zarr", analysed, kind="labels",
-                   name="analysed cells", colors={1: (128, 128, 128, 255),
-                                                  2: (255, 0, 255, 255)}, **common)
-    write_lesions_geojson(out / "lesions.geojson", pred.lesions, overwrite=True)
     if slide is None:
         from ..io.slide import open_slide
 
         slide = open_slide(r.slide_path, mpp=r.grid.slide_mpp)
-    import contextlib
 
-    # skipping corrupt tiles: a damaged tile of the thumbnail's level is drawn as decoded
-    unchecked = r.config.on_corrupt_tile == "skip" and hasattr(slide, "unchecked_reads")
-    with slide.unchecked_reads() if unchecked else contextlib.nullcontext():
-        thumb = overview_image(slide, pred.tiers, frame, lesions=pred.lesions.coords,
-                               scored=r.scored)
-    write_png(out / "overview.png", thumb, overwrite=True)
+    def overview() -> None:
+        import contextlib
+
+        # skipping corrupt tiles: a damaged tile of the thumbnail's level is drawn as decoded
+        unchecked = r.config.on_corrupt_tile == "skip" and hasattr(slide, "unchecked_reads")
+        with slide.unchecked_reads() if unchecked else contextlib.nullcontext():
+            thumb = overview_image(slide, pred.tiers, frame, lesions=pred.lesions.coords,
+                                   scored=r.scored)
+        write_png(out / "overview.png", thumb, overwrite=True)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    # the thumbnail (a slide read, blending, PNG encoding: all release the GIL) is made
+    # beside the small maps' writes
+    with ThreadPoolExecutor(1, thread_name_prefix="lnmeta-overview") as ex:
+        thumb_done = ex.submit(overview)
+        write_ome_zarr(out / "probability.ome.zarr", to_storage(prob, r.config.heatmap_dtype),
+                       kind="image", name="tumour probability", attrs=prob_attrs, **common)
+        write_ome_zarr(out / "binary.ome.zarr", pred.binary, kind="labels",
+                       name="tumour (p > 0.5)", colors=BINARY_COLORS, **common)
+        write_ome_zarr(out / "tiers.ome.zarr", pred.tiers, kind="labels",
+                       name="tumour probability tiers", colors=TIER_COLORS, **common)
+        write_ome_zarr(out / "analysed.ome.zarr", analysed, kind="labels",
+                       name="analysed cells", colors={1: (128, 128, 128, 255),
+                                                      2: (255, 0, 255, 255)}, **common)
+        write_lesions_geojson(out / "lesions.geojson", pred.lesions, overwrite=True)
+        thumb_done.result()
     write_json_atomic(out / SUMMARY, _jsonable(pred.summary()), overwrite=True)
 
 
