@@ -70,3 +70,10 @@ def test_untraceable_training_and_plain_networks_are_left_alone():
     assert fold_batchnorm(train) is train
     plain = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten())
     assert fold_batchnorm(plain) is plain
+
+
+def test_a_network_with_hooks_is_not_folded():
+    net = _randomised(torchvision.models.resnet18(num_classes=2))
+    seen = []
+    net.layer1.register_forward_hook(lambda *_: seen.append(1))
+    assert fold_batchnorm(net) is net

@@ -206,3 +206,30 @@ def test_resolve_device_refuses_devices_this_machine_lacks():
         resolve_device("gpu7")
     with pytest.raises(InputError, match="cuda:99"):
         resolve_device("cuda:99")
+
+
+def test_loaded_weights_are_the_files_and_nothing_is_left_unset(tmp_path):
+    """Models are built without storage and given the file's tensors: every parameter
+    and buffer is real and equal to the file, and training still works on them."""
+    import torch
+    from safetensors.torch import load_file
+
+    from napari_lnmeta.models.io import ModelMeta, load_model, save_model
+    from napari_lnmeta.models.registry import build_model
+
+    torch.manual_seed(3)
+    net = build_model("resnet18", 2).eval()
+    meta = ModelMeta(architecture="resnet18", classes=["normal", "tumour"], patch_size=64,
+                     mpp=1.0)
+    path = save_model(tmp_path / "m.safetensors", net, meta)
+    loaded, _ = load_model(path)
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    stored = load_file(path)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, stored[k].to(v.dtype)), k
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), net(x))
+    loaded.train()
+    loaded(x).sum().backward()
+    assert loaded.fc.weight.grad is not None

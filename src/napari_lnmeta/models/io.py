@@ -317,12 +317,27 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     if meta.architecture.startswith("mil:"):
         raise ModelError(path, "is a slide-level MIL model, not a patch classifier: use it with "
                          "`lnmeta mil` / the Slide-level MIL widget (models.mil.load_mil)")
-    if meta.architecture.startswith("spatial:"):  # seed-004 spatial-context model
-        from .spatial import build_from_meta
+    def build():
+        if meta.architecture.startswith("spatial:"):  # seed-004 spatial-context model
+            from .spatial import build_from_meta
 
-        model = build_from_meta(meta, path=path)
-    else:
-        model = build_model(meta.architecture, meta.num_outputs)
+            return build_from_meta(meta, path=path)
+        return build_model(meta.architecture, meta.num_outputs)
+
+    # Built without storage (no random initialisation of weights that are replaced at
+    # once) and given the file's tensors; a network that computes something real while
+    # it is built (a buffer not in the file) is built the ordinary way.
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # noqa: BLE001 - an architecture that cannot be built on "meta"
+        model = None
+    if model is not None and any(t.is_meta for n, t in _tensors(model)
+                                 if n not in tensors):
+        model = None
+    on_meta = model is not None
+    if model is None:
+        model = build()
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
@@ -338,10 +353,16 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
         raise ModelError(path, f"weights do not fit a {meta.architecture} with "
                          f"{meta.num_outputs} outputs: " + ", ".join(parts))
     state = {k: (t.to(own[k].dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=on_meta)
     model.to(torch.device(device))
     model.eval()
     return model, meta
+
+
+def _tensors(model: nn.Module):
+    """``(state-dict name, tensor)`` of every parameter and buffer, persistent or not."""
+    yield from model.named_parameters()
+    yield from model.named_buffers()
 
 
 def default_model_path() -> Path:

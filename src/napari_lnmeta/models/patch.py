@@ -33,12 +33,14 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def fold_batchnorm(net: nn.Module) -> nn.Module:
     """``net`` with every eval-mode batch norm that follows a convolution folded into the
-    convolution's weights (a traced copy; ``net`` itself is not changed).
+    convolution's weights (``net`` itself is not changed).
 
     The same function up to float rounding (about 1e-7 in a probability), with one
     kernel instead of two per convolution: a CNN such as resnet18 runs about 1.2x faster
-    on a CPU. A network that cannot be traced symbolically (data-dependent control flow),
-    or has nothing to fold, is returned as it is.
+    on a CPU. The network is traced symbolically (``torch.fx``); the traced module
+    shares every other parameter with ``net`` and holds new convolutions for the folded
+    ones. A network that cannot be traced (data-dependent control flow), or has nothing
+    to fold, or carries hooks, is returned as it is.
     """
     import torch
     from torch import nn
@@ -46,21 +48,64 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     if net.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                for m in net.modules()):
         return net
+    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+           or getattr(m, "_backward_pre_hooks", None) for m in net.modules()):
+        return net  # hooks (Grad-CAM, feature taps) must see the network as it is
     # the same loaded network (warm runs) is folded once, until its weights change
     sig = tuple(t._version for t in (*net.parameters(), *net.buffers()))
     hit = _FOLDED.get(net)
     if hit is not None and hit[0] == sig:
         return hit[1]
     try:
-        from torch.fx.experimental.optimization import fuse
-
         with torch.no_grad():
-            folded = fuse(net, inplace=False)
+            folded = _fold(net)
     except Exception:  # noqa: BLE001 - not traceable: run it unfolded
         folded = net
     if folded is not net:
         _FOLDED[net] = (sig, folded)
     return folded
+
+
+def _fold(net: nn.Module) -> nn.Module:
+    import torch
+    from torch import fx, nn
+
+    gm = fx.symbolic_trace(net)
+    mods = dict(gm.named_modules())
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if (not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1
+                or type(mods.get(src.target)) is not nn.Conv2d):
+            continue
+        conv, bn = mods[src.target], mods[node.target]
+        if bn.running_mean is None or bn.running_var is None:
+            continue
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                          conv.padding, conv.dilation, conv.groups, bias=True,
+                          padding_mode=conv.padding_mode, device="meta")
+        w = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+        b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        b = (b - bn.running_mean) * scale + (bn.bias if bn.bias is not None else 0)
+        fused.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+        fused.bias = nn.Parameter(b.to(conv.weight.dtype), requires_grad=False)
+        parent, _, name = src.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, fused)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        n += 1
+    if not n:
+        return net
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.eval()
+    return gm
 
 
 #: folded copies of loaded networks (dropped with the network)
