@@ -723,9 +723,9 @@ def _region_workers() -> int:
 def _read_decoded(slide: Slide, dec: _TileDecoder, y: int, x: int, h: int, w: int) -> np.ndarray:
     """An in-bounds level window through a direct tile reader: small reads (patches)
     through the slide's tile cache, large ones (overviews, synthetic levels, tissue)
-    decoded tile by tile in parallel threads straight into the output. JPEG tiles are
+    decoded tile by tile in parallel threads straight into the output (no cache). JPEG tiles are
     checked once each, unless the slide is in :meth:`Slide.unchecked_reads`."""
-    small = h * w <= 4 * dec.th * dec.tw
+    small = h * w <= 16 * dec.th * dec.tw  # up to ~4 x 4 tiles: patches, shared tiles
     return dec.read(y, x, h, w, cache=slide._cache if small else None,
                     check=slide.__dict__.get("_check_reads", True),
                     workers=1 if small else _region_workers())
