@@ -263,39 +263,74 @@ def black_ink(rgb: np.ndarray, *, min_core_px: int = 12, rim_px: int = 3,
     Thin strokes and crosses alike: only darkness and adjacency are used. ``val`` is
     the brightest channel when the caller has it already.
     """
+    rgb = np.asarray(rgb)
+    if val is None:
+        val, _ = _max_min(rgb)
+    out = np.zeros(val.shape, dtype=bool)
+    found = _black_ink_box(rgb, val, min_core_px=min_core_px, rim_px=rim_px)
+    if found is not None:
+        box, ink = found
+        out[box] = ink
+    return out
+
+
+def _black_ink_box(rgb: np.ndarray, val: np.ndarray, *, min_core_px: int = 12,
+                   rim_px: int = 3) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """:func:`black_ink` on the box around the ink only: ``(box, ink pixels in it)``, or
+    ``None`` when there is no ink. Work scales with the dark pixels, not the image."""
     from scipy import ndimage as ndi
 
-    if val is None:
-        val, _ = _max_min(np.asarray(rgb))
-    # very dark, or dark grey (a thin stroke blurred with the glass): H&E this dark is
-    # strongly tinted (haematoxylin), ink and its blur are not
-    core = val < BLACK_INK_CORE
-    dark = val < BLACK_INK_GREY
-    if dark.any():
-        rgb = np.asarray(rgb)
-        v = val[dark].astype(np.int32)
-        mn = np.minimum(np.minimum(rgb[..., 0][dark], rgb[..., 1][dark]), rgb[..., 2][dark])
-        core[dark] |= (v - mn) * 100 < BLACK_INK_GREY_SAT * v
-    out = np.zeros(val.shape, dtype=bool)
-    if not core.any():
-        return out
-    lab, n = ndi.label(core)
-    sizes = np.bincount(lab[core], minlength=n + 1)
-    yy, xx = np.mgrid[-rim_px:rim_px + 1, -rim_px:rim_px + 1]
-    disk = (yy ** 2 + xx ** 2) <= rim_px ** 2 + rim_px * 0.5
     h, w = val.shape
-    # each mark on its own bounding box (plus the rim): work ~ ink area, not image area
-    for i, box in enumerate(ndi.find_objects(lab), start=1):
-        if box is None or sizes[i] < min_core_px:
-            continue
-        y0, y1 = max(box[0].start - rim_px, 0), min(box[0].stop + rim_px, h)
-        x0, x1 = max(box[1].start - rim_px, 0), min(box[1].stop + rim_px, w)
-        c = lab[y0:y1, x0:x1] == i
-        if rim_px > 0:
-            c = c | (ndi.binary_dilation(c, structure=disk)
-                     & (val[y0:y1, x0:x1] < BLACK_INK_RIM))
-        out[y0:y1, x0:x1] |= c
-    return out
+    # very dark, or dark grey (a thin stroke blurred with the glass): H&E this dark is
+    # strongly tinted (haematoxylin), ink and its blur are not. Dark pixels are few:
+    # they are examined by index.
+    idx = np.flatnonzero(val < BLACK_INK_GREY)
+    if idx.size == 0:
+        return None
+    v = val.reshape(-1)[idx]
+    px = rgb.reshape(-1, 3)[idx]
+    mn = np.minimum(np.minimum(px[:, 0], px[:, 1]), px[:, 2])
+    vi = v.astype(np.int32)
+    is_core = (v < BLACK_INK_CORE) | ((vi - mn) * 100 < BLACK_INK_GREY_SAT * vi)
+    idx = idx[is_core]
+    if idx.size < max(min_core_px, 1):
+        return None  # no connected core can be large enough
+    ys, xs = np.divmod(idx, w)
+    # the cores' bounding box plus the rim: dilation there equals the whole image's
+    y0, y1 = max(int(ys[0]) - rim_px, 0), min(int(ys[-1]) + 1 + rim_px, h)
+    x0, x1 = max(int(xs.min()) - rim_px, 0), min(int(xs.max()) + 1 + rim_px, w)
+    ink = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    # cores in bands of rows apart from each other are never connected: each band is
+    # labelled on its own bounding box (ys is sorted: idx is)
+    cut = np.flatnonzero(np.diff(ys) > _INK_BAND_GAP) + 1
+    starts = np.concatenate([[0], cut])
+    stops = np.concatenate([cut, [ys.size]])
+    lo, hi = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts)
+    found = False
+    for a, b, c0, c1 in zip(starts.tolist(), stops.tolist(), lo.tolist(), hi.tolist(),
+                            strict=True):
+        if b - a < max(min_core_px, 1):
+            continue  # too few core pixels in the band for a large core
+        r0, r1 = int(ys[a]), int(ys[b - 1]) + 1
+        core = np.zeros((r1 - r0, c1 + 1 - c0), dtype=bool)
+        core[ys[a:b] - r0, xs[a:b] - c0] = True
+        lab, n = ndi.label(core)
+        big = np.bincount(lab[core], minlength=n + 1) >= min_core_px
+        big[0] = False
+        if big.any():
+            found = True
+            ink[r0 - y0:r1 - y0, c0 - x0:c1 + 1 - x0] |= _lookup(big, lab)
+    if not found:
+        return None
+    # each large core grown by the disk, kept where dark: the union over marks equals
+    # the dilation of their union (the disk never reaches past the box's rim margin)
+    if rim_px > 0:  # the disk of dilate(), r² + r / 2
+        ink |= dilate(ink, rim_px) & (val[y0:y1, x0:x1] < BLACK_INK_RIM)
+    return (slice(y0, y1), slice(x0, x1)), ink
+
+
+#: rows without a dark pixel that separate two bands :func:`_black_ink_box` labels apart
+_INK_BAND_GAP = 16
 
 
 def _max_min(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -310,9 +345,37 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return _sat(mx, mn)
 
 
-def _sat(mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
+def _sat(mx: np.ndarray, mn: np.ndarray, diff: np.ndarray | None = None) -> np.ndarray:
     # one float32 pass (mx >= mn, so the difference never wraps)
-    return np.divide(mx - mn, np.maximum(mx, 1), dtype=np.float32)
+    return np.divide(mx - mn if diff is None else diff, np.maximum(mx, 1), dtype=np.float32)
+
+
+#: columns per strip of :func:`_gaussian`'s vertical pass
+_BLUR_STRIP = 64
+
+
+def _gaussian(score: np.ndarray, sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(score, sigma, truncate=2.0)`` of a 2-D float32 image,
+    the same numbers, faster on large images.
+
+    scipy filters along rows (axis 0) first, then along columns, each pass rounded to
+    float32. Its row pass walks columns with a stride of a whole row, which is several
+    times slower than the column pass; here it runs on contiguous copies of narrow
+    column strips (the filter treats every column alone, so a strip's columns come out
+    exactly as in the whole image), and the column pass runs in place on the whole
+    result as ``gaussian_filter`` does.
+    """
+    from scipy import ndimage as ndi
+
+    score = np.asarray(score)
+    if score.ndim != 2 or score.dtype != np.float32 or score.shape[1] <= 2 * _BLUR_STRIP:
+        return ndi.gaussian_filter(score, sigma, truncate=2.0)
+    out = np.empty(score.shape, dtype=np.float32)
+    for j in range(0, score.shape[1], _BLUR_STRIP):
+        cols = slice(j, j + _BLUR_STRIP)
+        out[:, cols] = ndi.gaussian_filter1d(np.ascontiguousarray(score[:, cols]), sigma,
+                                             axis=0, truncate=2.0)
+    return ndi.gaussian_filter1d(out, sigma, axis=1, truncate=2.0, output=out)
 
 
 _OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0).astype(np.float32)
@@ -395,8 +458,6 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: str = "otsu",
     InputError
         Unknown method, not an RGB image, or a grayscale image with a colour method.
     """
-    from scipy import ndimage as ndi
-
     if method not in METHODS:
         raise InputError(f"unknown tissue method {method!r} (choose from {', '.join(METHODS)})")
     rgb = np.asarray(rgb)
@@ -405,25 +466,28 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: str = "otsu",
     if rgb.dtype != np.uint8:
         rgb = np.clip(rgb, 0, 255).astype(np.uint8)
     val, mn = _max_min(rgb)
+    diff = val - mn  # never wraps: val >= mn
     allowed = val >= dark
     if valid is not None:
         allowed &= np.asarray(valid, dtype=bool)
     if pen:  # black ink is neither tissue nor part of the threshold's sample
-        allowed &= ~black_ink(rgb, val=val)
+        ink = _black_ink_box(rgb, val)
+        if ink is not None:
+            allowed[ink[0]] &= ~ink[1]
     # a grayscale image with content (not a blank/black one: that is "no tissue" below)
-    if method in ("otsu", "hsv") and int((val - mn).max()) <= 2 and \
+    if method in ("otsu", "hsv") and int(diff.max()) <= 2 and \
             float((allowed & (val < 230)).mean()) > 0.001:
         raise InputError("the image is grayscale (R = G = B): saturation-based tissue detection "
                          f"(method {method!r}) needs a stained colour slide; use method 'od'")
-    sat = _sat(val, mn)
+    sat = _sat(val, mn, diff)
     score = optical_density_sum(rgb) if method == "od" else sat
     if blur_sigma and blur_sigma > 0:
-        score = ndi.gaussian_filter(score, blur_sigma, truncate=2.0)
+        score = _gaussian(score, blur_sigma)
     if method == "hsv":
         thr = float(sat_min if threshold is None else threshold)
         v = val.astype(np.float32) / 255.0
         if blur_sigma and blur_sigma > 0:
-            v = ndi.gaussian_filter(v, blur_sigma, truncate=2.0)
+            v = _gaussian(v, blur_sigma)
         fg = (score > thr) & (v < value_max)
     else:
         if threshold is None:
@@ -438,7 +502,8 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: str = "otsu",
     if pen:
         # green (hue ~0.2-0.5) or blue (~0.55-0.68), clearly saturated: ink, not H&E
         # H&E has red or blue as its brightest channel and red above green
-        cand = fg & (sat > 0.25) & (rgb[..., 1] >= rgb[..., 0])
+        cand = fg & (sat > 0.25)
+        cand &= rgb[..., 1] >= rgb[..., 0]
         if cand.any():
             fg[cand] = ~ink_pixels(rgb[cand])
     return fg, float(thr)
@@ -459,39 +524,148 @@ def _bounds_valid(slide: Slide, shape: tuple[int, int], downsample: float) -> np
     return valid
 
 
+def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice] | None:
+    """The rows and columns that hold ``mask``'s pixels, grown by ``margin`` (clipped)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask[rows[0]:rows[-1] + 1].any(axis=0))
+    h, w = mask.shape
+    return (slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, h)),
+            slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, w)))
+
+
+#: labels per block of :func:`_label_sizes` (its int64 copy stays in cache)
+_SIZE_BLOCK = 1 << 18
+
+
+def _label_sizes(lab: np.ndarray, n: int) -> np.ndarray:
+    """``np.bincount(lab.ravel(), minlength=n + 1)``, block by block (same counts)."""
+    flat = lab.reshape(-1)
+    sizes = np.zeros(n + 1, dtype=np.intp)
+    for i in range(0, flat.size, _SIZE_BLOCK):
+        sizes += np.bincount(flat[i:i + _SIZE_BLOCK], minlength=n + 1)
+    return sizes
+
+
+def _lookup(table: np.ndarray, lab: np.ndarray) -> np.ndarray:
+    """``table[lab]`` for a bool table, block by block (same values)."""
+    flat = lab.reshape(-1)
+    out = np.empty(flat.size, dtype=bool)
+    for i in range(0, flat.size, _SIZE_BLOCK):
+        np.take(table, flat[i:i + _SIZE_BLOCK], out=out[i:i + _SIZE_BLOCK])
+    return out.reshape(lab.shape)
+
+
 def clean_mask(mask: np.ndarray, *, min_object_px: float, max_hole_px: float) -> np.ndarray:
-    """Fill holes smaller than ``max_hole_px`` and drop objects smaller than ``min_object_px``."""
+    """Fill holes smaller than ``max_hole_px`` and drop objects smaller than ``min_object_px``.
+
+    Holes and objects are 4-connected. Only the bounding box of the mask is labelled:
+    background outside it reaches the image border, and so does any background
+    component touching the box's edge, so neither is ever a hole, and every object
+    lies inside.
+    """
+    out = np.array(mask, dtype=bool)  # a copy: the caller's mask is never modified
+    box = _bbox(out)
+    if box is None:
+        return out
+    out[box] = _clean_box(out[box], min_object_px=min_object_px, max_hole_px=max_hole_px)
+    return out
+
+
+def _clean_box(out: np.ndarray, *, min_object_px: float, max_hole_px: float) -> np.ndarray:
     from scipy import ndimage as ndi
 
-    out = np.asarray(mask, dtype=bool)
     if max_hole_px > 0:
         lab, n = ndi.label(~out)
         if n:
-            sizes = np.bincount(lab.ravel())
-            small = sizes < max_hole_px
+            small = _label_sizes(lab, n) < max_hole_px
             small[0] = False
             # background touching the border is never a hole
-            border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-            small[border] = False
-            out = out | small[lab]
+            small[lab[0]] = False
+            small[lab[-1]] = False
+            small[lab[:, 0]] = False
+            small[lab[:, -1]] = False
+            if small.any():
+                out = out | _lookup(small, lab)
     if min_object_px > 1:
         lab, n = ndi.label(out)
         if n:
-            sizes = np.bincount(lab.ravel())
-            keep = sizes >= min_object_px
+            keep = _label_sizes(lab, n) >= min_object_px
             keep[0] = False
-            out = keep[lab]
+            if not keep[1:].all():
+                out = _lookup(keep, lab)
+    return out
+
+
+def _half_width(radius: int, dy: int) -> int:
+    # largest dx with dy² + dx² <= r² + r / 2 (the disk of dilate)
+    lim = radius * radius + radius * 0.5 - dy * dy
+    dx = math.isqrt(int(lim))
+    while (dx + 1) ** 2 <= lim:
+        dx += 1
+    while dx > 0 and dx * dx > lim:
+        dx -= 1
+    return dx
+
+
+def _hdilate(mask: np.ndarray, half: int) -> np.ndarray:
+    """Dilation along rows by the segment ``[-half, half]`` (outside counts as False)."""
+    out = mask.copy()
+    reach = 0
+    while reach < half:  # doubling: reach 1, 3, 7, ... then the remainder
+        step = min(reach + 1, half - reach)
+        src = out.copy()
+        out[:, step:] |= src[:, :-step]
+        out[:, :-step] |= src[:, step:]
+        reach += step
     return out
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation by a disk of ``radius`` pixels."""
-    from scipy import ndimage as ndi
+    """Binary dilation by a disk of ``radius`` pixels (``dy² + dx² <= r² + r / 2``).
 
+    The disk is a stack of horizontal segments: the dilation is the union, over rows
+    ``dy`` of the disk, of the mask dilated along rows by that row's segment and shifted
+    by ``dy`` (exactly :func:`scipy.ndimage.binary_dilation` with the disk, outside the
+    image counting as background). Only the bounding boxes of bands of rows holding
+    the mask (grown by the radius) are worked on.
+    """
     if radius <= 0:
         return mask
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-    return ndi.binary_dilation(mask, structure=(yy ** 2 + xx ** 2) <= radius ** 2 + radius * 0.5)
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, dtype=bool)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return out
+    h, w = mask.shape
+    # bands of rows further apart than the disk's diameter grow independently
+    cuts = np.flatnonzero(np.diff(rows) > 2 * radius + 1)
+    starts = np.concatenate([[rows[0]], rows[cuts + 1]])
+    stops = np.concatenate([rows[cuts], [rows[-1]]]) + 1
+    for r0, r1 in zip(starts.tolist(), stops.tolist(), strict=True):
+        cols = np.flatnonzero(mask[r0:r1].any(axis=0))
+        y0, y1 = max(r0 - radius, 0), min(r1 + radius, h)
+        x0, x1 = max(int(cols[0]) - radius, 0), min(int(cols[-1]) + 1 + radius, w)
+        out[y0:y1, x0:x1] |= _dilate_box(mask[y0:y1, x0:x1], radius)
+    return out
+
+
+def _dilate_box(m: np.ndarray, radius: int) -> np.ndarray:
+    h = m.shape[0]
+    by_half: dict[int, np.ndarray] = {}
+    grown = np.zeros(m.shape, dtype=bool)
+    for dy in range(-radius, radius + 1):
+        half = _half_width(radius, dy)
+        if half not in by_half:
+            by_half[half] = _hdilate(m, half)
+        seg = by_half[half]
+        # grown[y] |= seg[y - dy]
+        if dy >= 0:
+            grown[dy:] |= seg[:h - dy]
+        else:
+            grown[:h + dy] |= seg[-dy:]
+    return grown
 
 
 def low_res(slide: Slide, target_mpp: float | None, *,
