@@ -19,7 +19,15 @@ The pyramid is generated once (pre-compressed JPEG tiles, tifffile) under
   first, twice; beside the same work done the way it was before synthetic levels were
   kept (the lazy 2x2-mean chain recomputed from level 0 each time), with the ratio.
 
-Run: ``python benchmarks/bench_tissue.py [--quick] [--device cuda] [--single-only]``.
+* the tissue analysis alone (the low-resolution RGB already in memory: threshold, pen
+  removal, holes and small objects, dilation) on tumor_001's 7168 x 3072 analysis level
+  and on that image tiled 2 x 2 (a bigger slide): the whole-image implementation it
+  replaced (``_reference_*`` in tests/core/test_tissue_fast.py) and the current one,
+  alternated in one process on the same image, best of the runs, with the ratio; every
+  mask is checked to be identical; then the current one's stages.
+
+Run: ``python benchmarks/bench_tissue.py [--quick] [--device cuda] [--single-only]
+[--analysis-only]``.
 """
 
 from __future__ import annotations
@@ -137,6 +145,70 @@ def bench_single_level(repeats: int) -> None:
               f"view {best['view2'] / best['old_view2']:.2f})", flush=True)
 
 
+def _reference_module():
+    """tests/core/test_tissue_fast.py, which keeps the whole-image implementation."""
+    import importlib.util
+
+    from _common import ROOT
+
+    path = ROOT / "tests" / "core" / "test_tissue_fast.py"
+    spec = importlib.util.spec_from_file_location("_tissue_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_analysis(repeats: int) -> None:
+    import warnings
+
+    from _common import SHARED
+    from scipy import ndimage  # noqa: F401  (import cost is not analysis time)
+
+    from napari_lnmeta.core import tissue
+    from napari_lnmeta.io.slide import MppWarning, open_slide
+
+    ref = _reference_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MppWarning)
+        slide = open_slide(SHARED / "camelyon16_tumor001_lowres" / "tumor_001_level5.ome.tif")
+    rgb, ds = slide.low_res(8.0)
+    images = {"tumor_001": rgb, "tumor_001 tiled 2x2": np.tile(rgb, (2, 2, 1))}
+    print(f"tissue analysis (RGB in memory; otsu, pen removal, µm/px; best of {repeats}; "
+          "before = the whole-image implementation, same process, same image):")
+    for name, img in images.items():
+        best = {"before": float("inf"), "now": float("inf")}
+        for _ in range(repeats):
+            for key, fn in (("before", ref._reference_analysis), ("now", ref._analysis)):
+                t0 = time.perf_counter()
+                mask, thr = fn(img, method="otsu", pen=True, mpp=slide.mpp, ds=ds)
+                best[key] = min(best[key], time.perf_counter() - t0)
+                if key == "before":
+                    want = (mask, thr)
+                else:
+                    assert thr == want[1] and np.array_equal(mask, want[0]), "masks differ"
+        h, w = img.shape[:2]
+        print(f"  {name} ({w}x{h}, {h * w / 1e6:.0f} Mpx): before {best['before']:.3f} s, "
+              f"now {best['now']:.3f} s (ratio now/before {best['now'] / best['before']:.2f}; "
+              "masks identical)", flush=True)
+    # the current implementation's stages on the tumor_001 level
+    stages = {"threshold + pen": 0.0, "holes + small objects": 0.0, "dilation": 0.0}
+    best_stage = dict.fromkeys(stages, float("inf"))
+    px_um2 = (slide.mpp * ds) ** 2
+    radius = max(1, round(16.0 / (slide.mpp * ds)))
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fg, _ = tissue.tissue_mask_from_rgb(rgb)
+        t1 = time.perf_counter()
+        clean = tissue.clean_mask(fg, min_object_px=20_000 / px_um2, max_hole_px=250_000 / px_um2)
+        t2 = time.perf_counter()
+        tissue.dilate(clean, radius)
+        t3 = time.perf_counter()
+        for k, t in zip(stages, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            best_stage[k] = min(best_stage[k], t)
+    print("  now, by stage on tumor_001: " + ", ".join(
+        f"{k} {v:.3f} s" for k, v in best_stage.items()), flush=True)
+
+
 def _rate(fn, n_patches: int, repeats: int) -> float:
     fn()  # warm-up (imports, CUDA context, allocator)
     t0 = time.perf_counter()
@@ -186,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=None, help="slide side in px (default 100000)")
     p.add_argument("--single-only", action="store_true",
                    help="only the single-level files (no torch, no big pyramid)")
+    p.add_argument("--analysis-only", action="store_true",
+                   help="only the tissue analysis, before and now")
     args = p.parse_args(argv)
+    bench_analysis(2 if args.quick else 5)
+    if args.analysis_only:
+        return 0
     bench_single_level(1 if args.quick else 3)
     if args.single_only:
         return 0

@@ -300,37 +300,56 @@ def _black_ink_box(rgb: np.ndarray, val: np.ndarray, *, min_core_px: int = 12,
     y0, y1 = max(int(ys[0]) - rim_px, 0), min(int(ys[-1]) + 1 + rim_px, h)
     x0, x1 = max(int(xs.min()) - rim_px, 0), min(int(xs.max()) + 1 + rim_px, w)
     ink = np.zeros((y1 - y0, x1 - x0), dtype=bool)
-    # cores in bands of rows apart from each other are never connected: each band is
-    # labelled on its own bounding box (ys is sorted: idx is)
-    cut = np.flatnonzero(np.diff(ys) > _INK_BAND_GAP) + 1
-    starts = np.concatenate([[0], cut])
-    stops = np.concatenate([cut, [ys.size]])
-    lo, hi = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts)
+    # groups of cores with empty rows or columns between them are never connected:
+    # each group is labelled on its own bounding box
     found = False
-    for a, b, c0, c1 in zip(starts.tolist(), stops.tolist(), lo.tolist(), hi.tolist(),
-                            strict=True):
-        if b - a < max(min_core_px, 1):
-            continue  # too few core pixels in the band for a large core
-        r0, r1 = int(ys[a]), int(ys[b - 1]) + 1
-        core = np.zeros((r1 - r0, c1 + 1 - c0), dtype=bool)
-        core[ys[a:b] - r0, xs[a:b] - c0] = True
+    for sel in _separate(ys, xs, _INK_BAND_GAP):
+        if sel.size < max(min_core_px, 1):
+            continue  # too few core pixels in the group for a large core
+        gy, gx = ys[sel], xs[sel]
+        r0, c0 = int(gy.min()), int(gx.min())
+        core = np.zeros((int(gy.max()) + 1 - r0, int(gx.max()) + 1 - c0), dtype=bool)
+        core[gy - r0, gx - c0] = True
         lab, n = ndi.label(core)
         big = np.bincount(lab[core], minlength=n + 1) >= min_core_px
         big[0] = False
         if big.any():
             found = True
-            ink[r0 - y0:r1 - y0, c0 - x0:c1 + 1 - x0] |= _lookup(big, lab)
+            ink[r0 - y0:r0 - y0 + core.shape[0], c0 - x0:c0 - x0 + core.shape[1]] |= \
+                _lookup(big, lab)
     if not found:
         return None
     # each large core grown by the disk, kept where dark: the union over marks equals
     # the dilation of their union (the disk never reaches past the box's rim margin)
     if rim_px > 0:  # the disk of dilate(), r² + r / 2
-        ink |= dilate(ink, rim_px) & (val[y0:y1, x0:x1] < BLACK_INK_RIM)
+        dark = val[y0:y1, x0:x1]
+        rim = [(box, grown & (dark[box] < BLACK_INK_RIM))
+               for box, grown in _dilated_boxes(ink, rim_px)]
+        for box, grown in rim:
+            ink[box] |= grown
     return (slice(y0, y1), slice(x0, x1)), ink
 
 
-#: rows without a dark pixel that separate two bands :func:`_black_ink_box` labels apart
+#: empty rows or columns that separate two groups :func:`_black_ink_box` labels apart
 _INK_BAND_GAP = 16
+
+
+def _separate(ys: np.ndarray, xs: np.ndarray, gap: int, depth: int = 4) -> list[np.ndarray]:
+    """Indices of the points ``(ys, xs)`` in groups separated by more than ``gap`` empty
+    rows or columns (cut along rows, then columns, and so on, ``depth`` times): no
+    point of one group touches a point of another."""
+    def cut(v: np.ndarray, sel: np.ndarray) -> list[np.ndarray]:
+        order = sel[np.argsort(v[sel], kind="stable")]
+        return np.split(order, np.flatnonzero(np.diff(v[order]) > gap) + 1)
+
+    groups = [np.arange(ys.size)]
+    for level in range(depth):
+        v = ys if level % 2 == 0 else xs
+        nxt = [part for sel in groups for part in cut(v, sel)]
+        if len(nxt) == len(groups) and level > 0:
+            break
+        groups = nxt
+    return groups
 
 
 def _max_min(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -370,12 +389,29 @@ def _gaussian(score: np.ndarray, sigma: float) -> np.ndarray:
     score = np.asarray(score)
     if score.ndim != 2 or score.dtype != np.float32 or score.shape[1] <= 2 * _BLUR_STRIP:
         return ndi.gaussian_filter(score, sigma, truncate=2.0)
-    out = np.empty(score.shape, dtype=np.float32)
-    for j in range(0, score.shape[1], _BLUR_STRIP):
+    return _strip_gaussian(score.shape, lambda cols: np.ascontiguousarray(score[:, cols]),
+                           sigma)
+
+
+def _strip_gaussian(shape: tuple[int, int], strip, sigma: float) -> np.ndarray:
+    """:func:`_gaussian` of the float32 image whose column strips ``strip(cols)`` makes
+    (contiguous): the image itself is never held whole."""
+    from scipy import ndimage as ndi
+
+    out = np.empty(shape, dtype=np.float32)
+    for j in range(0, shape[1], _BLUR_STRIP):
         cols = slice(j, j + _BLUR_STRIP)
-        out[:, cols] = ndi.gaussian_filter1d(np.ascontiguousarray(score[:, cols]), sigma,
-                                             axis=0, truncate=2.0)
+        out[:, cols] = ndi.gaussian_filter1d(strip(cols), sigma, axis=0, truncate=2.0)
     return ndi.gaussian_filter1d(out, sigma, axis=1, truncate=2.0, output=out)
+
+
+def _blurred_saturation(val: np.ndarray, diff: np.ndarray, sigma: float) -> np.ndarray:
+    """``_gaussian(_sat(val, mn, diff), sigma)``, the saturation made strip by strip."""
+    if val.shape[1] <= 2 * _BLUR_STRIP:
+        return _gaussian(_sat(val, None, diff), sigma)
+    return _strip_gaussian(val.shape, lambda cols: _sat(np.ascontiguousarray(val[:, cols]), None,
+                                                        np.ascontiguousarray(diff[:, cols])),
+                           sigma)
 
 
 _OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0).astype(np.float32)
@@ -479,14 +515,19 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: str = "otsu",
             float((allowed & (val < 230)).mean()) > 0.001:
         raise InputError("the image is grayscale (R = G = B): saturation-based tissue detection "
                          f"(method {method!r}) needs a stained colour slide; use method 'od'")
-    sat = _sat(val, mn, diff)
-    score = optical_density_sum(rgb) if method == "od" else sat
-    if blur_sigma and blur_sigma > 0:
-        score = _gaussian(score, blur_sigma)
+    blur = bool(blur_sigma and blur_sigma > 0)
+    if method == "od":
+        score = optical_density_sum(rgb)
+        if blur:
+            score = _gaussian(score, blur_sigma)
+    elif blur:
+        score = _blurred_saturation(val, diff, blur_sigma)
+    else:
+        score = _sat(val, mn, diff)
     if method == "hsv":
         thr = float(sat_min if threshold is None else threshold)
         v = val.astype(np.float32) / 255.0
-        if blur_sigma and blur_sigma > 0:
+        if blur:
             v = _gaussian(v, blur_sigma)
         fg = (score > thr) & (v < value_max)
     else:
@@ -502,7 +543,10 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: str = "otsu",
     if pen:
         # green (hue ~0.2-0.5) or blue (~0.55-0.68), clearly saturated: ink, not H&E
         # H&E has red or blue as its brightest channel and red above green
-        cand = fg & (sat > 0.25)
+        # saturation > 0.25 <=> 4 (max - min) > max <=> max - min > max // 4, exactly:
+        # a float32 quotient of 8-bit integers is never within rounding of 0.25 unless
+        # it equals it
+        cand = fg & (diff > (val >> 2))
         cand &= rgb[..., 1] >= rgb[..., 0]
         if cand.any():
             fg[cand] = ~ink_pixels(rgb[cand])
@@ -591,7 +635,8 @@ def _clean_box(out: np.ndarray, *, min_object_px: float, max_hole_px: float) -> 
     if min_object_px > 1:
         lab, n = ndi.label(out)
         if n:
-            keep = _label_sizes(lab, n) >= min_object_px
+            # tissue is the smaller part: count its pixels only
+            keep = np.bincount(lab[out], minlength=n + 1) >= min_object_px
             keep[0] = False
             if not keep[1:].all():
                 out = _lookup(keep, lab)
@@ -635,11 +680,20 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
         return mask
     mask = np.asarray(mask, dtype=bool)
     out = np.zeros(mask.shape, dtype=bool)
+    for box, grown in _dilated_boxes(mask, radius):
+        out[box] = grown
+    return out
+
+
+def _dilated_boxes(mask: np.ndarray, radius: int):
+    """:func:`dilate` band by band: ``(box, dilation inside it)`` for disjoint boxes outside
+    which the dilation is empty."""
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
-        return out
+        return
     h, w = mask.shape
-    # bands of rows further apart than the disk's diameter grow independently
+    # bands of rows further apart than the disk's diameter grow independently (and
+    # their boxes, grown by the radius, do not overlap)
     cuts = np.flatnonzero(np.diff(rows) > 2 * radius + 1)
     starts = np.concatenate([[rows[0]], rows[cuts + 1]])
     stops = np.concatenate([rows[cuts], [rows[-1]]]) + 1
@@ -647,8 +701,8 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
         cols = np.flatnonzero(mask[r0:r1].any(axis=0))
         y0, y1 = max(r0 - radius, 0), min(r1 + radius, h)
         x0, x1 = max(int(cols[0]) - radius, 0), min(int(cols[-1]) + 1 + radius, w)
-        out[y0:y1, x0:x1] |= _dilate_box(mask[y0:y1, x0:x1], radius)
-    return out
+        box = (slice(y0, y1), slice(x0, x1))
+        yield box, _dilate_box(mask[box], radius)
 
 
 def _dilate_box(m: np.ndarray, radius: int) -> np.ndarray:
