@@ -517,18 +517,26 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: str = "otsu",
                          f"(method {method!r}) needs a stained colour slide; use method 'od'")
     blur = bool(blur_sigma and blur_sigma > 0)
     if method == "od":
-        score = optical_density_sum(rgb)
-        if blur:
-            score = _gaussian(score, blur_sigma)
+        if blur and rgb.shape[1] > 2 * _BLUR_STRIP:  # made and blurred strip by strip
+            score = _strip_gaussian(val.shape, lambda cols: optical_density_sum(rgb[:, cols]),
+                                    blur_sigma)
+        else:
+            score = optical_density_sum(rgb)
+            if blur:
+                score = _gaussian(score, blur_sigma)
     elif blur:
         score = _blurred_saturation(val, diff, blur_sigma)
     else:
         score = _sat(val, mn, diff)
     if method == "hsv":
         thr = float(sat_min if threshold is None else threshold)
-        v = val.astype(np.float32) / 255.0
-        if blur:
-            v = _gaussian(v, blur_sigma)
+        if blur and val.shape[1] > 2 * _BLUR_STRIP:  # made and blurred strip by strip
+            v = _strip_gaussian(val.shape, lambda cols: val[:, cols].astype(np.float32) / 255.0,
+                                blur_sigma)
+        else:
+            v = val.astype(np.float32) / 255.0
+            if blur:
+                v = _gaussian(v, blur_sigma)
         fg = (score > thr) & (v < value_max)
     else:
         if threshold is None:
