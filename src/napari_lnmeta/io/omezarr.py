@@ -147,8 +147,8 @@ def write_ome_zarr(path: str | Path, data: np.ndarray | da.Array, *,
             il["colors"] = [{"label-value": int(k), "rgba": list(v)} for k, v in colors.items()]
         meta["image-label"] = il
     with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        root.attrs.update(meta)
+        # the metadata in one write (attrs.update would rewrite .zattrs once per key)
+        root = zarr.create_group(str(tmp), zarr_format=2, attributes=meta, overwrite=True)
         for i, lv in enumerate(levels):
             c = tuple(min(c, s) for c, s in zip(chunk, lv.shape, strict=True))
             z = root.create_array(str(i), shape=lv.shape, dtype=lv.dtype, chunks=c,
