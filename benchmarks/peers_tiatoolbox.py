@@ -64,7 +64,10 @@ import torchvision.models  # imported before the clock, as TIAToolbox's import d
 from napari_lnmeta.cli import main
 from napari_lnmeta.models.io import load_model
 import napari_lnmeta.core.predict, napari_lnmeta.cli.predict  # the library, as above
+import napari_lnmeta.core.tissue, napari_lnmeta.core.tiling, napari_lnmeta.io.slide
+import napari_lnmeta.io.omezarr, napari_lnmeta.models.spatial, safetensors.torch
 import zarr, scipy.ndimage, PIL.Image, tifffile, imagecodecs, simplejpeg, openslide
+PIL.Image.init()
 """ + BARE + r"""
 model, out = sys.argv[2], sys.argv[3]
 t = time.perf_counter()

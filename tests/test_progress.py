@@ -56,3 +56,34 @@ def test_relay_rescales_steps_returns_the_value_and_closes_the_sub_job():
     assert next(job).done == 0
     job.close()                                              # cancelling the outer job ...
     assert closed[-1] and len(closed) == 3                   # ... closes the sub-job
+
+
+def test_an_executor_runs_every_call_on_its_one_thread_with_heartbeats():
+    from concurrent.futures import ThreadPoolExecutor
+
+    ex = ThreadPoolExecutor(1)
+    release = threading.Event()
+    names = []
+
+    def step(k):
+        names.append(threading.current_thread().name)
+        release.wait(5)
+        return k * 2
+
+    job = in_thread(step, 21, interval=0.01, beat=Progress(3, 9, "inference"), executor=ex)
+    beats = [next(job) for _ in range(3)]  # the call is still waiting: heartbeats come
+    assert all(b.done == 3 and b.total == 9 for b in beats)
+    release.set()
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            next(job)
+    assert stop.value.value == 42
+    assert run(in_thread(step, 5, executor=ex)) == 10
+    assert len(set(names)) == 1 and names[0] != threading.current_thread().name
+
+    def bad():
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        run(in_thread(bad, executor=ex))
+    ex.shutdown()

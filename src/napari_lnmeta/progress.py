@@ -106,7 +106,7 @@ class TextProgress:
 
 
 def in_thread(fn: Callable[..., T], *args: Any, message: str = "", interval: float = 0.2,
-              beat: Progress | None = None, **kwargs: Any) -> Job[T]:
+              beat: Progress | None = None, executor: Any = None, **kwargs: Any) -> Job[T]:
     """Run a long call that cannot yield (one NumPy/SciPy step) so that its job still can.
 
     ``fn(*args, **kwargs)`` runs in a daemon thread; meanwhile this generator yields a
@@ -118,8 +118,24 @@ def in_thread(fn: Callable[..., T], *args: Any, message: str = "", interval: flo
     With ``beat``, the heartbeats are that ``Progress`` (e.g. the patches done so far, so
     that a progress bar does not flicker) and nothing is yielded before the first
     ``interval`` has passed: cheap enough to wrap every batch of a loop.
+
+    With ``executor`` (a ``concurrent.futures`` executor), ``fn`` runs there instead of
+    in a new thread: a loop whose every step calls into torch on the CPU keeps one
+    thread (and its OpenMP team, which each new thread would build again).
     """
     import threading
+
+    if executor is not None:
+        from concurrent.futures import wait
+
+        t0 = time.perf_counter()
+        fut = executor.submit(fn, *args, **kwargs)
+        if beat is None:
+            yield Progress(0, 0, message)
+        while not wait([fut], timeout=interval).done:
+            yield beat if beat is not None else Progress(
+                0, 0, f"{message} {time.perf_counter() - t0:.0f} s".strip())
+        return fut.result()
 
     box: dict[str, Any] = {}
 
