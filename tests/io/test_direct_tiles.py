@@ -13,7 +13,13 @@ import shutil
 import numpy as np
 import pytest
 
-from napari_lnmeta.io.slide import CorruptTileError, OpenSlideSlide, TiffSlide, open_slide
+from napari_lnmeta.io.slide import (
+    CorruptTileError,
+    OpenSlideSlide,
+    TiffSlide,
+    jpeg_problem,
+    open_slide,
+)
 
 
 class _Slow:
@@ -133,3 +139,45 @@ def test_a_damaged_svs_tile_is_named_by_the_direct_reads(cmu1, tmp_path):
         slide.read_level(0)
     with slide.unchecked_reads():  # decoded as the decoder repairs it
         assert slide.read_level(0).shape == (*slide.shape, 3)
+
+
+def test_ycbcr_tiles_are_checked_by_the_decode_that_makes_their_pixels(camelyon, tmp_path,
+                                                                       monkeypatch):
+    """OME-TIFF YCbCr JPEG tiles: one strict libjpeg-turbo decode both checks a tile and
+    gives its pixels (the same pixels as tifffile's decoder, decided on the first tile);
+    a tile whose Huffman data is damaged is still named."""
+    import tifffile
+
+    path = tmp_path / "t.ome.tif"
+    shutil.copy(camelyon / "tumor_001_level5.ome.tif", path)
+    with tifffile.TiffFile(path) as tf:
+        page = tf.series[0].levels[0].keyframe
+        ntx = -(-page.imagewidth // page.tilewidth)
+        k = 5 * ntx + 3  # tile (5, 3)
+        off, n = page.dataoffsets[k], page.databytecounts[k]
+    data = bytearray(path.read_bytes())
+    tile = bytes(data[off:off + n])
+    # a damage the marker-level check does not see: only the Huffman decode finds it
+    for j in range(n // 3, n - 8):
+        bad = bytearray(tile)
+        bad[j] ^= 0x5A
+        if 0xFF in (bad[j], bad[j - 1]) or tile[j - 1] == 0xFF:
+            continue
+        if (jpeg_problem(bytes(bad), strict=False) is None
+                and jpeg_problem(bytes(bad)) is not None):
+            break
+    else:
+        pytest.fail("no single-byte damage found that only the entropy check catches")
+    data[off:off + n] = bad
+    path.write_bytes(bytes(data))
+    slide = open_slide(path)
+    a = slide.read_region((0, 0), (600, 900), level=0)
+    dec = slide._tile_decoder(0)
+    assert dec._strict_decode is True
+    with monkeypatch.context() as m:
+        m.setenv("LNMETA_TIFF_DIRECT", "0")
+        assert np.array_equal(a, open_slide(path).read_region((0, 0), (600, 900), level=0))
+    th, tw = page.tilelength, page.tilewidth
+    with pytest.raises(CorruptTileError) as e:
+        slide.read_region((5 * th + 3, 3 * tw + 3), (40, 40), level=0)
+    assert e.value.tile == (5, 3) and "Huffman" in str(e.value)

@@ -179,6 +179,9 @@ class _TileDecoder:
                            and self.spp == 3
                            and getattr(page, "jpegheader", None) is None)
         self.jpegtables = bytes(page.jpegtables) if page.jpegtables is not None else None
+        #: YCbCr JPEG tiles are decoded by one strict libjpeg-turbo pass that is also the
+        #: entropy check (None: not decided yet; the level's first tile decides, below)
+        self._strict_decode: bool | None = None
         self._decode = page.decode
         self._kw: dict = {"_fullsize": True}
         if page.jpegtables is not None:
@@ -348,7 +351,17 @@ class _TileDecoder:
         if data is None:  # a tile the writer left out
             return np.full((rows, cols, 3), self.fill, np.uint8)
         verified = self.__dict__.setdefault("_verified", set())
-        if check and self.check != "off" and (ty, tx) not in verified:
+        checking = check and self.check != "off" and (ty, tx) not in verified
+        if checking and self.check == "full" and self._strict(ty, tx, data):
+            # the structure here; the entropy-coded data by the decode that makes the pixels
+            problem = jpeg_problem(self._full_stream(data), strict=False)
+            if problem is None:
+                out, problem = self._decode_strict(data)
+            if problem is not None:
+                raise self.corrupt(ty, tx, problem)
+            verified.add((ty, tx))
+            return np.ascontiguousarray(out[:rows, :cols])
+        if checking:
             problem = self._problem(self._full_stream(data))
             if problem is not None:
                 raise self.corrupt(ty, tx, problem)
@@ -361,6 +374,39 @@ class _TileDecoder:
             raise self.corrupt(ty, tx, "the decoder returned no or a wrong-sized image")
         out = np.asarray(out).reshape(self.th, self.tw, self.spp)
         return np.ascontiguousarray(out[:rows, :cols, :3])
+
+    def _decode_strict(self, data: bytes) -> tuple[np.ndarray | None, str | None]:
+        """``(pixels, None)`` from one strict libjpeg-turbo decode, or ``(None, problem)``."""
+        import simplejpeg
+
+        try:
+            out = simplejpeg.decode_jpeg(self._full_stream(data), colorspace="RGB",
+                                         strict=True)
+        except Exception as e:  # noqa: BLE001 - ValueError with libjpeg's message
+            msg = str(e).strip().rstrip(".") or type(e).__name__
+            return None, f"the Huffman-coded data is damaged (libjpeg: {msg})"
+        if out.shape != (self.th, self.tw, 3):
+            return None, f"the tile decodes to {out.shape[1]}x{out.shape[0]} px, not " \
+                         f"{self.tw}x{self.th}"
+        return out, None
+
+    def _strict(self, ty: int, tx: int, data: bytes) -> bool:
+        """Whether this level's YCbCr tiles are decoded by the strict decoder: decided on
+        the first tile checked, which must decode to exactly tifffile's pixels."""
+        if self._strict_decode is None:
+            ok = False
+            if self.jpeg_ycbcr:
+                try:
+                    import simplejpeg  # noqa: F401
+
+                    ours, problem = self._decode_strict(data)
+                    ref = self._decode(data, ty * self.ntx + tx, **self._kw)[0]
+                    ok = (problem is None and ref is not None
+                          and np.array_equal(ours, np.asarray(ref).reshape(ours.shape)))
+                except Exception:  # noqa: BLE001 - the usual decode and check then
+                    ok = False
+            self._strict_decode = ok
+        return self._strict_decode
 
     def read(self, y: int, x: int, h: int, w: int, *, cache: TileCache | None = None,
              check: bool = True, workers: int = 1) -> np.ndarray:
