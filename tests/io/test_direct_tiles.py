@@ -181,3 +181,26 @@ def test_ycbcr_tiles_are_checked_by_the_decode_that_makes_their_pixels(camelyon,
     with pytest.raises(CorruptTileError) as e:
         slide.read_region((5 * th + 3, 3 * tw + 3), (40, 40), level=0)
     assert e.value.tile == (5, 3) and "Huffman" in str(e.value)
+
+
+def test_tiles_read_unchecked_are_not_served_to_checked_reads(cmu1, tmp_path):
+    """A small read inside ``unchecked_reads`` (a damaged tile drawn as decoded) must not
+    leave that tile in the cache for the checked reads that follow."""
+    import tifffile
+
+    path = tmp_path / "damaged.svs"
+    shutil.copy(cmu1, path)
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        k = 2 * (-(-page.imagewidth // page.tilewidth)) + 1  # tile (2, 1)
+        off, n = page.dataoffsets[k], page.databytecounts[k]
+    data = bytearray(path.read_bytes())
+    for j in range(20):
+        data[off + n // 2 + 37 * j] ^= 0xFF
+    path.write_bytes(bytes(data))
+    slide = open_slide(path)
+    loc = (2 * page.tilelength + 10, page.tilewidth + 10)
+    with slide.unchecked_reads():
+        slide.read_region(loc, (32, 32), level=0)
+    with pytest.raises(CorruptTileError):
+        slide.read_region(loc, (32, 32), level=0)

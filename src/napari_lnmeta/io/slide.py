@@ -726,9 +726,10 @@ def _read_decoded(slide: Slide, dec: _TileDecoder, y: int, x: int, h: int, w: in
     decoded tile by tile in parallel threads straight into the output (no cache). JPEG tiles are
     checked once each, unless the slide is in :meth:`Slide.unchecked_reads`."""
     small = h * w <= 16 * dec.th * dec.tw  # up to ~4 x 4 tiles: patches, shared tiles
-    return dec.read(y, x, h, w, cache=slide._cache if small else None,
-                    check=slide.__dict__.get("_check_reads", True),
-                    workers=1 if small else _region_workers())
+    check = slide.__dict__.get("_check_reads", True)
+    # tiles decoded unchecked never enter the cache that checked reads are served from
+    return dec.read(y, x, h, w, cache=slide._cache if small and check else None,
+                    check=check, workers=1 if small else _region_workers())
 
 
 def _tiff_resolution_mpp(path: Path) -> tuple[float | None, str | None]:
