@@ -118,3 +118,29 @@ def test_a_corrupt_tile_is_named_with_level_index_and_region(camelyon, tmp_path)
     assert e.value.tile == (3, 1)
     # neighbouring tiles still read
     assert slide.read_region((0, 0), (16, 16), level=2).shape == (16, 16, 3)
+
+
+def test_the_strict_decode_refuses_every_stream_the_marker_scan_refuses(ome_tiles):
+    """YCbCr tiles are checked by the strict decode alone (the marker scan only names the
+    damage): on damaged real tiles, nothing the scan catches gets past the decode."""
+    import random
+
+    import simplejpeg
+
+    from napari_lnmeta.io._tiles import _ends_problem, _structure_problem
+
+    rng = random.Random(7)
+    caught_by_scan = 0
+    for _rep in range(60):
+        for t in ome_tiles:
+            b = bytearray(t)
+            for _ in range(rng.choice([1, 3, 20])):
+                b[rng.randrange(300, len(b) - 2)] ^= rng.randrange(1, 256)
+            b = bytes(b)
+            problem, end = _ends_problem(b)
+            if problem is not None or _structure_problem(b, end) is None:
+                continue
+            caught_by_scan += 1
+            with pytest.raises(ValueError):
+                simplejpeg.decode_jpeg(b, colorspace="RGB", strict=True)
+    assert caught_by_scan > 20
