@@ -7,6 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 CONSTRAINTS := requirements/constraints.txt
+PEERS  := .venv-peers
 # Run napari under a virtual X server unless a real display is available.
 XRUN   := $(if $(DISPLAY),,xvfb-run -a -s "-screen 0 1600x1200x24")
 
@@ -29,13 +30,13 @@ demo: $(VENV)/.installed system-deps
 test: $(VENV)/.installed system-deps
 	$(XRUN) $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed system-deps
+# every benchmark, the TIAToolbox side by side included (its venv is built once)
+bench: $(VENV)/.installed $(PEERS)/.installed system-deps
 	$(XRUN) $(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 # TIAToolbox side by side (benchmarks/peers_tiatoolbox.py). TIAToolbox pins zarr 2 and
 # numpy 1.x, so it gets its own venv; torch/torchvision come from the same constraints, and
 # setuptools < 70 (pkg_resources) is installed after it.
-PEERS := .venv-peers
 $(PEERS)/.installed: $(CONSTRAINTS)
 	$(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/python -m pip install -q --upgrade pip
