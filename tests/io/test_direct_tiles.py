@@ -116,19 +116,25 @@ def test_a_level_that_openslide_paints_differently_stays_with_openslide(cmu1, mo
                           fresh.read_region((10, 10), (64, 64), level=0))
 
 
-def test_a_damaged_svs_tile_is_named_by_the_direct_reads(cmu1, tmp_path):
+def _damaged_svs(cmu1, tmp_path, tile: tuple[int, int]):
+    """A copy of CMU-1 whose level-0 ``tile`` has 20 flipped bytes; its tiled page."""
     import tifffile
 
     path = tmp_path / "damaged.svs"
     shutil.copy(cmu1, path)
     with tifffile.TiffFile(path) as tf:
         page = tf.pages[0]
-        k = 3 * (-(-page.imagewidth // page.tilewidth)) + 2  # tile (3, 2)
+        k = tile[0] * (-(-page.imagewidth // page.tilewidth)) + tile[1]
         off, n = page.dataoffsets[k], page.databytecounts[k]
     data = bytearray(path.read_bytes())
     for j in range(20):
         data[off + n // 2 + 37 * j] ^= 0xFF
     path.write_bytes(bytes(data))
+    return path, page
+
+
+def test_a_damaged_svs_tile_is_named_by_the_direct_reads(cmu1, tmp_path):
+    path, page = _damaged_svs(cmu1, tmp_path, (3, 2))
     slide = open_slide(path)
     assert slide._direct(0) is not None
     slide.read_region((0, 0), (200, 200), level=0)  # tile (0, 0) is intact
@@ -186,18 +192,7 @@ def test_ycbcr_tiles_are_checked_by_the_decode_that_makes_their_pixels(camelyon,
 def test_tiles_read_unchecked_are_not_served_to_checked_reads(cmu1, tmp_path):
     """A small read inside ``unchecked_reads`` (a damaged tile drawn as decoded) must not
     leave that tile in the cache for the checked reads that follow."""
-    import tifffile
-
-    path = tmp_path / "damaged.svs"
-    shutil.copy(cmu1, path)
-    with tifffile.TiffFile(path) as tf:
-        page = tf.pages[0]
-        k = 2 * (-(-page.imagewidth // page.tilewidth)) + 1  # tile (2, 1)
-        off, n = page.dataoffsets[k], page.databytecounts[k]
-    data = bytearray(path.read_bytes())
-    for j in range(20):
-        data[off + n // 2 + 37 * j] ^= 0xFF
-    path.write_bytes(bytes(data))
+    path, page = _damaged_svs(cmu1, tmp_path, (2, 1))
     slide = open_slide(path)
     loc = (2 * page.tilelength + 10, page.tilewidth + 10)
     with slide.unchecked_reads():
