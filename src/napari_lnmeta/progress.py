@@ -123,39 +123,27 @@ def in_thread(fn: Callable[..., T], *args: Any, message: str = "", interval: flo
     in a new thread: a loop whose every step calls into torch on the CPU keeps one
     thread (and its OpenMP team, which each new thread would build again).
     """
-    import threading
+    from concurrent.futures import Future, wait
 
     if executor is not None:
-        from concurrent.futures import wait
-
-        t0 = time.perf_counter()
         fut = executor.submit(fn, *args, **kwargs)
-        if beat is None:
-            yield Progress(0, 0, message)
-        while not wait([fut], timeout=interval).done:
-            yield beat if beat is not None else Progress(
-                0, 0, f"{message} {time.perf_counter() - t0:.0f} s".strip())
-        return fut.result()
+    else:  # a daemon thread of its own: a cancelled call never holds up the exit
+        import threading
 
-    box: dict[str, Any] = {}
+        fut = Future()
 
-    def target() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # handed to the job's caller below
-            box["error"] = e
+        def target() -> None:
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to the job's caller below
+                fut.set_exception(e)
 
-    t = threading.Thread(target=target, name=f"lnmeta:{message or fn.__name__}", daemon=True)
+        threading.Thread(target=target, name=f"lnmeta:{message or fn.__name__}",
+                         daemon=True).start()
     t0 = time.perf_counter()
-    t.start()
     if beat is None:
         yield Progress(0, 0, message)
-    while True:
-        t.join(interval)
-        if not t.is_alive():
-            break
+    while not wait([fut], timeout=interval).done:
         yield beat if beat is not None else Progress(
             0, 0, f"{message} {time.perf_counter() - t0:.0f} s".strip())
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    return fut.result()

@@ -405,13 +405,13 @@ def _strip_gaussian(shape: tuple[int, int], strip, sigma: float) -> np.ndarray:
     return ndi.gaussian_filter1d(out, sigma, axis=1, truncate=2.0, output=out)
 
 
-def _blurred_saturation(val: np.ndarray, diff: np.ndarray, sigma: float) -> np.ndarray:
-    """``_gaussian(_sat(val, mn, diff), sigma)``, the saturation made strip by strip."""
-    if val.shape[1] <= 2 * _BLUR_STRIP:
-        return _gaussian(_sat(val, None, diff), sigma)
-    return _strip_gaussian(val.shape, lambda cols: _sat(np.ascontiguousarray(val[:, cols]), None,
-                                                        np.ascontiguousarray(diff[:, cols])),
-                           sigma)
+def _score_image(shape: tuple[int, int], strip, sigma: float) -> np.ndarray:
+    """The float32 image whose column strips ``strip(cols)`` makes, blurred as
+    :func:`_gaussian` when ``sigma > 0`` (made and blurred strip by strip: the unblurred
+    image is never held whole), else made whole."""
+    if sigma > 0:
+        return _strip_gaussian(shape, strip, sigma)
+    return strip(slice(None))
 
 
 _OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0).astype(np.float32)
@@ -515,28 +515,17 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: str = "otsu",
             float((allowed & (val < 230)).mean()) > 0.001:
         raise InputError("the image is grayscale (R = G = B): saturation-based tissue detection "
                          f"(method {method!r}) needs a stained colour slide; use method 'od'")
-    blur = bool(blur_sigma and blur_sigma > 0)
+    sigma = float(blur_sigma) if blur_sigma and blur_sigma > 0 else 0.0
     if method == "od":
-        if blur and rgb.shape[1] > 2 * _BLUR_STRIP:  # made and blurred strip by strip
-            score = _strip_gaussian(val.shape, lambda cols: optical_density_sum(rgb[:, cols]),
-                                    blur_sigma)
-        else:
-            score = optical_density_sum(rgb)
-            if blur:
-                score = _gaussian(score, blur_sigma)
-    elif blur:
-        score = _blurred_saturation(val, diff, blur_sigma)
+        score = _score_image(val.shape, lambda cols: optical_density_sum(rgb[:, cols]), sigma)
     else:
-        score = _sat(val, mn, diff)
+        score = _score_image(val.shape, lambda cols: _sat(np.ascontiguousarray(val[:, cols]),
+                                                          None,
+                                                          np.ascontiguousarray(diff[:, cols])),
+                             sigma)
     if method == "hsv":
         thr = float(sat_min if threshold is None else threshold)
-        if blur and val.shape[1] > 2 * _BLUR_STRIP:  # made and blurred strip by strip
-            v = _strip_gaussian(val.shape, lambda cols: val[:, cols].astype(np.float32) / 255.0,
-                                blur_sigma)
-        else:
-            v = val.astype(np.float32) / 255.0
-            if blur:
-                v = _gaussian(v, blur_sigma)
+        v = _score_image(val.shape, lambda cols: val[:, cols].astype(np.float32) / 255.0, sigma)
         fg = (score > thr) & (v < value_max)
     else:
         if threshold is None:

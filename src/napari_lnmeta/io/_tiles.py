@@ -101,9 +101,19 @@ def _decoder_problem(data: bytes) -> str | None:
     try:
         simplejpeg.decode_jpeg(data, colorspace="GRAY", min_factor=8, strict=True)
     except Exception as e:  # noqa: BLE001 - ValueError with libjpeg's message
-        msg = str(e).strip().rstrip(".") or type(e).__name__
-        return f"the Huffman-coded data is damaged (libjpeg: {msg})"
+        return _libjpeg_problem(e)
     return None
+
+
+def _libjpeg_problem(err: Exception) -> str:
+    """The problem a strict libjpeg-turbo decode (simplejpeg) refused a stream for."""
+    msg = str(err).strip().rstrip(".") or type(err).__name__
+    return f"the Huffman-coded data is damaged (libjpeg: {msg})"
+
+
+def tiff_direct_enabled() -> bool:
+    """``LNMETA_TIFF_DIRECT`` (default on): read TIFF levels through their tiles."""
+    return os.environ.get("LNMETA_TIFF_DIRECT", "1") != "0"
 
 
 def _structure_problem(data: bytes, end: int) -> str | None:
@@ -202,6 +212,7 @@ class _TileDecoder:
         # a slide dropped without close() must not leak its descriptors
         self._finalizer = weakref.finalize(self, _close_fd, self._fd)
         self._local = threading.local()
+        self._verified: set[tuple[int, int]] = set()  # tiles that passed the check
         if self.check in ("full", "transcode") and not self._entropy_check_accepts_level():
             self.check = "structure"
 
@@ -241,7 +252,7 @@ class _TileDecoder:
 
     @classmethod
     def for_level(cls, path: Path, series_index: int, level: int) -> _TileDecoder | None:
-        if os.environ.get("LNMETA_TIFF_DIRECT", "1") == "0":
+        if not tiff_direct_enabled():
             return None
         import tifffile
 
@@ -312,19 +323,22 @@ class _TileDecoder:
         """Check tile ``(ty, tx)``'s stored JPEG without decoding it (once per tile)."""
         if self.check == "off" or not (0 <= ty * self.ntx + tx < len(self.counts)):
             return
-        key = (ty, tx)
-        verified = self.__dict__.setdefault("_verified", set())
-        if key in verified:
+        if (ty, tx) in self._verified:
             return
         try:
             data = self._raw(ty, tx)
         except OSError as e:
             raise self.corrupt(ty, tx, f"cannot read the stored bytes ({e})") from e
         if data is not None:
-            problem = self._problem(self._full_stream(data))
-            if problem is not None:
-                raise self.corrupt(ty, tx, problem)
-        verified.add(key)
+            self._check(ty, tx, data)
+        self._verified.add((ty, tx))
+
+    def _check(self, ty: int, tx: int, data: bytes) -> None:
+        """Raise the :class:`CorruptTileError` of tile ``(ty, tx)`` when its stored bytes
+        fail :func:`jpeg_problem` at this level's check."""
+        problem = self._problem(self._full_stream(data))
+        if problem is not None:
+            raise self.corrupt(ty, tx, problem)
 
     def verify_region(self, y: int, x: int, h: int, w: int) -> None:
         """:meth:`verify` every tile under level pixels ``[y, y+h) x [x, x+w)``."""
@@ -358,8 +372,7 @@ class _TileDecoder:
             raise self.corrupt(ty, tx, f"cannot read the stored bytes ({e})") from e
         if data is None:  # a tile the writer left out
             return np.full((rows, cols, 3), self.fill, np.uint8)
-        verified = self.__dict__.setdefault("_verified", set())
-        checking = check and self.check != "off" and (ty, tx) not in verified
+        checking = check and self.check != "off" and (ty, tx) not in self._verified
         if checking and self.check == "full" and self._strict(ty, tx, data):
             # The decode that makes the pixels checks the entropy-coded data; it refuses
             # every stream the marker scan refuses (thousands of damaged real tiles,
@@ -372,13 +385,11 @@ class _TileDecoder:
                     problem = _structure_problem(stream, end) or problem
             if problem is not None:
                 raise self.corrupt(ty, tx, problem)
-            verified.add((ty, tx))
+            self._verified.add((ty, tx))
             return np.ascontiguousarray(out[:rows, :cols])
         if checking:
-            problem = self._problem(self._full_stream(data))
-            if problem is not None:
-                raise self.corrupt(ty, tx, problem)
-            verified.add((ty, tx))
+            self._check(ty, tx, data)
+            self._verified.add((ty, tx))
         try:
             out = self._decode(data, ty * self.ntx + tx, **self._kw)[0]
         except Exception as e:  # noqa: BLE001 - the decoders raise many types
@@ -396,8 +407,7 @@ class _TileDecoder:
             out = simplejpeg.decode_jpeg(self._full_stream(data), colorspace="RGB",
                                          strict=True)
         except Exception as e:  # noqa: BLE001 - ValueError with libjpeg's message
-            msg = str(e).strip().rstrip(".") or type(e).__name__
-            return None, f"the Huffman-coded data is damaged (libjpeg: {msg})"
+            return None, _libjpeg_problem(e)
         if out.shape != (self.th, self.tw, 3):
             return None, f"the tile decodes to {out.shape[1]}x{out.shape[0]} px, not " \
                          f"{self.tw}x{self.th}"
@@ -410,8 +420,6 @@ class _TileDecoder:
             ok = False
             if self.jpeg_ycbcr:
                 try:
-                    import simplejpeg  # noqa: F401
-
                     ours, problem = self._decode_strict(data)
                     ref = self._decode(data, ty * self.ntx + tx, **self._kw)[0]
                     ok = (problem is None and ref is not None

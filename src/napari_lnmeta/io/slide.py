@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError, LnmetaWarning, SlideError
-from ._tiles import CorruptTileError, TileCache, _TileDecoder
+from ._tiles import (
+    CorruptTileError,
+    TileCache,
+    _jpeg_check_enabled,
+    _TileDecoder,
+    tiff_direct_enabled,
+)
 from ._tiles import jpeg_problem as jpeg_problem  # part of this module's API
 from .validate import MPP_MAX, MPP_MIN, check_mpp, mpp_problem
 
@@ -549,8 +555,7 @@ class OpenSlideSlide(Slide):
         except ValueError:
             self.objective_power = None
         # levels of these TIFF-based formats may be read through their tiles (_direct)
-        self._tiles_ok = (self.vendor in ("aperio", "generic-tiff")
-                          and os.environ.get("LNMETA_TIFF_DIRECT", "1") != "0")
+        self._tiles_ok = self.vendor in ("aperio", "generic-tiff") and tiff_direct_enabled()
         # bounds of the scanned area (MRXS, SCN): reported so tissue detection can ignore padding
         try:
             self.bounds = tuple(int(props[f"openslide.bounds-{k}"]) for k in ("y", "x", "height", "width"))
@@ -618,7 +623,7 @@ class OpenSlideSlide(Slide):
     def _verify(self, level: int, y: int, x: int, h: int, w: int) -> None:
         if not self.__dict__.get("_check_reads", True):
             return
-        if os.environ.get("LNMETA_JPEG_CHECK", "full").strip().lower() == "off":
+        if _jpeg_check_enabled() == "off":  # no TIFF to open for checks
             return
         dec = self._tiff_level(level)
         if dec is not None:

@@ -53,8 +53,7 @@ def fold_batchnorm(net: nn.Module, *, channels_last: bool = False) -> nn.Module:
            or getattr(m, "_backward_pre_hooks", None) for m in net.modules()):
         return net  # hooks (Grad-CAM, feature taps) must see the network as it is
     # the same loaded network (warm runs) is folded once, until its weights change
-    sig = tuple(t._version for t in (*net.parameters(), *net.buffers()))
-    sig = (*sig, channels_last)
+    sig = (*(t._version for t in (*net.parameters(), *net.buffers())), channels_last)
     hit = _FOLDED.get(net)
     if hit is not None and hit[0] == sig:
         return hit[1]
