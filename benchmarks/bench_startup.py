@@ -9,7 +9,12 @@ Prints, in one run:
    process: wall time, and where it goes (imports and CLI before the run, model load,
    tissue, batch probe, inference loop, post-processing and writing);
 3. the same prediction run a second time in that process (what a cohort worker or the
-   napari widget pays per slide once warm: the model cache and the probed batch size).
+   napari widget pays per slide once warm: the model cache and the probed batch size);
+4. loading a resnet18 model file (torch imported): ``load_model`` (built on the meta
+   device, the file's tensors assigned) against building the network with random weights
+   and copying the file's into it, best of 5 each, in one process; the CPU forward of
+   that network as loaded and with its batch norms folded; the folded forward run in
+   one kept thread and in a new thread each time.
 
 Run: ``python benchmarks/bench_startup.py [--quick] [--model FILE]``.
 """
@@ -104,7 +109,69 @@ def main(argv=None) -> int:
               f"(probed: {tm.get('batch_probed')}), inference loop {tm['inference_s']:.2f} s "
               f"({tm['patches']} patches), torch import + writing + rest {rest:.2f} s "
               f"[run_inference_job {run_s:.2f} s]")
+    # 4. a model file's load, as load_model does it and the ordinary way
+    proc = subprocess.run([py, "-c", MODEL_LOAD, str(Path(__file__).resolve().parent)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr.strip().splitlines()[-1])
+        return 1
+    print("\n".join(proc.stdout.strip().splitlines()[-3:]))
     return 0
+
+
+MODEL_LOAD = r"""
+import sys, tempfile, time
+from pathlib import Path
+import torch, torchvision.models
+sys.path.insert(0, sys.argv[1])
+from bench_inference import make_model
+from napari_lnmeta.models.io import load_model, read_safetensors
+from napari_lnmeta.models.registry import build_model
+
+def best(fn, n=5):
+    out = []
+    for _ in range(n):
+        t = time.perf_counter(); fn(); out.append(time.perf_counter() - t)
+    return min(out)
+
+with tempfile.TemporaryDirectory() as td:
+    path = make_model("resnet18", 224, 0.5, Path(td) / "r18.safetensors")
+    def ordinary():
+        net = build_model("resnet18", 2)
+        net.load_state_dict(read_safetensors(path)[0])
+    new, old = best(lambda: load_model(path)), best(ordinary)
+    print(f"resnet18 model file: load_model {new * 1e3:.0f} ms, built with random weights "
+          f"and copied {old * 1e3:.0f} ms ({old / new:.1f}x)")
+    # the CPU forward: batch norms folded or not; one kept thread or a new one per batch
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from napari_lnmeta.models.patch import fold_batchnorm
+    net, _ = load_model(path)
+    x = torch.rand(32, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    plain = net.to(memory_format=torch.channels_last)
+    folded = fold_batchnorm(net, channels_last=True)
+    with torch.inference_mode():
+        for m in (plain, folded):
+            m(x)
+        a, b = best(lambda: plain(x)), best(lambda: folded(x))
+    print(f"resnet18 forward, 32 x 96 px on the CPU: {a * 1e3:.0f} ms as loaded, "
+          f"{b * 1e3:.0f} ms with batch norms folded ({a / b:.2f}x)")
+    def in_new_thread():
+        t = threading.Thread(target=lambda: folded(x)); t.start(); t.join()
+    def median(fn, n=15):
+        out = []
+        for _ in range(n):
+            t = time.perf_counter(); fn(); out.append(time.perf_counter() - t)
+        return sorted(out)[n // 2]
+
+    ex = ThreadPoolExecutor(1)
+    with torch.inference_mode():
+        ex.submit(folded, x).result()
+        kept, fresh = median(lambda: ex.submit(folded, x).result()), median(in_new_thread)
+    print(f"  the same forward in one kept thread {kept * 1e3:.1f} ms, in a new thread "
+          f"each time {fresh * 1e3:.1f} ms (medians of 15; +{(fresh - kept) * 1e3:.1f} ms a "
+          "batch)")
+"""
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ _FORWARD_LOCK = threading.Lock()
 def cpu_forward_thread():
     """The one thread that runs CPU forward passes (a single-worker executor), kept for
     the process: torch's OpenMP team is built once for it, not again for every batch in
-    a new thread (that cost ~20 ms per batch of resnet18 on a 2-core machine, a third
-    of the forward). Runs started at the same time queue their batches on it."""
+    a new thread (in ``lnmeta predict`` of CMU-1-Small-Region with resnet18 on a 2-core
+    machine, 10 batches took 0.69 s with a new thread each and 0.61 s on the kept one).
+    Runs started at the same time queue their batches on it."""
     with _FORWARD_LOCK:
         if not _FORWARD_THREAD:
             from concurrent.futures import ThreadPoolExecutor
